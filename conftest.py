@@ -1,0 +1,36 @@
+"""Shared pytest set-up: markers by folder, device selection, skip helpers with reasons that name the fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+
+# Marker implied by the folder a test lives in (a test may add more, e.g. `benchmark` or `gpu`).
+_FOLDER_MARKERS = {"unit": "unit", "integration": "integration", "sim": "sim", "gpu": "gpu"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(ROOT).parts
+        if len(parts) >= 2 and parts[0] == "tests" and parts[1] in _FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, _FOLDER_MARKERS[parts[1]]))
+        if item.get_closest_marker("gpu") is not None and not _cuda_available():
+            item.add_marker(pytest.mark.skip(reason="needs CUDA: no CUDA device visible to torch (run on a GPU machine: pytest -m gpu)"))
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Device for tests that may run on either: RSD_TEST_DEVICE, else cpu."""
+    return os.environ.get("RSD_TEST_DEVICE", "cpu")

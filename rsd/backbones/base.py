@@ -1,0 +1,188 @@
+"""The `Backbone` contract (observation + instruction -> hidden [B, D]), the backbone registry,
+the shared hidden-state check, and the save/load hooks a policy uses for its backbone.
+
+A backbone class joins the registry with ``@register_backbone("name")`` and implements:
+
+    hidden_dim: int
+    encode(observation, instruction) -> float32 [B, D]
+    spec_kwargs() -> dict                        # JSON-able kwargs that rebuild it (no device)
+    save_weights(directory) -> None              # files it needs besides the spec (may write none)
+    load_spec(kwargs, directory, device) -> obj  # classmethod: inverse of the two above
+
+The observation dict is the one in docs/design.md: ``full_image`` / ``wrist_image`` uint8
+[224, 224, 3] (or batched [B, 224, 224, 3]), ``state`` float32 [8] (or [B, 8]).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import torch
+
+from rsd.errors import ConfigError, DeadHiddenStateError, DTypeError, ShapeError
+
+__all__ = [
+    "Backbone",
+    "register_backbone",
+    "registered_backbones",
+    "build_backbone",
+    "check_hidden",
+    "backbone_spec",
+    "save_backbone",
+    "load_backbone",
+    "instructions_for_batch",
+]
+
+# main protocol
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """Maps an observation dict and its instruction(s) to one hidden vector per batch element."""
+
+    hidden_dim: int
+
+    def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
+        """-> float32 [B, D] with D == hidden_dim; B = 1 for an unbatched observation."""
+        ...
+
+
+# registry
+
+_REGISTRY: dict[str, type] = {}
+_T = TypeVar("_T", bound=type)
+
+
+def register_backbone(name: str) -> Callable[[_T], _T]:
+    """Class decorator: ``build_backbone(name, **kwargs)`` then constructs ``cls.build(**kwargs)``
+    (or ``cls(**kwargs)`` when the class has no ``build``); sets ``cls.backbone_name = name``."""
+
+    def decorate(cls: _T) -> _T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ConfigError(
+                f"Backbone name {name!r} is already registered by {_REGISTRY[name].__qualname__}; "
+                f"pick another name for {cls.__qualname__}."
+            )
+        cls.backbone_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def registered_backbones() -> list[str]:
+    """Sorted names that ``build_backbone`` accepts."""
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> type:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"Unknown backbone {name!r}.{hint} Known backbones: {registered_backbones()}.")
+    return _REGISTRY[name]
+
+
+def build_backbone(name: str, **kwargs: Any) -> Backbone:
+    """Construct the backbone registered as ``name``; unknown names raise ConfigError with the closest match."""
+    cls = _lookup(name)
+    factory = getattr(cls, "build", cls)
+    return factory(**kwargs)
+
+
+# the shared hidden-state check
+
+
+def check_hidden(hidden: torch.Tensor, expected_dim: int) -> torch.Tensor:
+    """Validate a backbone output ``hidden`` [B, D]; return it unchanged.
+
+    Raises DTypeError (not a floating tensor), ShapeError (not [B, expected_dim] with B >= 1),
+    DeadHiddenStateError (non-finite values, or a row that is exactly zero: the seed's
+    "vision encoder / loading problem" symptom).
+    """
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        kind = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise DTypeError(f"hidden state must be a floating torch.Tensor [B, {expected_dim}], got {kind}.")
+    if hidden.ndim != 2 or hidden.shape[0] < 1 or hidden.shape[1] != expected_dim:
+        raise ShapeError(
+            f"hidden state must have shape [B, {expected_dim}] (B >= 1), got {list(hidden.shape)}; "
+            f"check the backbone's hidden_dim against the head config's hidden_dim."
+        )
+    finite = torch.isfinite(hidden)
+    if not bool(finite.all()):
+        bad_rows = (~finite).any(dim=1).nonzero().flatten().tolist()
+        raise DeadHiddenStateError(
+            f"hidden state has NaN/inf in batch rows {bad_rows}; check the backbone weights and the "
+            f"autocast dtype (bf16 overflow) before trusting any action."
+        )
+    dead_rows = (hidden == 0).all(dim=1).nonzero().flatten().tolist()
+    if dead_rows:
+        raise DeadHiddenStateError(
+            f"hidden state is all zero in batch rows {dead_rows}: the backbone (vision encoder or its "
+            f"weights) is not producing features; check that the checkpoint loaded."
+        )
+    return hidden
+
+
+# helpers shared by backbones
+
+
+def instructions_for_batch(instruction: str | list[str] | tuple[str, ...], batch: int) -> list[str]:
+    """One instruction per batch element: a str is repeated ``batch`` times; a list must have ``batch`` items."""
+    if isinstance(instruction, str):
+        return [instruction] * batch
+    if isinstance(instruction, (list, tuple)) and all(isinstance(s, str) for s in instruction):
+        if len(instruction) != batch:
+            raise ShapeError(
+                f"got {len(instruction)} instructions for a batch of {batch} observations; "
+                f"pass one str (shared) or exactly {batch}."
+            )
+        return list(instruction)
+    raise ShapeError(f"instruction must be a str or a list of str, got {type(instruction).__name__}.")
+
+
+# save / load hooks for policies
+
+
+def _check_spec_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], what: str,
+                       exclude: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError when a saved spec has kwargs ``factory`` does not take (or ones load sets itself)."""
+    params = inspect.signature(factory).parameters
+    accepted = {n for n, p in params.items() if n not in ("self", "cls") and p.kind != p.VAR_KEYWORD} - set(exclude)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ConfigError(f"backbone spec kwargs {unknown} do not fit {what}; it takes {sorted(accepted)}.")
+
+
+def backbone_spec(backbone: Backbone) -> dict[str, Any]:
+    """``{"name": ..., "kwargs": {...}}``, JSON-able; ``load_backbone`` rebuilds the backbone from it."""
+    name = getattr(type(backbone), "backbone_name", None)
+    if name is None or _REGISTRY.get(name) is not type(backbone):
+        raise ConfigError(
+            f"{type(backbone).__qualname__} is not a registered backbone; decorate it with "
+            f"@register_backbone(name) so policies can save it. Known backbones: {registered_backbones()}."
+        )
+    return {"name": name, "kwargs": backbone.spec_kwargs()}
+
+
+def save_backbone(backbone: Backbone, directory: str | Path) -> dict[str, Any]:
+    """Write the backbone's files (e.g. ``backbone.safetensors``) into ``directory``; return its spec."""
+    spec = backbone_spec(backbone)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    backbone.save_weights(directory)
+    return spec
+
+
+def load_backbone(spec: dict[str, Any], directory: str | Path, *, device: str | torch.device = "cpu") -> Backbone:
+    """Inverse of ``save_backbone``: rebuild the backbone named in ``spec`` from the files in ``directory``."""
+    if not isinstance(spec, dict) or set(spec) != {"name", "kwargs"} or not isinstance(spec["kwargs"], dict):
+        raise ConfigError(
+            f"backbone spec must be a dict with exactly the keys 'name' and 'kwargs' (a dict), got {spec!r}."
+        )
+    cls = _lookup(spec["name"])
+    return cls.load_spec(dict(spec["kwargs"]), Path(directory), device=device)

@@ -1,0 +1,56 @@
+"""The ``rsd`` command. Each subcommand lives in the module that does the work.
+
+A subcommand module exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Only the chosen subcommand's module is imported, so ``rsd info`` stays fast and ``rsd --help`` never
+imports LIBERO or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help shown by `rsd --help`)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("rsd.info", "versions, devices and the headless rendering backend in use"),
+    "bench": ("rsd.bench", "latency table for the pipeline parts (backbone, heads, decode, predict_chunk)"),
+    "eval": ("rsd.eval", "evaluate a policy on LIBERO with the OpenVLA-OFT protocol"),
+    "collect": ("rsd.sim.collect", "record scripted-expert episodes to HDF5 (LIBERO demo layout)"),
+    "train-tokenizer": ("rsd.train.tokenizer_cli", "fit the RFSQ tokenizer on recorded action chunks"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rsd",
+        description="rsd: Residual-FSQ action tokens with speculative decoding, validated on LIBERO.",
+        epilog="Run `rsd <command> --help` for the options of one command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        parser = _top_parser()
+        if not argv:
+            parser.print_help()
+            return 2
+        parser.parse_args(argv)  # prints --help / an error listing the commands, and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"rsd {name}", description=getattr(module, "__doc__", None) or help_text,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""One config object for every size in the pipeline.
+
+Axis letters used everywhere in rsd (docstrings, einops patterns, tests):
+
+    B batch · C chunk steps · A action dims · H latent dims · L residual layers · G levels · D hidden
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from rsd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RSDConfig:
+    chunk_len: int = 8  # C: OpenVLA-OFT executes 8-action chunks open loop on LIBERO
+    action_dim: int = 7  # A: [dx, dy, dz, droll, dpitch, dyaw, gripper]
+    latent_dim: int = 16  # H: RFSQ latent dims per chunk step (the seed's size)
+    num_layers: int = 8  # L: residual quantization layers
+    num_levels: int = 7  # G: levels per layer; odd so that 0 is a level
+    hidden_dim: int = 4096  # D: Llama-2-7B hidden size (OpenVLA-class backbones)
+    draft_layers: int = 3  # k: coarse layers the draft proposes (L0-L2 in the seed)
+    head_width: int = 512  # trunk width of the heads (the seed's draft used 4096 -> 512)
+    tokenizer_width: int = 64  # RFSQ encoder/decoder MLP width (the seed's 7 -> 64 -> 16)
+    proprio_dim: int = 8  # eef_pos 3 + axis-angle 3 + gripper_qpos 2
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"`{field.name}` must be a positive int, got {value!r}.")
+        if self.num_levels < 3 or self.num_levels % 2 == 0:
+            raise ConfigError(
+                f"`num_levels` must be odd and >= 3 so that 0 is a level, got {self.num_levels}."
+            )
+        if self.draft_layers > self.num_layers:
+            raise ConfigError(
+                f"`draft_layers` ({self.draft_layers}) cannot exceed `num_layers` ({self.num_layers})."
+            )
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        """C·H·L tokens (1024 at the default sizes)."""
+        return self.chunk_len * self.latent_dim * self.num_layers
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "RSDConfig":
+        """Small sizes for CPU tests (seconds, not minutes)."""
+        base = dict(chunk_len=4, action_dim=7, latent_dim=4, num_layers=4, num_levels=5,
+                    hidden_dim=32, draft_layers=2, head_width=32, tokenizer_width=16)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RSDConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown RSDConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)

@@ -1,0 +1,68 @@
+"""Typed errors. Every failure in rsd is loud; the message says what to fix.
+
+Raise these at the public edge; keep ``assert`` for internal invariants only.
+"""
+
+from __future__ import annotations
+
+
+class RSDError(Exception):
+    """Base class of every error rsd raises on purpose."""
+
+
+class CheckpointNotFoundError(RSDError, FileNotFoundError):
+    """A checkpoint file or directory that is needed does not exist."""
+
+
+class CheckpointMismatchError(RSDError, ValueError):
+    """A checkpoint does not match the config it is loaded into (missing/unexpected keys, shapes)."""
+
+
+class ConfigError(RSDError, ValueError):
+    """A config value is invalid; the message names the field and the value."""
+
+
+class ShapeError(RSDError, ValueError):
+    """A tensor/array has the wrong shape; the message gives expected and actual shapes."""
+
+
+class DTypeError(RSDError, TypeError):
+    """A tensor/array has the wrong dtype."""
+
+
+class NonFiniteError(RSDError, ValueError):
+    """NaN or inf where finite values are required."""
+
+
+class CodeRangeError(RSDError, ValueError):
+    """RFSQ codes outside ``[0, num_levels)``."""
+
+
+class UnknownUnnormKeyError(RSDError, KeyError):
+    """The normalization statistics have no entry for the requested suite/key."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; show it plainly instead
+        return str(self.args[0]) if self.args else ""
+
+
+class DeadHiddenStateError(NonFiniteError):
+    """The backbone's hidden state is all zero (a vision encoder or loading problem) or non-finite."""
+
+
+class ActionGenerationError(RSDError, RuntimeError):
+    """Any failure while a policy produced an action chunk. ``__cause__`` holds the original error.
+
+    No action is returned when this is raised: callers must not substitute one.
+    """
+
+
+class WrongBaseModelError(RSDError, ValueError):
+    """The backbone checkpoint was not fine-tuned for the requested LIBERO suite."""
+
+
+class RendererUnavailableError(RSDError, RuntimeError):
+    """No headless OpenGL backend (EGL, OSMesa) works on this machine."""
+
+
+class SimSetupError(RSDError, RuntimeError):
+    """LIBERO (or its assets/config) is not installed or set up; the message says how to fix it."""

