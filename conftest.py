@@ -34,3 +34,9 @@ def _cuda_available() -> bool:
 def device() -> str:
     """Device for tests that may run on either: RSD_TEST_DEVICE, else cpu."""
     return os.environ.get("RSD_TEST_DEVICE", "cpu")
+
+
+# tests/ holds shared helpers (policy_factory, the tiny HF model builder) importable from every test folder
+import sys as _sys
+
+_sys.path.insert(0, str(ROOT / "tests"))
