@@ -1,4 +1,8 @@
-"""Backbones: observation + instruction -> hidden [B, D]. Importing this package registers them all."""
+"""Backbones: observation + instruction -> hidden [B, D].
+
+Importing this package registers every backbone (none imports transformers at import time), so
+``build_backbone`` / ``load_backbone`` know all names. A new backbone module must be imported here.
+"""
 
 from rsd.backbones.base import (
     Backbone,
@@ -11,11 +15,15 @@ from rsd.backbones.base import (
     save_backbone,
 )
 from rsd.backbones.hf import HFBackbone
+from rsd.backbones.openvla import OpenVLAOFTBackbone
+from rsd.backbones.openvla_shaped import OpenVLAShapedBackbone
 from rsd.backbones.tiny import TinyBackbone
 
 __all__ = [
     "Backbone",
     "HFBackbone",
+    "OpenVLAOFTBackbone",
+    "OpenVLAShapedBackbone",
     "TinyBackbone",
     "backbone_spec",
     "build_backbone",

@@ -20,7 +20,7 @@ import torch
 from einops import rearrange
 
 from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
-from rsd.errors import CheckpointNotFoundError, ConfigError, DTypeError, ShapeError
+from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, DTypeError, ShapeError
 
 __all__ = ["HFBackbone", "DEFAULT_PROMPT", "last_real_token_index", "hf_offline_mode"]
 
@@ -106,25 +106,37 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {key: dtype}
 
 
+def _strict(source: str, model: Any, info: dict[str, Any]) -> Any:
+    """Refuse a model whose checkpoint left weights missing (randomly initialised), unexpected or mis-shaped."""
+    problems = {key: sorted(map(str, info.get(key) or ())) for key in ("missing_keys", "unexpected_keys",
+                                                                        "mismatched_keys")}
+    if any(problems.values()):
+        raise CheckpointMismatchError(
+            f"{source!r} does not match {type(model).__name__}: {problems}. Missing weights would be random; "
+            f"use the model class the checkpoint was saved with (or fix the checkpoint)."
+        )
+    return model
+
+
 def _load_model(source: str, config: Any, *, trust_remote_code: bool, local_files_only: bool,
                 dtype: torch.dtype) -> Any:
     import transformers
 
     kwargs = dict(config=config, trust_remote_code=trust_remote_code, local_files_only=local_files_only,
-                  **_dtype_kwarg(dtype))
+                  output_loading_info=True, **_dtype_kwarg(dtype))
     auto_map = getattr(config, "auto_map", None) or {}
     for name in _MODEL_AUTO_CLASSES:
         auto = getattr(transformers, name, None)
         if auto is None:
             continue
         if type(config) in auto._model_mapping or (trust_remote_code and name in auto_map):
-            return auto.from_pretrained(source, **kwargs)
+            return _strict(source, *auto.from_pretrained(source, **kwargs))
     remote = [key for key in auto_map if key.startswith("AutoModel")]
     if trust_remote_code and remote:
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
         cls = get_class_from_dynamic_module(auto_map[remote[0]], source, local_files_only=local_files_only)
-        return cls.from_pretrained(source, **kwargs)
+        return _strict(source, *cls.from_pretrained(source, **kwargs))
     hint = (f" It ships its own code ({remote}); pass trust_remote_code=True if you trust it."
             if remote else "")
     raise ConfigError(
@@ -205,8 +217,6 @@ class HFBackbone:
         Raises CheckpointNotFoundError (missing path, or a hub id neither cached nor downloadable),
         ConfigError (bad options, no model class fits, custom code without trust_remote_code).
         """
-        import transformers
-
         if "{instruction}" not in prompt_template:
             raise ConfigError(f"prompt_template must contain '{{instruction}}', got {prompt_template!r}.")
         if padding_side not in (None, "left", "right"):
@@ -217,6 +227,8 @@ class HFBackbone:
         torch_dtype = _resolve_dtype(dtype, device)
         source, is_local = _resolve_source(path_or_id)
         offline = hf_offline_mode() if local_files_only is None else bool(local_files_only)
+        import transformers  # here, not at module import: it takes seconds
+
         load = dict(trust_remote_code=trust_remote_code, local_files_only=offline or is_local)
         try:
             config = transformers.AutoConfig.from_pretrained(source, **load)
@@ -279,8 +291,9 @@ class HFBackbone:
     def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
         """observation[image_key] uint8 [H, W, 3] or [B, H, W, 3] + instruction(s) -> float32 [B, D]."""
         inputs = self.inputs(observation, instruction)
-        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                                    enabled=self.device.type == "cuda"):
+        # no_grad, not inference_mode: heads train on this output, and inference tensors refuse autograd
+        autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with torch.no_grad(), autocast:
             out = self.model(**inputs, output_hidden_states=True, return_dict=True)
         states = getattr(out, "hidden_states", None)
         if not states:

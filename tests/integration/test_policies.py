@@ -23,3 +23,25 @@ def test_tiny_backbone_save_load_identical(tmp_path, make):
     # a different observation gives a different chunk (the policy looks at its input)
     assert not np.array_equal(loaded.predict_chunk(fake_observation(8), INSTR).actions, before) or \
         not np.array_equal(loaded.predict_chunk(obs, "open the drawer").actions, before)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm_dir(tmp_path_factory):
+    from _hf_tiny import build_tiny_hf_vlm
+
+    return build_tiny_hf_vlm(tmp_path_factory.mktemp("tiny_vlm"))
+
+
+@pytest.mark.parametrize("make", [tiny_rsd_policy, tiny_l1_policy], ids=["rsd", "l1"])
+def test_hf_backbone_save_load_identical(tmp_path, tiny_vlm_dir, make):
+    from rsd.backbones import HFBackbone
+
+    backbone = HFBackbone.from_pretrained(tiny_vlm_dir)
+    policy = make(backbone)
+    obs = fake_observation(11)
+    before = policy.predict_chunk(obs, INSTR)
+    assert before.info["hidden_shape"] == [1, backbone.hidden_dim]
+    policy.save_pretrained(tmp_path / "policy")
+    loaded = load_policy(tmp_path / "policy")
+    assert type(loaded) is type(policy) and type(loaded.backbone) is HFBackbone
+    np.testing.assert_array_equal(loaded.predict_chunk(obs, INSTR).actions, before.actions)
