@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job, from a fresh machine: install everything (idempotent; fast the second time), then evaluate the
+# embedded default policy on LIBERO with the OpenVLA-OFT protocol.
+#
+# The embedded default policy is `expert-rfsq`: the scripted privileged expert whose every 8-step chunk is sent
+# through the RFSQ tokenizer shipped in rsd/assets/tokenizer_libero (encode -> codes -> decode) before it is
+# executed, i.e. what a perfect RFSQ head would achieve with this tokenizer, in the real simulator.
+#
+# Arguments are passed to `rsd eval` and override the defaults below, e.g.
+#   bash scripts/quickstart.sh --trials 50 --workers 2
+#   bash scripts/quickstart.sh --render --video all --tasks 0 --trials 2      # mp4s under runs/quickstart/videos
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/rsd eval --suite libero_spatial --policy expert-rfsq --trials 3 --no-render --video none \
+    --out runs/quickstart --resume "$@"
