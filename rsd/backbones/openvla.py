@@ -297,13 +297,19 @@ class OpenVLAOFTBackbone:
         self._graphed: tuple[Any, Any] | None = None
         self.set_fast(fast)
 
-    def set_fast(self, enabled: bool) -> None:
-        """Switch between eager execution and the CUDA-graph fast path (graphs are kept once captured)."""
-        if enabled and self._graphed is None:
+    def set_fast(self, enabled: bool, *, compile: bool = False) -> None:
+        """Switch between eager execution and the fast path: ``OpenVLAModel.optimize_for_inference(compile)``
+        (applied once, kept afterwards) replayed through CUDA graphs (re-captured when ``compile`` turns on)."""
+        if enabled:
             from rsd.fastpath import CudaGraphFn
 
-            self._graphed = (CudaGraphFn(self.model.rsd_hidden, device=self.device),
-                             CudaGraphFn(self._l1_actions, device=self.device))
+            if self.device.type != "cuda":
+                raise ConfigError(f"the fast path (CUDA graphs) needs a CUDA device; this backbone is on {self.device}.")
+            self.model.optimize_for_inference(compile=compile)
+            if self._graphed is None or self._graphed_compiled != self.model.compiled:
+                self._graphed = (CudaGraphFn(self.model.rsd_hidden, device=self.device),
+                                 CudaGraphFn(self._l1_actions, device=self.device))
+                self._graphed_compiled = self.model.compiled
         self.fast = bool(enabled)
         self._hidden_fn, self._actions_fn = self._graphed if enabled else (self.model.rsd_hidden, self._l1_actions)
 

@@ -249,9 +249,35 @@ class _ViTBlock(nn.Module):
         self.mlp = _Mlp(dim, spec.mlp_dim)
         self.ls2 = _LayerScale(dim) if spec.layer_scale else nn.Identity()
 
+        self.kernel: Any = None  # optimize_for_inference(compile=True): the compiled vit_block_fn
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x, *self.weights(), num_heads=self.attn.num_heads)
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
+
+    def weights(self) -> tuple[torch.Tensor | None, ...]:
+        ls1 = self.ls1.scale_factor if isinstance(self.ls1, _LayerScale) else None
+        ls2 = self.ls2.scale_factor if isinstance(self.ls2, _LayerScale) else None
+        return (self.norm1.weight, self.norm1.bias, self.attn.qkv.weight, self.attn.qkv.bias, self.attn.proj.weight,
+                self.attn.proj.bias, ls1, self.norm2.weight, self.norm2.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
+                self.mlp.fc2.weight, self.mlp.fc2.bias, ls2)
+
+
+def vit_block_fn(x: torch.Tensor, n1w: torch.Tensor, n1b: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor,
+                 proj_w: torch.Tensor, proj_b: torch.Tensor, ls1: torch.Tensor | None, n2w: torch.Tensor,
+                 n2b: torch.Tensor, fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor, fc2_b: torch.Tensor,
+                 ls2: torch.Tensor | None, *, num_heads: int) -> torch.Tensor:
+    """One timm ViT block as a function of its weights (what ``_ViTBlock.forward`` computes), so one
+    ``torch.compile`` of it serves every block of a tower. ``x`` [B, N, E] -> [B, N, E]."""
+    h = F.layer_norm(x, x.shape[-1:], n1w, n1b, eps=1e-6)
+    q, k, v = rearrange(F.linear(h, qkv_w, qkv_b), "b n (three h d) -> three b h n d", three=3, h=num_heads)
+    attn = F.linear(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"), proj_w, proj_b)
+    x = x + (attn * ls1 if ls1 is not None else attn)
+    h = F.layer_norm(x, x.shape[-1:], n2w, n2b, eps=1e-6)
+    mlp = F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return x + (mlp * ls2 if ls2 is not None else mlp)
 
 
 class _PatchEmbed(nn.Module):
@@ -321,6 +347,8 @@ class PrismaticVisionBackbone(nn.Module):
         self.featurizer = TimmViT(shape.featurizer)
         self.fused_featurizer = TimmViT(shape.fused_featurizer)
         self._stats: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self.concurrent = False  # run the two towers on two CUDA streams (optimize_for_inference)
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def _normalization(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Per-tower mean/std ``[1, 3, 1, 1]`` float32 on ``device``: derived from the specs, not checkpoint
@@ -338,8 +366,26 @@ class PrismaticVisionBackbone(nn.Module):
         x = rearrange(images, "b n h w c -> (b n) c h w").float() / 255.0  # TVF.to_tensor, float32
         dino = ((x - dino_mean) / dino_std).to(dtype)  # TVF.normalize in float32, then the model dtype
         siglip = ((x - siglip_mean) / siglip_std).to(dtype)
-        patches = torch.cat([self.featurizer(dino), self.fused_featurizer(siglip)], dim=-1)  # [B*N, P, E1+E2]
+        if self.concurrent and images.is_cuda:
+            dino_out, siglip_out = self._concurrent_towers(dino, siglip)
+        else:
+            dino_out, siglip_out = self.featurizer(dino), self.fused_featurizer(siglip)
+        patches = torch.cat([dino_out, siglip_out], dim=-1)  # [B*N, P, E1+E2]
         return rearrange(patches, "(b n) p e -> b (n p) e", b=B)
+
+    def _concurrent_towers(self, dino: torch.Tensor, siglip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINOv2 on a side stream while SigLIP runs on the current one (each alone underfills the GPU at
+        batch 1); joins before returning. Works inside CUDA-graph capture (fork/join of streams)."""
+        main = torch.cuda.current_stream(dino.device)
+        side = self._side_streams.setdefault(dino.device, torch.cuda.Stream(device=dino.device))
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            dino_out = self.featurizer(dino)
+        siglip_out = self.fused_featurizer(siglip)
+        main.wait_stream(side)
+        if not torch.cuda.is_current_stream_capturing():
+            dino_out.record_stream(main)  # made on `side`, used on `main`: keep the allocator from reusing it early
+        return dino_out, siglip_out
 
 
 class PrismaticProjector(nn.Module):
@@ -382,6 +428,19 @@ class _RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def _fuse_rows(linears: list[nn.Linear]) -> torch.Tensor:
+    """One ``[sum(out), in]`` matrix holding the linears' weights; each weight becomes a view of it."""
+    if any(lin.bias is not None for lin in linears):
+        raise ConfigError("only bias-free projections are fused.")
+    fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    offset = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight.data = fused[offset: offset + rows]
+        offset += rows
+    return fused
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -406,14 +465,32 @@ class _LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", h=self.spec.num_heads)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", h=self.spec.num_kv_heads)
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=self.spec.num_kv_heads)
+        self.qkv: torch.Tensor | None = None  # set by fuse(): q/k/v weights as views of one matrix
+
+    def fuse(self) -> None:
+        self.qkv = _fuse_rows([self.q_proj, self.k_proj, self.v_proj])
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        return F.linear(x, self.qkv).split(sizes, dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, last_query_only: bool = False
+                ) -> torch.Tensor:
+        """``x`` [B, T, D] -> [B, T, D]; with ``last_query_only`` -> [B, 1, D], the last position's output
+        (every key and value is still computed; the last query attends to all of them either way)."""
+        q, k, v = self._project(x)
+        q = rearrange(q, "b t (h d) -> b h t d", h=self.spec.num_heads)
+        k = rearrange(k, "b t (h d) -> b h t d", h=self.spec.num_kv_heads)
+        v = rearrange(v, "b t (h d) -> b h t d", h=self.spec.num_kv_heads)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        causal = self.causal
+        if last_query_only:
+            q, causal = q[:, :, -1:], False
         gqa = self.spec.num_kv_heads != self.spec.num_heads
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=gqa)  # [B, h, T, d]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # [B, h, T or 1, d]
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
 
@@ -424,8 +501,16 @@ class _LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
+        self.gate_up: torch.Tensor | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up = _fuse_rows([self.gate_proj, self.up_proj])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class _LlamaLayer(nn.Module):
@@ -436,9 +521,45 @@ class _LlamaLayer(nn.Module):
         self.post_attention_layernorm = _RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = _LlamaMLP(spec)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        self.kernel: Any = None  # optimize_for_inference(compile=True): the compiled llama_layer_fn
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """[B, T, D] -> [B, T, D], or the last position only, [B, 1, D]."""
+        if self.kernel is not None:
+            a, m = self.self_attn, self.mlp
+            return self.kernel(x, cos, sin, self.input_layernorm.weight, a.qkv, a.o_proj.weight,
+                               self.post_attention_layernorm.weight, m.gate_up, m.down_proj.weight,
+                               eps=self.input_layernorm.eps, num_heads=a.spec.num_heads,
+                               num_kv_heads=a.spec.num_kv_heads, causal=a.causal, last_only=last_only)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, last_query_only=last_only)
+        x = (x[:, -1:] if last_only else x) + attn
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()  # the arithmetic of _RMSNorm
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def llama_layer_fn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_in: torch.Tensor, w_qkv: torch.Tensor,
+                   w_o: torch.Tensor, w_post: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, *,
+                   eps: float, num_heads: int, num_kv_heads: int, causal: bool, last_only: bool) -> torch.Tensor:
+    """One decoder layer with fused q/k/v and gate/up weights, as a function of its weights (the arithmetic
+    of ``_LlamaLayer`` after ``fuse()``), so one ``torch.compile`` of it serves all layers."""
+    hd = cos.shape[-1]
+    h = _rms_norm(x, w_in, eps)
+    q, k, v = F.linear(h, w_qkv).split([num_heads * hd, num_kv_heads * hd, num_kv_heads * hd], dim=-1)
+    q = rearrange(q, "b t (h d) -> b h t d", h=num_heads)
+    k = rearrange(k, "b t (h d) -> b h t d", h=num_kv_heads)
+    v = rearrange(v, "b t (h d) -> b h t d", h=num_kv_heads)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    if last_only:
+        q, causal = q[:, :, -1:], False
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=num_kv_heads != num_heads)
+    x = (x[:, -1:] if last_only else x) + F.linear(rearrange(out, "b h t d -> b t (h d)"), w_o)
+    gate, up = F.linear(_rms_norm(x, w_post, eps), w_gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w_down)
 
 
 class _LlamaBody(nn.Module):
@@ -458,15 +579,26 @@ class LlamaDecoder(nn.Module):
         self.model = _LlamaBody(spec, causal)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)  # in the checkpoint, never run
 
-    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        """``embeds`` [B, T, D] -> final post-norm hidden states [B, T, D] (``hidden_states[-1]`` in HF)."""
+    def forward(self, embeds: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``embeds`` [B, T, D] -> final post-norm hidden states [B, T, D] (``hidden_states[-1]`` in HF).
+
+        ``last_only``: return [B, 1, D], the last position, computing the final layer's queries, output
+        projection and MLP for that position only (the same values; 1/L of the layer work skipped)."""
         if embeds.shape[1] > self.spec.max_positions:
             raise ShapeError(f"sequence of {embeds.shape[1]} tokens exceeds max_positions {self.spec.max_positions}.")
         cos, sin = rotary_tables(embeds.shape[1], self.spec, embeds.device, embeds.dtype)
         x = embeds
-        for layer in self.model.layers:
-            x = layer(x, cos, sin)
+        last = len(self.model.layers) - 1
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, last_only=last_only and index == last)
         return self.model.norm(x)
+
+    def fuse(self) -> None:
+        """Concatenate each layer's q/k/v and gate/up weights into one matrix (the parameters become views
+        of it: no extra memory, same state dict): fewer, wider matmuls with the same products."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
 
 # OFT's L1 regression action head (parameter names of prismatic/models/action_heads.py)
@@ -527,6 +659,8 @@ class OpenVLAModel(nn.Module):
         self.language_model = LlamaDecoder(shape.llm, causal=not shape.bidirectional)
         self.proprio_projector = ProprioProjector(d, shape.proprio_dim)
         self.action_head = OFTL1ActionHead(d, d, shape.chunk_len, shape.action_dim)  # OFT: hidden_dim = llm_dim
+        self.optimized = False
+        self.compiled = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -547,7 +681,39 @@ class OpenVLAModel(nn.Module):
 
     def llm_last_hidden(self, sequence: torch.Tensor) -> torch.Tensor:
         """``[B, T, D]`` -> final post-norm hidden state of the last position ``[B, D]``."""
-        return self.language_model(sequence)[:, -1]
+        return self.language_model(sequence, last_only=self.optimized)[:, -1]
+
+    def optimize_for_inference(self, compile: bool = False) -> "OpenVLAModel":
+        """Same function, fewer/wider kernels (each changes only rounding, within bf16 tolerance):
+        fused q/k/v and gate/up matmuls, the final LLM layer computed for the last position only
+        (:meth:`llm_last_hidden`), and on CUDA the two vision towers on concurrent streams.
+
+        ``compile``: also run every decoder layer and ViT block through one ``torch.compile`` of
+        :func:`llama_layer_fn` / :func:`vit_block_fn` (inductor fuses the norms, RoPE, activations and
+        residual adds; matmuls and attention stay cuBLAS / flash). Compiles on first use per input shape.
+        """
+        if not self.optimized:
+            self.language_model.fuse()
+            self.vision_backbone.concurrent = self.projector.fc1.weight.is_cuda
+            self.optimized = True
+        if compile and not self.compiled:
+            import torch._dynamo
+
+            import torch._inductor.config
+
+            # one compiled graph per distinct input signature (prompt length x full/last-only layer)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            # round to bf16 wherever eager does (each .to(bf16)) inside fused kernels, so compiled == eager
+            torch._inductor.config.emulate_precision_casts = True
+            layer_kernel = torch.compile(llama_layer_fn, fullgraph=True, dynamic=False)
+            block_kernel = torch.compile(vit_block_fn, fullgraph=True, dynamic=False)
+            for layer in self.language_model.model.layers:
+                layer.kernel = layer_kernel
+            for tower in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer):
+                for block in tower.blocks:
+                    block.kernel = block_kernel
+            self.compiled = True
+        return self
 
     def rsd_hidden(self, images: torch.Tensor, prompt_ids: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         """The RSD hidden state ``[B, D]`` (model dtype): last prompt token, final layer, post-norm."""
@@ -674,7 +840,7 @@ class OpenVLAShapedBackbone:
         size: ``"7b"`` (OpenVLA-7B sizes) or ``"tiny"`` (CPU tests).
         device, dtype: where and in what the weights are created (default bf16 on CUDA, float32 on CPU).
         seed: weight-init seed.
-        fast: run :meth:`OpenVLAModel.rsd_hidden` through CUDA graphs (``rsd.fastpath``); CUDA only.
+        fast: the fast path (:meth:`set_fast`); CUDA only.
     """
 
     backbone_name: str  # set by @register_backbone
@@ -692,12 +858,18 @@ class OpenVLAShapedBackbone:
         self._token_cache: dict[str, torch.Tensor] = {}
         self.set_fast(fast)
 
-    def set_fast(self, enabled: bool) -> None:
-        """Switch between eager execution and the CUDA-graph fast path (graphs are kept once captured)."""
-        if enabled and getattr(self, "_graphed", None) is None:
+    def set_fast(self, enabled: bool, *, compile: bool = False) -> None:
+        """Switch between eager execution and the fast path: ``OpenVLAModel.optimize_for_inference(compile)``
+        (applied once, kept afterwards) replayed through CUDA graphs (re-captured when ``compile`` turns on)."""
+        if enabled:
             from rsd.fastpath import CudaGraphFn
 
-            self._graphed = CudaGraphFn(self.model.rsd_hidden, device=self.device)
+            if self.device.type != "cuda":
+                raise ConfigError(f"the fast path (CUDA graphs) needs a CUDA device; this backbone is on {self.device}.")
+            self.model.optimize_for_inference(compile=compile)
+            if getattr(self, "_graphed", None) is None or self._graphed_compiled != self.model.compiled:
+                self._graphed = CudaGraphFn(self.model.rsd_hidden, device=self.device)
+                self._graphed_compiled = self.model.compiled
         self.fast = bool(enabled)
         self._hidden_fn = self._graphed if enabled else self.model.rsd_hidden
 
