@@ -207,7 +207,7 @@ class RSDPolicy(_LearnedPolicy):
     def __init__(self, backbone: Any, head: torch.nn.Module, tokenizer: torch.nn.Module, action_stats: NormStats, *,
                  config: RSDConfig, draft: torch.nn.Module | None = None, speculative: bool | None = None,
                  mode: str = "exact", threshold: float | None = None, device: str | torch.device = "cpu",
-                 unnorm_key: str | None = None) -> None:
+                 unnorm_key: str | None = None, graphed: bool = False) -> None:
         super().__init__(backbone, config, action_stats, device=device, unnorm_key=unnorm_key)
         tok_cfg = tokenizer.config
         expected = dict(chunk_len=config.chunk_len, action_dim=config.action_dim, latent_dim=config.latent_dim,
@@ -223,6 +223,14 @@ class RSDPolicy(_LearnedPolicy):
         self.speculative = (draft is not None) if speculative is None else bool(speculative)
         self.mode, self.threshold = mode, threshold
         self._decoder = None
+        self._graphed = None
+        if graphed:
+            # greedy heads + argmax + layout + decode as one CUDA graph (rsd.fastpath); bit-equal to greedy_decode
+            if self.device.type != "cuda" or self.speculative:
+                raise ConfigError("graphed=True needs a CUDA device and speculative=False (the graph is greedy).")
+            from rsd.fastpath import GraphedRSDDecoder
+
+            self._graphed = GraphedRSDDecoder(self.head, self.tokenizer, device=self.device)
         if self.speculative:
             from rsd.speculative import SpeculativeDecoder
 
@@ -231,22 +239,27 @@ class RSDPolicy(_LearnedPolicy):
     def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
         from rsd.speculative import greedy_decode
 
-        info: dict[str, Any] = {"used_rfsq": True, "speculative": self.speculative}
+        info: dict[str, Any] = {"used_rfsq": True, "speculative": self.speculative, "graphed": self._graphed is not None}
         t0 = time.perf_counter()
-        if self._decoder is not None:
-            codes, stats = self._decoder.decode(hidden)
-            info["spec_stats"] = stats.to_dict()
+        if self._graphed is not None:
+            codes, norm = self._graphed.decode(hidden)  # tokens + detokenize in one graph
+            t1 = time.perf_counter()
         else:
-            codes = greedy_decode(self.head, hidden)
-        _sync(self.device)
-        t1 = time.perf_counter()
-        norm = self.tokenizer.decode_from_indices(codes)  # [1, C, A]
+            if self._decoder is not None:
+                codes, stats = self._decoder.decode(hidden)
+                info["spec_stats"] = stats.to_dict()
+            else:
+                codes = greedy_decode(self.head, hidden)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            norm = self.tokenizer.decode_from_indices(codes)  # [1, C, A]
         _sync(self.device)
         timing["tokens_ms"] = 1e3 * (t1 - t0)
         timing["detokenize_ms"] = 1e3 * (time.perf_counter() - t1)
-        info["codes_shape"] = list(codes.shape)
-        info["code_histogram"] = _code_histogram(codes, self.config.num_levels)
-        info["distinct_codes"] = int(torch.unique(codes).numel())
+        codes_cpu = codes.to("cpu")  # one device->host copy for all diagnostics
+        info["codes_shape"] = list(codes_cpu.shape)
+        info["code_histogram"] = _code_histogram(codes_cpu, self.config.num_levels)
+        info["distinct_codes"] = int(torch.unique(codes_cpu).numel())
         return norm, info
 
     # -- persistence -------------------------------------------------------------------------------------------
@@ -264,7 +277,7 @@ class RSDPolicy(_LearnedPolicy):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
                         speculative: bool | None = None, mode: str | None = None,
-                        threshold: float | None = None) -> "RSDPolicy":
+                        threshold: float | None = None, graphed: bool = False) -> "RSDPolicy":
         from rsd.backbones import load_backbone
         from rsd.heads import DraftHead, RFSQHead
         from rsd.tokenizer import RFSQTokenizer
@@ -287,7 +300,7 @@ class RSDPolicy(_LearnedPolicy):
                    speculative=spec.get("enabled") if speculative is None else speculative,
                    mode=mode or spec.get("mode", "exact"),
                    threshold=threshold if threshold is not None else spec.get("threshold"),
-                   device=device, unnorm_key=meta.get("unnorm_key"))
+                   device=device, unnorm_key=meta.get("unnorm_key"), graphed=graphed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
