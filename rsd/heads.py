@@ -10,12 +10,10 @@ Axis letters: B batch, D hidden, W head width, L layers, P prefix layers, n outp
 H latent dims, G levels, k draft layers, A action dims.
 
 Exactness (what ``exact`` speculative decoding relies on): the teacher-forced logits are bitwise equal to
-the incremental ones for the same prefix. Both paths build the layer context with the same sequential
-float adds and run the output MLP as a batched matmul over the layer axis (``baddbmm``, one ``[B, W]``
-matrix per layer), never as one ``[n*B, W]`` matmul: on this CPU (MKL) a plain ``Linear`` rounds
-``M <= 3`` rows differently from ``M >= 4`` rows, so folding layers into rows would change the argmax at
-near-ties. The output MLP uses ReLU (exact) rather than GELU, whose vectorised and scalar tails round
-differently.
+the incremental ones for the same prefix, on any device, by construction: both paths call the same
+per-layer function on ``[B, W]`` tensors and build the layer context with the same sequential float adds.
+Folding the layers into the rows of one ``[n*B, W]`` matmul would not be: on the dev CPU (MKL) a ``Linear``
+rounds ``M <= 3`` rows differently from ``M >= 4`` rows (measured), which flips the argmax at near-ties.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from rsd.config import RSDConfig
@@ -77,7 +75,7 @@ def _check_codes(codes: torch.Tensor, name: str, axes: str, shape: tuple[int, ..
 class HeadState:
     """Incremental decoding state of :class:`RFSQHead`, positioned before layer ``layer``.
 
-    ``base``    [B, W]  trunk features of the hidden state (computed once by :meth:`RFSQHead.start`)
+    ``base``    [B, W]  ``mlp_in(trunk(hidden))``, computed once by :meth:`RFSQHead.start`
     ``context`` [B, W]  sum of the code embeddings of layers ``< layer``
     ``layer``   int     the next layer to predict, ``0 <= layer <= L``
     """
@@ -87,42 +85,27 @@ class HeadState:
     layer: int
 
 
-class _LayerMLP(nn.Module):
-    """LayerNorm -> Linear(W, W) -> ReLU -> Linear(W, N), batched over a leading layer axis.
-
-    ``[n, B, W] -> [n, B, N]`` with one ``[B, W]`` matmul per layer (``baddbmm``), so the result for a layer
-    does not depend on how many layers are evaluated together (see the module docstring).
-    """
-
-    def __init__(self, width: int, out_features: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.hidden = nn.Linear(width, width)
-        self.out = nn.Linear(width, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        x = self.norm(x)
-        w_hidden = repeat(self.hidden.weight, "o i -> n i o", n=n)  # [n, W, W], a stride-0 view
-        x = torch.relu(torch.baddbmm(self.hidden.bias, x, w_hidden))
-        w_out = repeat(self.out.weight, "o i -> n i o", n=n)  # [n, W, N]
-        return torch.baddbmm(self.out.bias, x, w_out)  # [n, B, N]
-
-
 class RFSQHead(nn.Module):
     """The main RFSQ head: ``p(codes of layer l | hidden, codes of layers < l)``.
 
     Architecture (W = ``cfg.head_width``):
 
-    - trunk ``Linear(D, W) -> GELU`` on the hidden state, once per sample: ``base`` [B, W];
+    - trunk ``Linear(D, W) -> GELU`` on the hidden state;
+    - output MLP, shared by all layers: ``mlp_in = Linear(W, W) -> LayerNorm -> ReLU -> out = Linear(W, C*H*G)``,
+      rearranged ``(c h g)`` to ``[C, H, G]``. The layer embedding ``[L, W]`` and the code context enter
+      after its first ``Linear``, i.e. in its hidden space: a linear map of a sum is the sum of the mapped
+      terms, so this is the same function class as adding them before the ``Linear``, but the ``W x W``
+      matmul runs once per sample (``base``) instead of once per layer;
     - code embeddings: one row per (layer, c, h, level) in an ``EmbeddingBag(L*C*H*G, W, mode="sum")``;
       the codes of a layer embed as the sum over ``(c, h)`` of row ``l*C*H*G + (c*H + h)*G + code``;
-      ``context_l`` is the sum of the embeddings of layers ``< l`` (causal);
-    - a layer embedding ``[L, W]``;
-    - a shared output MLP on ``base + layer_embedding[l] + context_l``: LayerNorm, ``W -> W``, ReLU,
-      ``W -> C*H*G``, rearranged ``(c h g)`` to ``[C, H, G]``.
+      ``context_l`` is the sum of the embeddings of layers ``< l`` (causal).
 
-    Greedy decoding runs the trunk once, then per layer one MLP evaluation and one embedding bag.
+    Layer ``l``'s logits: ``out(relu(norm(base + layer_embedding[l] + context_l)))`` with
+    ``base = mlp_in(trunk(hidden))``. Greedy decoding runs the trunk once, then per layer one
+    ``W -> C*H*G`` matmul and one embedding bag.
+
+    :meth:`logits_given_prefix` is one call with no feedback between layers (all its inputs are known);
+    it evaluates the layers one after another with exactly the ops of :meth:`step` / :meth:`advance`.
     """
 
     def __init__(self, cfg: RSDConfig) -> None:
@@ -130,9 +113,11 @@ class RFSQHead(nn.Module):
         self.cfg = cfg
         C, H, L, G, W = cfg.chunk_len, cfg.latent_dim, cfg.num_layers, cfg.num_levels, cfg.head_width
         self.trunk = nn.Sequential(nn.Linear(cfg.hidden_dim, W), nn.GELU())
+        self.mlp_in = nn.Linear(W, W)  # the output MLP's first Linear, applied to the trunk features only
         self.code_embedding = nn.EmbeddingBag(L * C * H * G, W, mode="sum")
         self.layer_embedding = nn.Embedding(L, W)
-        self.mlp = _LayerMLP(W, C * H * G)
+        self.norm = nn.LayerNorm(W)
+        self.out = nn.Linear(W, C * H * G)
         # Row offset of (layer l, step c, dim h) in the code table: l*C*H*G + (c*H + h)*G. Derived state.
         offsets = torch.arange(L * C * H, dtype=torch.int64) * G
         self.register_buffer("code_offsets", rearrange(offsets, "(l ch) -> l ch", l=L), persistent=False)
@@ -143,9 +128,9 @@ class RFSQHead(nn.Module):
     # -- incremental API ------------------------------------------------------------------------
 
     def start(self, hidden: torch.Tensor) -> HeadState:
-        """Validate ``hidden`` [B, D] and run the trunk: the state before layer 0."""
+        """Validate ``hidden`` [B, D] and run the trunk (and the MLP's first Linear): the state before layer 0."""
         _check_hidden(hidden, self.cfg, self.trunk[0].weight.dtype)
-        base = self.trunk(hidden)  # [B, W]
+        base = self.mlp_in(self.trunk(hidden))  # [B, W], in the output MLP's hidden space
         return HeadState(base=base, context=torch.zeros_like(base), layer=0)
 
     def step(self, state: HeadState) -> torch.Tensor:
@@ -175,19 +160,15 @@ class RFSQHead(nn.Module):
         """
         self._check_state(state, need_layer=False)
         if state.layer != 0:
-            raise ShapeError(f"`teacher_forced` needs the state before layer 0 (from `start`), got layer {state.layer}.")
+            raise ShapeError(
+                f"`teacher_forced` needs the state before layer 0 (from `start`), got layer {state.layer}."
+            )
         cfg = self.cfg
         B, L = state.base.shape[0], cfg.num_layers
         if isinstance(prefix, torch.Tensor) and prefix.ndim == 4 and prefix.shape[1] > L:
             raise ShapeError(f"`prefix` has P = {prefix.shape[1]} layers but the head has only L = {L}.")
         _check_codes(prefix, "prefix", "[B, P, C, H]", (B, -1, cfg.chunk_len, cfg.latent_dim), cfg.num_levels)
-        n = min(prefix.shape[1] + 1, L)
-        contexts = [state.context]
-        for layer in range(n - 1):
-            contexts.append(self._next_context(contexts[-1], prefix[:, layer], layer))
-        context = torch.stack(contexts, dim=0)  # [n, B, W]
-        base = rearrange(state.base, "b w -> 1 b w") + rearrange(self.layer_embedding.weight[:n], "n w -> n 1 w")
-        return self._logits(base + context)  # [B, n, C, H, G]
+        return self._teacher_forced(state, prefix)[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Greedy autoregressive rollout: ``hidden`` [B, D] -> logits ``[B, L, C, H, G]`` (layer ``l`` is
@@ -201,13 +182,20 @@ class RFSQHead(nn.Module):
                 state = self._advance(state, layer_logits.argmax(dim=-1))
         return torch.stack(logits, dim=1)
 
-    # -- internals (no validation) --------------------------------------------------------------
+    # -- internals (no validation; the hot path of rsd.speculative and rsd.fastpath: keep them stable) --
+
+    def _teacher_forced(self, state: HeadState, prefix: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (logits ``[B, n, C, H, G]``, contexts: n x [B, W], the context before each output layer)."""
+        n = min(prefix.shape[1] + 1, self.cfg.num_layers)
+        contexts, logits = [state.context], []
+        for layer in range(n):  # the very ops of step/advance, layer by layer (see the module docstring)
+            logits.append(self._layer_logits(state.base, contexts[layer], layer))
+            if layer + 1 < n:
+                contexts.append(self._next_context(contexts[layer], prefix[:, layer], layer))
+        return torch.stack(logits, dim=1), contexts
 
     def _step(self, state: HeadState) -> torch.Tensor:
-        layer_embedding = rearrange(self.layer_embedding.weight[state.layer], "w -> 1 1 w")
-        base = rearrange(state.base, "b w -> 1 b w") + layer_embedding  # same adds as `teacher_forced`
-        logits = self._logits(base + rearrange(state.context, "b w -> 1 b w"))  # [B, 1, C, H, G]
-        return rearrange(logits, "b 1 c h g -> b c h g")
+        return self._layer_logits(state.base, state.context, state.layer)
 
     def _advance(self, state: HeadState, codes: torch.Tensor) -> HeadState:
         context = self._next_context(state.context, codes, state.layer)
@@ -218,10 +206,11 @@ class RFSQHead(nn.Module):
         rows = rearrange(codes, "b c h -> b (c h)") + self.code_offsets[layer]  # [B, C*H] table rows
         return context + self.code_embedding(rows)  # each row of `rows` is one bag
 
-    def _logits(self, z: torch.Tensor) -> torch.Tensor:
-        """``z`` [n, B, W] -> logits ``[B, n, C, H, G]``."""
-        flat = self.mlp(z)  # [n, B, C*H*G]
-        return rearrange(flat, "n b (c h g) -> b n c h g", c=self.cfg.chunk_len, h=self.cfg.latent_dim)
+    def _layer_logits(self, base: torch.Tensor, context: torch.Tensor, layer: int) -> torch.Tensor:
+        """``base``, ``context`` [B, W] -> logits ``[B, C, H, G]`` of layer ``layer``."""
+        z = base + self.layer_embedding.weight[layer] + context  # [B, W]
+        flat = self.out(torch.relu(self.norm(z)))  # [B, C*H*G]
+        return rearrange(flat, "b (c h g) -> b c h g", c=self.cfg.chunk_len, h=self.cfg.latent_dim)
 
     def _check_state(self, state: HeadState, need_layer: bool) -> None:
         if not isinstance(state, HeadState):
