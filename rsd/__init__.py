@@ -1,4 +1,20 @@
-"""rsd: Residual-FSQ action tokens with speculative decoding, validated on LIBERO."""
+"""rsd: Residual-FSQ action tokens with speculative decoding, validated on LIBERO.
+
+The public surface, one concept per module (see docs/design.md)::
+
+    rsd.config.RSDConfig            sizes of everything
+    rsd.tokenizer.RFSQTokenizer     actions [B,C,A] <-> codes [B,C,H,L]
+    rsd.layout                      logits/codes layouts (einops)
+    rsd.heads                       RFSQHead, DraftHead, L1ActionHead
+    rsd.speculative                 SpeculativeDecoder, greedy_decode
+    rsd.normalize                   NormStats, BoundsQ99Normalizer, gripper conventions
+    rsd.backbones                   Backbone protocol, TinyBackbone, HFBackbone, OpenVLA-OFT
+    rsd.policy                      Policy protocol, ActionChunk, RSDPolicy, L1Policy, load_policy
+    rsd.sim                         LIBERO protocol, env, scripted experts
+    rsd.eval                        the evaluation runner (`rsd eval`)
+
+Submodules are imported on use so that ``import rsd`` stays light.
+"""
 
 from rsd.config import RSDConfig
 

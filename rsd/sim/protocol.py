@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from rsd.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+from rsd.normalize import model_to_env_gripper
 
 # ---------------------------------------------------------------- protocol constants
 
@@ -191,17 +192,16 @@ def validate_action(action: Any) -> np.ndarray:
 
 
 def postprocess_gripper(actions: np.ndarray) -> np.ndarray:
-    """Model gripper convention (0 = close, 1 = open) -> env convention (-1 = open, +1 = close).
+    """Model gripper convention (0 = close, 1 = open) -> env convention (-1 = open, +1 = close), on whole actions.
 
     OFT's ``normalize_gripper_action(binarize=True)`` then ``invert_gripper_action``: ``g = sign(2g - 1)``,
-    ``g = -g``. Only the last dim changes; a new float32 array [..., 7] is returned. As in OFT, g = 0.5
-    exactly maps to 0.
+    ``g = -g`` (``rsd.normalize.model_to_env_gripper``). Only the last dim changes; a new float32 array
+    [..., 7] is returned. As in OFT, g = 0.5 exactly maps to 0.
     """
     a = np.array(actions, dtype=np.float32, copy=True)
     if a.ndim == 0 or a.shape[-1] != ACTION_DIM:
         raise ShapeError(f"actions must be [..., {ACTION_DIM}], got {a.shape}")
     if not np.all(np.isfinite(a)):
         raise NonFiniteError("actions have NaN/inf before gripper post-processing")
-    g = np.sign(2.0 * a[..., -1] - 1.0)
-    a[..., -1] = -g
+    a[..., -1] = model_to_env_gripper(a[..., -1])
     return a
