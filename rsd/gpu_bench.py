@@ -1,8 +1,9 @@
 """CUDA latency breakdown of the RSD pipeline over an OpenVLA-shaped backbone, with floors.
 
-``run_breakdown(backbone="openvla-shaped", device="cuda", iters=50) -> dict`` (what ``rsd bench
---device cuda`` calls) measures, at batch 1, for the eager path and the fast path (CUDA graphs,
-``rsd.fastpath``):
+``run_breakdown(backbone="openvla-shaped", device="cuda", iters=50, num_images=2) -> dict`` (what ``rsd
+bench --device cuda`` calls) measures, at batch 1, for the eager path and the fast path (CUDA graphs,
+``rsd.fastpath``), with ``num_images`` 2 (OFT on LIBERO: full + wrist image, 545 tokens with the LIBERO
+prompt) or 1 (full image only, OFT's 1-image configuration: 289 tokens):
 
 - ``vision``     both towers on both images + projector + proprio token (GPU time, CUDA events)
 - ``llm``        the 7B decoder over the whole sequence -> last hidden state (GPU time)
@@ -10,7 +11,11 @@
 - ``encode``     ``Backbone.encode``: host preprocessing + the above + checks (wall clock)
 - ``rsd_decode`` heads + argmax + layout + RFSQ decode: greedy, and speculative in its worst case
                  (the draft is rejected at layer 0) and best case (all k draft layers accepted)
-- ``predict_chunk`` ``RSDPolicy.predict_chunk`` end to end (wall clock; greedy and speculative)
+- ``predict_chunk`` ``RSDPolicy.predict_chunk`` end to end (wall clock) with ``_greedy`` eager heads,
+                 ``_graphed`` ``RSDPolicy(graphed=True)`` (one CUDA graph for heads..decode), ``_spec``
+                 speculative with the random draft (``exact``: rejected at layer 0, the worst case) and
+                 ``_spec_full_accept`` speculative ``exact`` with a draft built to propose the main head's
+                 greedy codes (:func:`full_accept_draft`: all k layers accepted, the best case)
 - ``pipeline_graphed_decode`` fast encode + :class:`rsd.fastpath.GraphedRSDDecoder` + the policy's
                  post-processing (what ``predict_chunk`` costs once the policy uses the graphed decode)
 
@@ -20,7 +25,8 @@ Variants: ``eager`` (the plain module), ``graph`` (the same module in CUDA graph
 
 and the floors: weight bytes / measured copy bandwidth, FLOPs (counted by
 ``torch.utils.flop_counter``) / measured bf16 matmul rate. Each timing is p50/p90 over ``iters``
-runs after warm-up. Run ``python -m rsd.gpu_bench --out results/gpu/<name>.json`` on a CUDA machine.
+runs after warm-up. Run ``python -m rsd.gpu_bench --num-images 1 --out results/gpu/<name>.json`` on a
+CUDA machine.
 """
 
 from __future__ import annotations
@@ -41,7 +47,9 @@ import torch
 from rsd.errors import ConfigError
 
 __all__ = ["measure_ceilings", "time_cuda", "time_wall", "summarize", "count_flops", "kernel_breakdown",
-           "run_breakdown", "format_breakdown", "main"]
+           "full_accept_draft", "run_breakdown", "format_breakdown", "main"]
+
+GOAL_MS = 12.0  # the issue's goal: full RSD predict_chunk on the OpenVLA-shaped model, batch 1
 
 LIBERO_INSTRUCTION = "pick up the black bowl between the plate and the ramekin and place it on the plate"
 
@@ -186,13 +194,76 @@ def _rsd_parts(cfg: Any, device: torch.device, seed: int) -> tuple[Any, Any, Any
     return head.to(device).eval(), draft.to(device).eval(), tok.to(device).eval(), stats
 
 
+def full_accept_draft(draft: torch.nn.Module, codes: torch.Tensor, *, margin: float = 30.0) -> torch.nn.Module:
+    """A copy of ``draft`` (a :class:`rsd.heads.DraftHead`) whose argmax proposes ``codes`` [1, C, H, L]
+    (layers ``0..k-1``) for any hidden state: the bias of its last Linear becomes ``margin`` at the
+    target level of every token and 0 elsewhere; its weights stay (the same compute as a trained draft).
+    For timing speculative decoding in its best case (every draft layer accepted under ``exact``) only."""
+    import copy
+
+    from einops import rearrange
+
+    cfg = draft.cfg
+    if codes.ndim != 4 or codes.shape[0] != 1 or tuple(codes.shape[1:]) != (cfg.chunk_len, cfg.latent_dim, cfg.num_layers):
+        raise ConfigError(f"full_accept_draft needs codes [1, C, H, L] = [1, {cfg.chunk_len}, {cfg.latent_dim}, "
+                          f"{cfg.num_layers}], got {list(codes.shape)}.")
+    target = rearrange(codes[0, :, :, : cfg.draft_layers], "c h k -> k c h")  # [k, C, H]
+    onehot = torch.nn.functional.one_hot(target, cfg.num_levels).to(draft.net[-1].bias.dtype)  # [k, C, H, G]
+    built = copy.deepcopy(draft)
+    with torch.no_grad():
+        built.net[-1].bias.copy_(margin * rearrange(onehot, "k c h g -> (k c h g)"))
+    return built
+
+
+def _timed_chunks(policy: Any, obs: dict, instruction: str, warmup: int, iters: int) -> tuple[dict, dict, Any]:
+    """Wall clock of ``policy.predict_chunk`` -> (summary, p50 of each ``info["timing_ms"]`` entry, last chunk)."""
+    parts: dict[str, list[float]] = {}
+    last: list[Any] = []
+
+    def call() -> None:
+        chunk = policy.predict_chunk(obs, instruction)
+        for key, value in chunk.info["timing_ms"].items():
+            parts.setdefault(key, []).append(value)
+        last[:] = [chunk]
+
+    summary = summarize(time_wall(call, warmup=warmup, iters=iters))
+    return summary, {k: float(np.percentile(v[warmup:], 50)) for k, v in parts.items()}, last[0]
+
+
+def _policy_rows(backbone: Any, head: Any, draft: Any, tok: Any, stats: Any, cfg: Any, dev: torch.device, obs: dict,
+                 instruction: str, warmup: int, iters: int, graphed: bool = True) -> tuple[dict, dict, dict]:
+    """``RSDPolicy.predict_chunk`` over ``backbone`` with eager greedy heads, ``graphed=True``, the random
+    draft and a full-accept draft -> (timings, parity, info) (see the module docstring)."""
+    from rsd.policy import RSDPolicy
+    from rsd.speculative import greedy_decode
+
+    with torch.inference_mode():
+        greedy_codes = greedy_decode(head, backbone.encode(obs, instruction))
+    good_draft = full_accept_draft(draft, greedy_codes)
+    policies = {"greedy": dict(speculative=False), "spec": dict(draft=draft, speculative=True),
+                "spec_full_accept": dict(draft=good_draft, speculative=True)}
+    if graphed:
+        policies["graphed"] = dict(speculative=False, graphed=True)
+    timings, info, chunks = {}, {}, {}
+    for name, kwargs in policies.items():
+        policy = RSDPolicy(backbone, head, tok, stats, config=cfg, device=dev, **kwargs)
+        timings[f"predict_chunk_{name}"], info[f"predict_chunk_{name}_parts_p50"], chunks[name] = _timed_chunks(
+            policy, obs, instruction, warmup, iters)
+        if "spec_stats" in chunks[name].info:
+            info[f"predict_chunk_{name}_accepted_layers"] = chunks[name].info["spec_stats"]["accepted_layers"]
+    reference = chunks["greedy"].actions
+    parity = {f"predict_chunk_{name}_actions_equal_greedy": bool(np.array_equal(chunk.actions, reference))
+              for name, chunk in chunks.items() if name != "greedy"}
+    return timings, parity, {**info, "greedy_actions": reference}
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
 
 
 def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters: int = 50, *, size: str = "7b",
-                  warmup: int = 5, seed: int = 0, fast: bool = True, ceilings: bool = True,
+                  num_images: int = 2, warmup: int = 5, seed: int = 0, fast: bool = True, ceilings: bool = True,
                   instruction: str = LIBERO_INSTRUCTION, profile: bool = False, fp32_reference: bool = True,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Latency breakdown (see the module docstring) -> a JSON-able dict. ``backbone`` must be
@@ -213,7 +284,8 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
     out: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "backbone": backbone, "size": size, "batch": 1, "iters": iters, "warmup": warmup, "dtype": "bfloat16",
+        "backbone": backbone, "size": size, "num_images": num_images, "batch": 1, "iters": iters, "warmup": warmup,
+        "dtype": "bfloat16",
     }
     try:
         import transformers
@@ -227,7 +299,7 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
 
     say("building the random-weight model")
     t0 = time.perf_counter()
-    eager_bb = OpenVLAShapedBackbone(size, device=dev, seed=seed)
+    eager_bb = OpenVLAShapedBackbone(size, device=dev, seed=seed, num_images=num_images)
     out["build_s"] = time.perf_counter() - t0
     model, shape = eager_bb.model, eager_bb.shape
     obs = _fake_observation(shape, seed)
@@ -279,12 +351,13 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
         e["rsd_decode_spec_worst"] = summarize(time_wall(spec_decode(spec_worst), warmup=warmup, iters=iters))
         e["rsd_decode_spec_best"] = summarize(time_wall(spec_decode(spec_best), warmup=warmup, iters=iters))
         out["spec_stats"] = {"worst": spec_worst.decode(hidden)[1].to_dict(), "best": spec_best.decode(hidden)[1].to_dict()}
-    for name, spec in (("greedy", False), ("spec", True)):
-        policy = RSDPolicy(eager_bb, head, tok, stats, config=cfg, draft=draft, speculative=spec, device=dev)
-        e[f"predict_chunk_{name}"] = summarize(time_wall(lambda: policy.predict_chunk(obs, instruction),
-                                                         warmup=warmup, iters=iters))
-    eager_actions = RSDPolicy(eager_bb, head, tok, stats, config=cfg, draft=draft, speculative=False,
-                              device=dev).predict_chunk(obs, instruction).actions
+    say("policies over the eager backbone")
+    rows, policy_parity, policy_info = _policy_rows(eager_bb, head, draft, tok, stats, cfg, dev, obs, instruction,
+                                                    warmup, iters)
+    e.update(rows)
+    eager_actions = policy_info.pop("greedy_actions")
+    out["policy_parity"] = {"eager": policy_parity}
+    out["policy_info"] = {"eager": policy_info}
     if fp32_reference:  # the same weights in float32: how far is each bf16 variant from exact arithmetic?
         say("float32 reference")
         import copy
@@ -357,16 +430,35 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
                                                     iters=iters))
                 f["encode"] = summarize(time_wall(lambda: eager_bb.encode(obs, instruction), warmup=warmup, iters=iters))
                 f["rsd_decode_greedy"] = summarize(time_wall(lambda: g_decode.decode(hidden), warmup=warmup, iters=iters))
-                state = head.start(hidden)
-                f["rsd_decode_greedy_graph_gpu"] = summarize(time_cuda(lambda: g_decode._graph(state.base, state.context),
+                f["rsd_decode_greedy_graph_gpu"] = summarize(time_cuda(lambda: g_decode._graph(hidden),
                                                                        warmup=warmup, iters=iters))
-            for name, spec in (("greedy", False), ("spec", True)):
-                policy = RSDPolicy(eager_bb, head, tok, stats, config=cfg, draft=draft, speculative=spec, device=dev)
-                f[f"predict_chunk_{name}"] = summarize(time_wall(lambda: policy.predict_chunk(obs, instruction),
-                                                                 warmup=warmup, iters=iters))
+            out.setdefault("decode_kernels", {})[variant] = kernel_breakdown(lambda: g_decode._run(hidden), top=6)
+            if compiled:  # the opt-in gather-context decoder (its own try: a failure leaves the rest standing)
+                say("graphed decode, compiled, gather context")
+                try:
+                    g_gather = GraphedRSDDecoder(head, tok, device=dev, compile=True, gather_context=True)
+                    with torch.inference_mode():
+                        gathered = g_gather.decode(hidden)[0]
+                        parity["gather_decode_codes_equal_eager_fraction"] = float(
+                            (gathered == greedy_decode(head, hidden)).double().mean())
+                        f["rsd_decode_greedy_gather"] = summarize(time_wall(lambda: g_gather.decode(hidden),
+                                                                            warmup=warmup, iters=iters))
+                        f["rsd_decode_greedy_gather_graph_gpu"] = summarize(time_cuda(lambda: g_gather._graph(hidden),
+                                                                                      warmup=warmup, iters=iters))
+                    out["decode_kernels"]["fast_compiled_gather"] = kernel_breakdown(lambda: g_gather._run(hidden),
+                                                                                     top=6)
+                except Exception as exc:  # recorded in the JSON and printed
+                    out["gather_decode_error"] = f"{type(exc).__name__}: {exc}"
+                    say(f"gather-context decode failed: {exc}")
+            say(f"policies over the {variant} backbone")
+            # RSDPolicy(graphed=True) builds the uncompiled graph: time it over both backbones
+            rows, policy_parity, policy_info = _policy_rows(eager_bb, head, draft, tok, stats, cfg, dev, obs,
+                                                            instruction, warmup, iters)
+            f.update(rows)
+            fast_actions = policy_info.pop("greedy_actions")
+            out["policy_parity"][variant], out["policy_info"][variant] = policy_parity, policy_info
+            parity[f"{variant}_predict_chunk_actions_max_abs_diff"] = float(np.abs(fast_actions - eager_actions).max())
             fast_policy = RSDPolicy(eager_bb, head, tok, stats, config=cfg, draft=draft, speculative=False, device=dev)
-            parity[f"{variant}_predict_chunk_actions_max_abs_diff"] = float(
-                np.abs(fast_policy.predict_chunk(obs, instruction).actions - eager_actions).max())
 
             def fast_pipeline() -> np.ndarray:  # fast backbone + graphed decode + RSDPolicy's post-processing
                 h = eager_bb.encode(obs, instruction)
@@ -380,10 +472,14 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
                 out.setdefault("kernel_profile", {})[variant] = {
                     "llm": kernel_breakdown(lambda: model.llm_last_hidden(sequence)),
                     "vision": kernel_breakdown(lambda: model.vision_embeds(images, proprio)),
-                    "rsd_decode": kernel_breakdown(lambda: g_decode._rollout(state.base, state.context)),
+                    "rsd_decode": kernel_breakdown(lambda: g_decode._run(hidden)),
                 }
         out["parity"] = parity
     out["timings_ms"] = timings
+    out["goal_predict_chunk_le_12ms"] = {
+        f"{variant}/{part}": {"p50": t["p50"], "p90": t["p90"], "met_p50": t["p50"] <= GOAL_MS, "met_p90": t["p90"] <= GOAL_MS}
+        for variant, parts in timings.items() for part, t in parts.items()
+        if part.startswith("predict_chunk") or part == "pipeline_graphed_decode"}
     out["memory_gib"] = {"max_allocated": torch.cuda.max_memory_allocated(dev) / 2**30}
     return out
 
@@ -391,7 +487,8 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
 def format_breakdown(result: dict[str, Any]) -> str:
     """The breakdown as a text table: p50 (p90) ms per part and variant, and the floor."""
     variants = [v for v in ("eager", "graph", "optimized_eager", "fast", "fast_compiled") if result["timings_ms"].get(v)]
-    lines = [f"{result['gpu']}  torch {result['torch']}  tokens {result['sequence']['total_tokens']}  p50 (p90) ms",
+    lines = [f"{result['gpu']}  torch {result['torch']}  images {result.get('num_images', 2)}  "
+             f"tokens {result['sequence']['total_tokens']}  p50 (p90) ms",
              f"{'part':26s}" + "".join(f"{v:>22s}" for v in variants) + f"{'floor':>8s}"]
     floors = result.get("floors_ms", {})
     parts = sorted({p for v in variants for p in result["timings_ms"][v]})
@@ -410,12 +507,14 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--size", default="7b", choices=["7b", "tiny"])
+    parser.add_argument("--num-images", type=int, default=2, choices=[1, 2],
+                        help="2: full + wrist image (OFT on LIBERO, 545 tokens); 1: full image only (289 tokens)")
     parser.add_argument("--no-fast", action="store_true")
     parser.add_argument("--profile", action="store_true", help="add a kernel-time breakdown (torch.profiler)")
     parser.add_argument("--out", type=Path, help="write the JSON here")
     args = parser.parse_args(argv)
-    result = run_breakdown(iters=args.iters, size=args.size, fast=not args.no_fast, profile=args.profile,
-                           log=lambda m: print(f"[bench] {m}", flush=True))
+    result = run_breakdown(iters=args.iters, size=args.size, num_images=args.num_images, fast=not args.no_fast,
+                           profile=args.profile, log=lambda m: print(f"[bench] {m}", flush=True))
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -831,7 +831,7 @@ class OpenVLAShapedBackbone:
     """OpenVLA-OFT-shaped backbone with RANDOM weights, for latency measurements only.
 
     ``encode(observation, instruction) -> float32 [B, D]`` runs exactly the computation of the real
-    adapter (:class:`rsd.backbones.openvla.OpenVLAOFTBackbone`): two 224 px images through both towers,
+    adapter (:class:`rsd.backbones.openvla.OpenVLAOFTBackbone`): ``num_images`` 224 px images through both towers,
     the projector, the proprio token and the prompt through the 7B decoder, bidirectional attention.
     Prompt ids come from :func:`stand_in_token_ids`. Proprio is fed as given (no statistics exist for
     random weights). Policies built on it cannot be saved: its weights mean nothing.
@@ -841,18 +841,23 @@ class OpenVLAShapedBackbone:
         device, dtype: where and in what the weights are created (default bf16 on CUDA, float32 on CPU).
         seed: weight-init seed.
         fast: the fast path (:meth:`set_fast`); CUDA only.
+        num_images: ``2`` (OFT on LIBERO: ``full_image`` + ``wrist_image``, 545 tokens with the LIBERO
+            prompt) or ``1`` (``full_image`` only, OFT's 1-image configuration: 289 tokens).
     """
 
     backbone_name: str  # set by @register_backbone
 
     def __init__(self, size: str = "7b", *, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
-                 seed: int = 0, fast: bool = False) -> None:
+                 seed: int = 0, fast: bool = False, num_images: int = 2) -> None:
         shapes = {"7b": OpenVLAShape.openvla_7b, "tiny": OpenVLAShape.tiny}
         if size not in shapes:
             raise ConfigError(f"OpenVLAShapedBackbone size must be one of {sorted(shapes)}, got {size!r}.")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or not 1 <= num_images <= len(IMAGE_KEYS):
+            raise ConfigError(f"OpenVLAShapedBackbone num_images must be 1 ({IMAGE_KEYS[0]}) or 2 "
+                              f"({', '.join(IMAGE_KEYS)}), got {num_images!r}.")
         self.device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.size, self.shape = size, shapes[size]()
+        self.size, self.shape = size, shapes[size](num_images=num_images)
         self.model = random_openvla_model(self.shape, device=self.device, dtype=dtype, seed=seed)
         self.hidden_dim = self.shape.llm.hidden_size
         self._token_cache: dict[str, torch.Tensor] = {}
