@@ -58,6 +58,14 @@ def _attr_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _instruction_of(problem_info: Any) -> str | None:
+    """``language_instruction`` of a ``problem_info`` JSON attribute (LIBERO may quote it or store a word list)."""
+    text = json.loads(_attr_str(problem_info)).get("language_instruction")
+    if isinstance(text, list):
+        text = " ".join(str(w) for w in text)
+    return text.strip().strip('"').strip() if isinstance(text, str) else None
+
+
 # ---------------------------------------------------------------------------------------------------- record
 
 
@@ -121,7 +129,7 @@ def read_demos(path: str | Path, *, images: bool = False) -> list[Demo]:
         data = f["data"]
         file_instruction = None
         if "problem_info" in data.attrs:
-            file_instruction = json.loads(_attr_str(data.attrs["problem_info"])).get("language_instruction")
+            file_instruction = _instruction_of(data.attrs["problem_info"])
         names = sorted((k for k in data.keys() if k.startswith("demo_")), key=lambda k: int(k.split("_", 1)[1]))
         for name in names:
             grp = data[name]
@@ -130,7 +138,7 @@ def read_demos(path: str | Path, *, images: bool = False) -> list[Demo]:
             if "language_instruction" in attrs:
                 instruction = _attr_str(attrs.pop("language_instruction"))
             elif "problem_info" in attrs:
-                instruction = json.loads(_attr_str(attrs["problem_info"])).get("language_instruction")
+                instruction = _instruction_of(attrs["problem_info"])
             instruction = instruction or file_instruction
             if not instruction:
                 raise ConfigError(f"{path}:{name} has no language instruction (neither the demo nor the file "
@@ -163,6 +171,8 @@ def read_demos(path: str | Path, *, images: bool = False) -> list[Demo]:
 class DemoWriter:
     """Append demos to a new LIBERO-layout HDF5 file. Use as a context manager; ``close()`` writes the totals.
 
+    ``file_attrs`` go on the ``data`` group (the recorder adds ``macros_image_convention`` there).
+
     The file is written under ``<path>.partial`` and renamed on a clean ``close()``, so an interrupted
     recording never leaves a file that looks complete.
     """
@@ -179,12 +189,6 @@ class DemoWriter:
         self._data = self._file.create_group("data")
         self._data.attrs["env_name"] = env_name
         self._data.attrs["rsd_format"] = DEMO_FORMAT
-        try:
-            import robosuite.macros as macros
-
-            self._data.attrs["macros_image_convention"] = macros.IMAGE_CONVENTION
-        except ImportError:  # pragma: no cover - recording always runs with robosuite installed
-            pass
         for key, value in (file_attrs or {}).items():
             self._data.attrs[key] = value
         self._problem_infos: set[str] = set()

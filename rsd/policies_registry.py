@@ -1,0 +1,117 @@
+"""Policy names -> policies: the one place the simulator resolves what ``--policy`` means.
+
+``make_policy(spec)`` resolves
+
+- ``expert``            the scripted privileged expert (``rsd.sim.experts.ScriptedExpert``);
+- ``expert-rfsq``       the expert with every chunk sent through the RFSQ tokenizer and back
+                        (:class:`RFSQRoundTripPolicy`) with the packaged tokenizer ``rsd/assets/tokenizer_libero``;
+  ``expert-rfsq:DIR``   the same with the tokenizer (and its ``action_stats.json``) in ``DIR``;
+- a directory           a learned policy saved by ``RSDPolicy`` / ``L1Policy`` (``rsd.policy.load_policy``).
+
+Anything else raises :class:`ConfigError` listing the names. Model code is imported only when the spec
+needs it, so the simulator never depends on model internals.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from rsd.errors import ActionGenerationError, ConfigError, ShapeError
+
+__all__ = ["POLICY_NAMES", "DEFAULT_TOKENIZER_DIR", "make_policy", "RFSQRoundTripPolicy"]
+
+DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer_libero"
+POLICY_NAMES: dict[str, str] = {
+    "expert": "scripted privileged expert (reads object poses from the raw LIBERO obs)",
+    "expert-rfsq": "the expert's chunks round-tripped through the RFSQ tokenizer (expert-rfsq:DIR for another one)",
+    "<dir>": "a directory saved by RSDPolicy/L1Policy.save_pretrained",
+}
+
+
+class RFSQRoundTripPolicy:
+    """Wraps a policy so every chunk it returns is tokenized and detokenized before it is executed.
+
+    ``env actions [C, A] -> ActionSpace.normalize -> RFSQTokenizer.encode -> codes [1, C, H, L]
+    -> decode_from_indices -> [1, C, A] -> ActionSpace.to_env`` (clip, un-normalize, gripper binarized), i.e.
+    what an RSD policy whose head predicted the expert's codes perfectly would execute. The gripper goes
+    through the tokenizer in model convention (``[0, 1]``, 1 = open) like every other dim.
+    """
+
+    def __init__(self, inner: Any, tokenizer: Any, action_space: Any) -> None:
+        self.inner = inner
+        self.tokenizer = tokenizer.eval()
+        self.action_space = action_space
+
+    @classmethod
+    def from_dir(cls, inner: Any, directory: str | Path = DEFAULT_TOKENIZER_DIR) -> "RFSQRoundTripPolicy":
+        from rsd.action_space import ActionSpace
+        from rsd.tokenizer import RFSQTokenizer
+
+        return cls(inner, RFSQTokenizer.from_pretrained(directory), ActionSpace.load(directory))
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> Any:
+        import torch
+
+        from rsd.policy import ActionChunk
+
+        chunk = self.inner.predict_chunk(observation, instruction)
+        t0 = time.perf_counter()
+        try:
+            actions = chunk.actions  # [C, A], env convention
+            C, A = self.tokenizer.chunk_len, self.tokenizer.action_dim
+            if actions.shape != (C, A):
+                raise ShapeError(f"the wrapped policy returned a chunk of shape {actions.shape}, the tokenizer "
+                                 f"takes [{C}, {A}]: train the tokenizer with --chunk-len {actions.shape[0]}.")
+            norm = torch.from_numpy(self.action_space.normalize(actions))[None]  # [1, C, A]
+            with torch.inference_mode():
+                codes = self.tokenizer.encode(norm)  # [1, C, H, L]
+                recon = self.tokenizer.decode_from_indices(codes)  # [1, C, A]
+            recon_np = recon[0].numpy()
+            out = self.action_space.to_env(recon_np)
+        except Exception as exc:
+            raise ActionGenerationError(f"RFSQ round trip of the {type(self.inner).__name__} chunk failed: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+        info = dict(chunk.info)
+        info["rfsq_roundtrip"] = {
+            "ms": 1e3 * (time.perf_counter() - t0),
+            "normalized_mse": float(np.mean((recon_np - norm[0].numpy()) ** 2)),
+            "max_abs_env_error_arm": float(np.max(np.abs(out[:, :-1] - actions[:, :-1]))),
+            "gripper_flips": int(np.sum(np.sign(out[:, -1]) != np.sign(actions[:, -1]))),
+        }
+        return ActionChunk(actions=out, info=info)
+
+
+def _expert() -> Any:
+    from rsd.sim.experts import ScriptedExpert
+
+    return ScriptedExpert()
+
+
+def make_policy(spec: str, *, device: str | None = None) -> Any:
+    """Resolve a ``--policy`` value to a Policy (see the module docstring).
+
+    ``device`` applies to learned policies (default: ``cuda`` when available, else ``cpu``).
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
+    if spec == "expert":
+        return _expert()
+    if spec == "expert-rfsq" or spec.startswith("expert-rfsq:"):
+        directory = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_TOKENIZER_DIR
+        return RFSQRoundTripPolicy.from_dir(_expert(), directory)
+    path = Path(spec)
+    if path.is_dir():
+        import torch
+
+        from rsd.policy import load_policy
+
+        return load_policy(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    listed = "; ".join(f"{name}: {what}" for name, what in POLICY_NAMES.items())
+    raise ConfigError(f"unknown policy {spec!r} (not a name, and no directory of that name exists). Known: {listed}.")
