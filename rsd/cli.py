@@ -2,14 +2,18 @@
 
 A subcommand module exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 Only the chosen subcommand's module is imported, so ``rsd info`` stays fast and ``rsd --help`` never
-imports LIBERO or torch.
+imports LIBERO or torch. Typed errors (``rsd.errors``) print their message and exit 1; set ``RSD_TRACEBACK=1``
+to see the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from rsd.errors import RSDError
 
 # name -> (module, one-line help shown by `rsd --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -49,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except RSDError as exc:  # typed errors carry the fix in their message: show it without a traceback
+        print(f"rsd {name}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("RSD_TRACEBACK"):
+            raise
+        return 1
 
 
 if __name__ == "__main__":
