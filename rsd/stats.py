@@ -21,7 +21,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # clamp so that float rounding never puts the point estimate outside its own interval (e.g. 6/6 -> high 0.99999...)
+    return min(max(0.0, centre - half), p), max(min(1.0, centre + half), p)
 
 
 @dataclass(frozen=True)

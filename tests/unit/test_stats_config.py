@@ -14,6 +14,10 @@ def test_wilson_known_values():
     assert low == pytest.approx(0.7864, abs=1e-3) and high == pytest.approx(0.9565, abs=1e-3)
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 60):  # the rate always lies inside its interval, also at 0 % and 100 %
+        for k in (0, n // 2, n):
+            low, high = wilson_interval(k, n)
+            assert low <= k / n <= high
     with pytest.raises(ValueError):
         wilson_interval(3, 2)
     est = rate_estimate(45, 50)
