@@ -1,0 +1,452 @@
+"""Scripted privileged experts for every libero_spatial and libero_object task.
+
+:class:`ScriptedExpert` implements the :class:`rsd.policy.Policy` protocol. It reads only the privileged
+part of the observation, ``observation["raw"]`` (object poses ``<object>_pos`` / ``_quat``, ``robot0_eef_pos``,
+``robot0_eef_quat``, ``robot0_gripper_qpos``), and the instruction, which selects a :class:`TaskPlan` from
+:data:`PLANS`. Every chunk is ``C = 8`` env-ready actions run open loop::
+
+    a[:3]  position delta in [-1, 1] (x 0.05 m, OSC_POSE)   a[3:6] rotation that holds the start orientation
+    a[6]   gripper, -1 open / +1 close
+
+A pick-and-place state machine decides its phase from the observed state at each chunk boundary (closed loop
+between chunks)::
+
+    approach -> descend -> grasp -> lift -> carry -> lower -> release -> retreat -> verify
+       ^                              |        |                                      |
+       +------------- regrasp <-------+--------+---------- (object not placed) -------+
+
+``lift`` and ``carry`` check that the object follows the gripper (a closed gripper with nothing in it, or an
+object left behind, is a missed grasp) and ``verify`` checks that it landed on the destination; either sends
+the expert back to ``approach`` for another attempt, with fresh object poses.
+
+Geometry (measured in LIBERO with MuJoCo 3.3.7, see ``scripts/dev_expert.py``): the grip site
+``robot0_eef_pos`` sits at the height of the finger pads, whose inner faces are 0.076 m apart when open and
+close along world y; the fingertips reach 0.013 m below the site. Each grasp is given relative to the
+object's body origin (the ``<object>_pos`` LIBERO reports).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from rsd.errors import ConfigError, NonFiniteError, ShapeError
+from rsd.policy import ActionChunk
+
+__all__ = ["ObjectGrasp", "TaskPlan", "PLANS", "ScriptedExpert", "plan_for", "normalize_instruction", "PHASES"]
+
+CHUNK_LEN = 8  # C: actions per chunk (OpenVLA-OFT's open-loop chunk)
+ROT_UNIT_RAD = 0.5  # OSC_POSE: a[3:6] = 1 rotates the orientation goal 0.5 rad
+OPEN, CLOSE = -1.0, 1.0
+
+PHASES: tuple[str, ...] = ("approach", "descend", "grasp", "lift", "carry", "lower", "release", "retreat",
+                           "verify", "regrasp")
+
+# ---------------------------------------------------------------- task table
+
+
+@dataclass(frozen=True)
+class ObjectGrasp:
+    """How to hold one object. Lengths in metres, world frame, relative to the object's body origin.
+
+    ``offset``: where the grip site goes at the grasp (grasp point − object origin).
+    ``bottom``: the object's lowest point − its origin, z (negative); used for clearances when carrying.
+    ``yaw``: gripper rotation about world z from its start orientation [rad] (0: fingers close along world y).
+    ``lift``: how far the site rises above the grasp point before it moves sideways [m].
+    ``tolerance``: how close (xy and z, each) the site must get to the grasp point before closing [m].
+    ``hover``: the site's height above the grasp point before it descends [m].
+    """
+
+    offset: tuple[float, float, float]
+    bottom: float
+    yaw: float = 0.0
+    lift: float = 0.10
+    tolerance: float = 0.008
+    hover: float = 0.10
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """One pick-and-place task: move ``target`` onto/into ``destination`` (names as in LIBERO's obs keys).
+
+    ``carry_clearance``: height of the object's bottom above the destination's origin while carrying.
+    ``release_clearance``: the same at the moment the gripper opens.
+    ``place_tolerance``: the xy distance between object and destination origins that counts as placed
+    (``verify`` re-grasps beyond it; LIBERO's ``On`` needs < 0.03).
+    """
+
+    suite: str
+    instruction: str
+    target: str
+    destination: str
+    grasp: ObjectGrasp
+    carry_clearance: float
+    release_clearance: float
+    place_tolerance: float
+
+
+# libero_spatial: every task moves akita_black_bowl_1 onto plate_1 (the BDDL goal `(On akita_black_bowl_1
+# plate_1)`; the instruction's spatial relation is resolved by the scene layout, the bowl meant is always _1).
+# The bowl (origin at its base, rim 0.052 above it, rim radius ~0.047) is pinched at its +y rim: one finger
+# inside the bowl, one outside, the site 0.025 below the rim top.
+_BOWL_RIM = ObjectGrasp(offset=(0.0, 0.047, 0.027), bottom=0.0, tolerance=0.012)
+# In the open top drawer (yaw ~155°) the walls leave 1.7-2.9 cm in front of/behind the bowl but ~5 cm to its
+# sides, and reach 0.058 above the bowl's base: turn the fingers to close along the drawer's width (+65°), pinch
+# the rim on the side facing world (+0.906, -0.423) with the site 0.030 from the centre (the open fingers reach
+# 0.065 either side of the site), high enough (0.035) that the palm (0.030 above the site) clears the walls.
+_BOWL_IN_DRAWER = ObjectGrasp(offset=(0.027, -0.013, 0.035), bottom=0.0, yaw=math.radians(65.0), lift=0.12,
+                               tolerance=0.010)
+# On the wooden cabinet the bowl (base at z ~1.13) is near the top of the arm's reach: hover and lift less.
+_BOWL_ON_CABINET = ObjectGrasp(offset=(0.0, 0.047, 0.027), bottom=0.0, tolerance=0.012, hover=0.06, lift=0.06)
+_SPATIAL_GRASPS = {"in the top drawer of the wooden cabinet": _BOWL_IN_DRAWER, "on the wooden cabinet": _BOWL_ON_CABINET}
+_SPATIAL_WHERE = (
+    "between the plate and the ramekin",
+    "next to the ramekin",
+    "from table center",
+    "on the cookie box",
+    "in the top drawer of the wooden cabinet",
+    "on the ramekin",
+    "next to the cookie box",
+    "on the stove",
+    "next to the plate",
+    "on the wooden cabinet",
+)
+
+# libero_object: "<object>_1" into basket_1 (goal `(In <object>_1 basket_1_contain_region)`). Origins are the
+# objects' centres; the grip site goes near the middle (low for the flat boxes lying on the floor, whose
+# fingertips must stop above the floor).
+_OBJECT_GRASPS: dict[str, tuple[str, ObjectGrasp]] = {
+    "alphabet soup": ("alphabet_soup_1", ObjectGrasp(offset=(0.0, 0.0, 0.010), bottom=-0.038)),
+    # the tomato sauce can stands ~(+0.05, -0.10) from the cream cheese, under the palm (0.20 m wide along y,
+    # 0.03 above the site): grasp the 0.081 m long box 0.025 off centre, away from the can
+    "cream cheese": ("cream_cheese_1", ObjectGrasp(offset=(-0.025, 0.0, 0.005), bottom=-0.009)),
+    "salad dressing": ("salad_dressing_1", ObjectGrasp(offset=(0.0, 0.0, 0.010), bottom=-0.073)),
+    "bbq sauce": ("bbq_sauce_1", ObjectGrasp(offset=(0.0, 0.0, 0.010), bottom=-0.055)),
+    "ketchup": ("ketchup_1", ObjectGrasp(offset=(0.0, 0.0, 0.010), bottom=-0.072)),
+    "tomato sauce": ("tomato_sauce_1", ObjectGrasp(offset=(0.0, 0.0, 0.010), bottom=-0.038)),
+    "butter": ("butter_1", ObjectGrasp(offset=(0.0, 0.0, 0.005), bottom=-0.009)),
+    "milk": ("milk_1", ObjectGrasp(offset=(0.0, 0.0, 0.010), bottom=-0.070)),
+    "chocolate pudding": ("chocolate_pudding_1", ObjectGrasp(offset=(0.0, 0.0, 0.006), bottom=-0.013)),
+    "orange juice": ("orange_juice_1", ObjectGrasp(offset=(0.0, 0.0, 0.010), bottom=-0.070)),
+}
+
+
+def normalize_instruction(instruction: str) -> str:
+    """Lower case, single spaces, no trailing period: the key of :data:`PLANS`."""
+    if not isinstance(instruction, str):
+        raise ConfigError(f"instruction must be a string, got {type(instruction).__name__}")
+    return " ".join(instruction.lower().strip().rstrip(".").split())
+
+
+def _build_plans() -> dict[str, TaskPlan]:
+    plans: list[TaskPlan] = []
+    for where in _SPATIAL_WHERE:
+        plans.append(TaskPlan(
+            suite="libero_spatial", instruction=f"pick up the black bowl {where} and place it on the plate",
+            target="akita_black_bowl_1", destination="plate_1",
+            grasp=_SPATIAL_GRASPS.get(where, _BOWL_RIM),
+            carry_clearance=0.10, release_clearance=0.025, place_tolerance=0.03))
+    for what, (target, grasp) in _OBJECT_GRASPS.items():
+        plans.append(TaskPlan(
+            suite="libero_object", instruction=f"pick up the {what} and place it in the basket",
+            target=target, destination="basket_1", grasp=grasp,
+            carry_clearance=0.17, release_clearance=0.06, place_tolerance=0.05))
+    table = {normalize_instruction(p.instruction): p for p in plans}
+    assert len(table) == len(plans), "duplicate instructions in the expert's task table"
+    return table
+
+
+PLANS: dict[str, TaskPlan] = _build_plans()
+
+
+def plan_for(instruction: str, plans: Mapping[str, TaskPlan] | None = None) -> TaskPlan:
+    """The plan of a task instruction (LIBERO's ``task.language``, any case). Unknown -> ConfigError."""
+    plans = PLANS if plans is None else plans
+    key = normalize_instruction(instruction)
+    if key not in plans:
+        known = "\n  ".join(sorted(plans))
+        raise ConfigError(f"ScriptedExpert has no plan for the instruction {instruction!r}. Known instructions:\n  "
+                          f"{known}")
+    return plans[key]
+
+
+# ---------------------------------------------------------------- rotations (quaternions are x, y, z, w)
+
+
+def _quat_to_mat(q: np.ndarray) -> np.ndarray:
+    x, y, z, w = q / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def _mat_to_rotvec(r: np.ndarray) -> np.ndarray:
+    """Rotation matrix [3, 3] -> axis * angle [3] (angle in [0, pi])."""
+    cos = float(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))
+    angle = math.acos(cos)
+    if angle < 1e-9:
+        return np.zeros(3)
+    if math.pi - angle < 1e-6:  # 180°: axis from the symmetric part
+        axis = np.sqrt(np.maximum((np.diag(r) + 1.0) / 2.0, 0.0))
+        return axis * angle
+    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]]) / (2.0 * math.sin(angle))
+    return axis * angle
+
+
+# ---------------------------------------------------------------- the expert
+
+
+@dataclass(frozen=True)
+class _Obs:
+    eef: np.ndarray  # [3]
+    eef_rot: np.ndarray  # [3, 3]
+    opening: float  # finger gap from gripper_qpos (q0 - q1), ~0.078 open
+    target: np.ndarray  # [3] object origin
+    destination: np.ndarray  # [3]
+
+
+def _read(raw: Mapping[str, Any], key: str, n: int) -> np.ndarray:
+    if key not in raw:
+        raise ShapeError(f"observation['raw'] lacks {key!r}; the scripted expert needs LIBERO's privileged obs "
+                         f"(object poses). Keys present: {sorted(raw)}")
+    v = np.asarray(raw[key], dtype=np.float64)
+    if v.shape != (n,):
+        raise ShapeError(f"observation['raw'][{key!r}] must have shape ({n},), got {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise NonFiniteError(f"observation['raw'][{key!r}] has NaN/inf: {v}")
+    return v
+
+
+class ScriptedExpert:
+    """Privileged pick-and-place expert for the 20 libero_spatial / libero_object tasks (Policy protocol).
+
+    ``predict_chunk(observation, instruction)`` -> :class:`ActionChunk` with float32 actions ``[8, 7]`` and
+    ``info = {"phase", "attempt", "target", "destination"}``. ``reset()`` clears the episode state; call it
+    at the start of every episode. ``plans`` replaces the built-in task table (keys: normalized instructions).
+    """
+
+    # controller (per chunk: the OSC response to a constant action over 8 steps is ~0.09 m per unit action)
+    move_gain = 8.0  # action per metre of position error
+    fine_gain = 6.0  # slower near objects
+    min_action = 0.12  # smallest commanded speed while the target is not reached
+    integral_gain = 3.0  # action per metre of summed per-chunk error (reset at each phase change)
+    integral_max = 0.5
+    integral_zone = 0.03  # [m]
+    rot_gain = 0.3  # fraction of the orientation error commanded per step
+    # thresholds
+    reach_tol = 0.008  # a point reached [m] (the grasp point: TaskPlan.grasp.tolerance)
+    xy_tol = 0.010  # above a point [m]
+    rot_tol = 0.08  # orientation reached [rad]
+    funnel = 4.0  # descending: allowed height above the goal per metre of xy error
+    stall = 0.002  # the site moved less than this over one chunk: blocked [m]
+    empty_opening = 0.0025  # finger gap below this after closing: nothing between the fingers [m]
+    # (closing on nothing: 0.0030 after 8 steps, 0.0019 after 14, 0.0010 after 29; a bowl rim: 0.009-0.013 at
+    # the start of the lift, then slowly less, 0.004 after ~100 steps: so only the lift checks the gap)
+    follow_tol = 0.03  # object further than this from where the grasp held it: dropped [m]
+    grasp_chunks = 2  # chunks spent closing the gripper
+    release_chunks = 2  # chunks spent opening it
+    max_phase_chunks = 8  # a phase that has not finished after this many chunks moves on / retries
+
+    def __init__(self, plans: Mapping[str, TaskPlan] | None = None) -> None:
+        self.plans = dict(PLANS if plans is None else plans)
+        self.reset()
+
+    # -- the protocol
+
+    def reset(self) -> None:
+        self._plan: TaskPlan | None = None
+        self._phase = "approach"
+        self._phase_chunks = 0
+        self._attempt = 1
+        self._ref_rot: np.ndarray | None = None
+        self._last_eef: np.ndarray | None = None
+        self._lift_start: tuple[np.ndarray, np.ndarray] | None = None  # eef, object at the start of the lift
+        self._held: np.ndarray | None = None  # eef - object while carrying [3]
+        self._release_at: np.ndarray | None = None  # site position when the gripper opened [3]
+        self._err_sum = np.zeros(3)  # position error summed over this phase's chunks (integral action) [m]
+        self.num_calls = 0
+
+    def predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> ActionChunk:
+        plan = plan_for(instruction, self.plans)
+        if self._plan is None:
+            self._plan = plan
+        elif plan is not self._plan:
+            raise ConfigError(f"instruction changed within an episode ({self._plan.instruction!r} -> "
+                              f"{plan.instruction!r}); call reset() between episodes")
+        if not isinstance(observation, Mapping) or "raw" not in observation:
+            raise ShapeError("the scripted expert needs observation['raw'] (LIBERO's privileged obs dict)")
+        obs = self._observe(observation["raw"], plan)
+        if self._ref_rot is None:
+            yaw = plan.grasp.yaw
+            c, s_ = math.cos(yaw), math.sin(yaw)
+            self._ref_rot = np.array([[c, -s_, 0.0], [s_, c, 0.0], [0.0, 0.0, 1.0]]) @ obs.eef_rot
+        target, gripper, gain = self._decide(obs, plan)
+        actions = self._chunk(obs, target, gripper, gain)
+        self._last_eef = obs.eef
+        self.num_calls += 1
+        info = {"phase": self._phase, "attempt": self._attempt, "target": plan.target,
+                "destination": plan.destination, "num_calls": self.num_calls}
+        return ActionChunk(actions=actions, info=info)
+
+    # -- observation
+
+    @staticmethod
+    def _observe(raw: Mapping[str, Any], plan: TaskPlan) -> _Obs:
+        q = _read(raw, "robot0_gripper_qpos", 2)
+        return _Obs(eef=_read(raw, "robot0_eef_pos", 3), eef_rot=_quat_to_mat(_read(raw, "robot0_eef_quat", 4)),
+                    opening=float(q[0] - q[1]), target=_read(raw, f"{plan.target}_pos", 3),
+                    destination=_read(raw, f"{plan.destination}_pos", 3))
+
+    # -- the state machine
+
+    def _enter(self, phase: str) -> None:
+        assert phase in PHASES, phase
+        self._phase = phase
+        self._phase_chunks = 0
+        self._err_sum = np.zeros(3)
+
+    def _rot_error(self, obs: _Obs) -> float:
+        assert self._ref_rot is not None
+        return float(np.linalg.norm(_mat_to_rotvec(self._ref_rot @ obs.eef_rot.T)))
+
+    def _moved(self, obs: _Obs) -> float:
+        return math.inf if self._last_eef is None else float(np.linalg.norm(obs.eef - self._last_eef))
+
+    def _carry_z(self, obs: _Obs, plan: TaskPlan, clearance: float) -> float:
+        """Grip-site z that puts the held object's bottom ``clearance`` above the destination origin."""
+        held_z = self._held[2] if self._held is not None else plan.grasp.offset[2]
+        return float(obs.destination[2] + clearance - plan.grasp.bottom + held_z)
+
+    def _travel_z(self, obs: _Obs, plan: TaskPlan) -> float:
+        """Site z while the object travels: clear of the destination and of where it was picked up."""
+        assert self._lift_start is not None
+        return max(self._carry_z(obs, plan, plan.carry_clearance), float(self._lift_start[0][2]) + plan.grasp.lift)
+
+    def _decide(self, obs: _Obs, plan: TaskPlan) -> tuple[np.ndarray, float, float]:
+        """Advance the phase from the observed state; return (site target [3], gripper, gain) for the chunk."""
+        grasp_pt = obs.target + np.asarray(plan.grasp.offset)
+        for _ in range(len(PHASES) + 1):  # phases that finish on entry fall through to the next
+            phase, n = self._phase, self._phase_chunks
+            if phase == "approach":
+                hover_z = grasp_pt[2] + plan.grasp.hover
+                if obs.eef[2] < hover_z - 0.03:  # rise first, straight up
+                    return np.array([obs.eef[0], obs.eef[1], hover_z]), OPEN, self.move_gain
+                above = np.array([grasp_pt[0], grasp_pt[1], hover_z])
+                err = above - obs.eef
+                if np.linalg.norm(err[:2]) < 2 * self.xy_tol and abs(err[2]) < 0.03 \
+                        and self._rot_error(obs) < self.rot_tol:  # descend corrects xy
+                    self._enter("descend")
+                    continue
+                return above, OPEN, self.move_gain
+            if phase == "descend":
+                # a funnel: the site may go lower only as the xy error shrinks (drift never lands a finger on it)
+                tol = plan.grasp.tolerance
+                xy_err = float(np.linalg.norm((grasp_pt - obs.eef)[:2]))
+                goal = grasp_pt + np.array([0.0, 0.0, min(plan.grasp.hover, self.funnel * max(0.0, xy_err - tol))])
+                blocked = n >= 1 and self._moved(obs) < self.stall
+                if (xy_err < tol and abs(grasp_pt[2] - obs.eef[2]) < tol) or blocked or n >= self.max_phase_chunks:
+                    self._enter("grasp")
+                    continue
+                return goal, OPEN, self.fine_gain
+            if phase == "grasp":
+                if n >= self.grasp_chunks:
+                    self._lift_start = (obs.eef, obs.target)
+                    self._enter("lift")
+                    continue
+                return grasp_pt if n == 0 else obs.eef, CLOSE, self.fine_gain
+            if phase == "lift":
+                assert self._lift_start is not None
+                eef0, obj0 = self._lift_start
+                if obs.opening < self.empty_opening:
+                    self._enter("regrasp")
+                    continue
+                rose = obs.eef[2] - eef0[2]
+                if rose > 0.03 and (obs.target[2] - obj0[2]) < 0.5 * rose:  # the object stays behind
+                    self._enter("regrasp")
+                    continue
+                lift_z = self._travel_z(obs, plan)
+                if obs.eef[2] > lift_z - 0.02 or n >= self.max_phase_chunks:
+                    self._held = obs.eef - obs.target
+                    self._enter("carry")
+                    continue
+                return np.array([eef0[0], eef0[1], lift_z]), CLOSE, self.move_gain
+            if phase in ("carry", "lower"):
+                assert self._held is not None
+                if phase == "carry" and np.linalg.norm(obs.eef - obs.target - self._held) > self.follow_tol:
+                    self._enter("regrasp")  # dropped on the way (while lowering, landing moves it: no check)
+                    continue
+                xy = obs.destination[:2] + self._held[:2]
+                xy_err = float(np.linalg.norm(xy - obs.eef[:2]))
+                travel_z = self._travel_z(obs, plan)
+                release_z = self._carry_z(obs, plan, plan.release_clearance)
+                # the same funnel: come down only as the object closes in on the destination
+                goal_z = release_z + min(travel_z - release_z, self.funnel * max(0.0, xy_err - self.xy_tol))
+                if phase == "carry" and goal_z < travel_z - 0.01:
+                    self._enter("lower")
+                    continue
+                if phase == "carry":
+                    return np.array([xy[0], xy[1], travel_z]), CLOSE, self.move_gain
+                blocked = n >= 1 and self._moved(obs) < self.stall
+                if (xy_err < 2 * self.xy_tol and abs(release_z - obs.eef[2]) < 2 * self.reach_tol) or blocked \
+                        or n >= self.max_phase_chunks:
+                    self._enter("release")
+                    continue
+                return np.array([xy[0], xy[1], goal_z]), CLOSE, self.move_gain
+            if phase == "release":
+                if n >= self.release_chunks:
+                    self._release_at = obs.eef
+                    self._enter("retreat")
+                    continue
+                return obs.eef, OPEN, self.fine_gain
+            if phase == "retreat":
+                assert self._release_at is not None
+                goal = self._release_at + np.array([0.0, 0.0, 0.08])
+                if obs.eef[2] > goal[2] - 0.02 or n >= self.max_phase_chunks:
+                    self._enter("verify")
+                    continue
+                return goal, OPEN, self.move_gain
+            if phase == "verify":
+                # hold still; if the object is not on/in the destination, pick it up again
+                if np.linalg.norm((obs.target - obs.destination)[:2]) > plan.place_tolerance and n >= 1:
+                    self._enter("regrasp")
+                    continue
+                return obs.eef, OPEN, self.fine_gain
+            if phase == "regrasp":
+                # open, back off upwards, then start over from fresh poses
+                if n >= 1:
+                    self._attempt += 1
+                    self._held = None
+                    self._lift_start = None
+                    self._enter("approach")
+                    continue
+                return obs.eef + np.array([0.0, 0.0, 0.05]), OPEN, self.move_gain
+            raise AssertionError(f"unhandled phase {phase!r}")
+        raise AssertionError(f"phase machine did not settle (phase {self._phase!r})")
+
+    # -- actions
+
+    def _chunk(self, obs: _Obs, target: np.ndarray, gripper: float, gain: float) -> np.ndarray:
+        """Constant action over the chunk: PI control of the site towards ``target``, orientation hold.
+
+        The integral term matters where the arm is stretched out: there small commands barely move it.
+        """
+        self._phase_chunks += 1
+        err = target - obs.eef
+        if float(np.linalg.norm(err)) < self.integral_zone:  # only near the target: no wind-up on long moves
+            self._err_sum = self._err_sum + err
+        pos = gain * err + np.clip(self.integral_gain * self._err_sum, -self.integral_max, self.integral_max)
+        peak = float(np.max(np.abs(pos)))
+        if peak > 1.0:  # keep the direction, cap the speed
+            pos = pos / peak
+        elif self.min_action > peak > 0.0 and float(np.linalg.norm(err)) > self.reach_tol / 2:
+            pos = pos * (self.min_action / peak)  # small commands barely move the arm: keep a floor
+        assert self._ref_rot is not None
+        rot_err = _mat_to_rotvec(self._ref_rot @ obs.eef_rot.T)  # world-frame rotation still to do [rad]
+        rot = np.clip(self.rot_gain * rot_err / ROT_UNIT_RAD, -1.0, 1.0)
+        action = np.concatenate([pos, rot, [gripper]]).astype(np.float32)
+        return np.repeat(action[None, :], CHUNK_LEN, axis=0)
