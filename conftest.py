@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,6 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
-
-
-@pytest.fixture(scope="session")
-def device() -> str:
-    """Device for tests that may run on either: RSD_TEST_DEVICE, else cpu."""
-    return os.environ.get("RSD_TEST_DEVICE", "cpu")
 
 
 # tests/ holds shared helpers (policy_factory, the tiny HF model builder) importable from every test folder

@@ -29,6 +29,7 @@ from rsd.config import RSDConfig
 from rsd.errors import (ActionGenerationError, CheckpointNotFoundError, ConfigError, DTypeError, NonFiniteError,
                         ShapeError)
 from rsd.normalize import BoundsQ99Normalizer, NormStats, model_to_env_gripper
+from rsd.speculative import SpeculativeDecoder, greedy_decode
 
 __all__ = ["ActionChunk", "Policy", "RSDPolicy", "L1Policy", "load_policy"]
 
@@ -232,13 +233,9 @@ class RSDPolicy(_LearnedPolicy):
 
             self._graphed = GraphedRSDDecoder(self.head, self.tokenizer, device=self.device)
         if self.speculative:
-            from rsd.speculative import SpeculativeDecoder
-
             self._decoder = SpeculativeDecoder(self.draft, self.head, mode=mode, threshold=threshold)
 
     def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
-        from rsd.speculative import greedy_decode
-
         info: dict[str, Any] = {"used_rfsq": True, "speculative": self.speculative, "graphed": self._graphed is not None}
         t0 = time.perf_counter()
         if self._graphed is not None:

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from rsd.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
@@ -175,6 +175,10 @@ def test_quat2axisangle_known_values(quat: tuple[float, ...], axis_angle: tuple[
 @given(st.lists(st.floats(-1, 1), min_size=4, max_size=4).filter(lambda v: 0.1 < np.linalg.norm(v)))
 def test_quat2axisangle_inverts_axisangle2quat(v: list[float]) -> None:
     q = np.array(v) / np.linalg.norm(v)
+    # Near w = -1 (angle -> 2 pi) the inverse below is ill-conditioned: 1 - w*w carries a relative error of
+    # eps / (1 - w^2), which sin(angle / 2) amplifies (hypothesis found w = -1 + 7e-11 off by 1.3e-6). The
+    # robosuite formula is what OFT trains with; check the round trip where it is well defined.
+    assume(1.0 - q[3] ** 2 > 1e-8)
     aa = protocol.quat2axisangle(q)
     angle = np.linalg.norm(aa)
     back = np.concatenate([aa / angle * math.sin(angle / 2), [math.cos(angle / 2)]]) if angle > 1e-9 else np.array([0, 0, 0, 1.0])
