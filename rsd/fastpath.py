@@ -22,13 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from einops import rearrange, reduce
+from einops import reduce
 
 from rsd.errors import CodeRangeError, ConfigError, DTypeError, NonFiniteError, ShapeError
 from rsd.heads import HeadState, RFSQHead
-from rsd.layout import layers_to_codes
+from rsd.layout import codes_to_layers, layers_to_codes
 
-__all__ = ["CudaGraphFn", "GraphedRSDDecoder", "greedy_rollout", "greedy_decode_with_flags"]
+__all__ = ["CudaGraphFn", "GraphedRSDDecoder", "argmax_regret", "greedy_rollout", "greedy_decode_with_flags"]
 
 
 def _signature(args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
@@ -54,12 +54,28 @@ class _Captured:
         if not all(isinstance(o, torch.Tensor) for o in self.outputs):
             raise ConfigError(f"a CUDA-graphed function must return tensors, got {[type(o).__name__ for o in self.outputs]}.")
 
+        self._host: tuple[torch.Tensor, ...] | None = None  # pinned mirrors of the outputs, made on first use
+
     def __call__(self, args: tuple[torch.Tensor, ...]) -> Any:
+        self._replay(args)
+        outs = tuple(o.clone() for o in self.outputs)  # the next replay overwrites the static outputs
+        return outs[0] if self.single else outs
+
+    def to_host(self, args: tuple[torch.Tensor, ...]) -> Any:
+        """Replay, copy every output into pinned host memory (asynchronously), one stream sync, host clones."""
+        if self._host is None:
+            self._host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in self.outputs)
+        self._replay(args)
+        for host, out in zip(self._host, self.outputs):
+            host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream(self.outputs[0].device).synchronize()  # the one host sync
+        outs = tuple(h.clone() for h in self._host)  # the next call overwrites the pinned buffers
+        return outs[0] if self.single else outs
+
+    def _replay(self, args: tuple[torch.Tensor, ...]) -> None:
         for static, arg in zip(self.inputs, args):
             static.copy_(arg, non_blocking=True)
         self.graph.replay()
-        outs = tuple(o.clone() for o in self.outputs)  # the next replay overwrites the static outputs
-        return outs[0] if self.single else outs
 
 
 class CudaGraphFn:
@@ -86,6 +102,18 @@ class CudaGraphFn:
         return len(self._graphs)
 
     def __call__(self, *args: torch.Tensor) -> Any:
+        """``fn(*args)``: CUDA tensors in, fresh CUDA tensors out (no host sync)."""
+        graph = self._graph_for(args)
+        with torch.inference_mode():
+            return graph(args)
+
+    def to_host(self, *args: torch.Tensor) -> Any:
+        """``fn(*args)`` copied to the host: CPU tensors out, after one stream sync (the only one)."""
+        graph = self._graph_for(args)
+        with torch.inference_mode():
+            return graph.to_host(args)
+
+    def _graph_for(self, args: tuple[torch.Tensor, ...]) -> _Captured:
         if not args or not all(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args):
             raise ShapeError(f"CudaGraphFn takes CUDA tensors only, got {[getattr(a, 'device', type(a)) for a in args]}.")
         key = _signature(args)
@@ -96,23 +124,28 @@ class CudaGraphFn:
                                   f"raise max_graphs or bucket the inputs. Shapes so far: {list(self._graphs)}.")
             with torch.inference_mode():
                 graph = self._graphs[key] = _Captured(self.fn, args, self.warmup)
-        with torch.inference_mode():
-            return graph(args)
+        return graph
 
 
 class GraphedRSDDecoder:
     """Heads + argmax + layout + decode as one CUDA graph (greedy decoding of all ``L`` layers).
 
-    ``decode(hidden [B, D]) -> (codes [B, C, H, L] int64, normalized actions [B, C, A])``, equal to
-    ``greedy_decode(head, hidden)`` and ``tokenizer.decode_from_indices(codes)`` (the same ops in the same
-    order; tested). The graph holds everything from ``hidden`` on (:func:`greedy_decode_with_flags`: the
-    trunk of ``RFSQHead.start``, the L steps ``RFSQHead._step`` / ``_advance``, the layout change, the
-    tokenizer's decode, and the validity flags); a call is one input copy, one replay and one host sync
-    that reads the flags. ``compile=True`` also fuses each step's elementwise ops with inductor (fewer
-    kernels); its argmax codes are those of the same float ops, but fused rounding may differ at exact
-    logit ties. ``gather_context=True`` (meant with ``compile=True``) embeds each layer's codes as a
-    gather + sum over the code table instead of ``EmbeddingBag`` (:func:`greedy_rollout`), which inductor
-    fuses with the next layer's add + norm + ReLU; the sum runs in another order, so the same caveat holds.
+    ``decode(hidden [B, D]) -> (codes [B, C, H, L] int64, normalized actions [B, C, A])`` on the GPU, or
+    :meth:`decode_to_host` for the same as CPU tensors. The graph holds everything from ``hidden`` on
+    (:func:`greedy_decode_with_flags`: the trunk of ``RFSQHead.start``, the L steps ``RFSQHead._step`` /
+    ``_advance``, the layout change, the tokenizer's decode, and the validity flags); a call is one input
+    copy, one replay and one host sync that reads the flags.
+
+    Equality with eager greedy decoding:
+
+    - ``compile=False``: the same ops in the same order as ``greedy_decode(head, hidden)`` followed by
+      ``tokenizer.decode_from_indices``: bit-equal codes and actions (tested).
+    - ``compile=True``: inductor fuses each step's elementwise ops and reductions (about half the kernels).
+      Fused kernels round differently, so an argmax may differ from eager's where two logits tie to float
+      rounding, and a later layer then follows the other (equally likely) prefix. What holds, and what is
+      tested and benchmarked with :func:`argmax_regret`: every code it emits is eager's argmax, up to a
+      logit tie of ``tol``, given the codes it emitted for the layers before. ``compile_mode`` is
+      ``torch.compile``'s ``mode`` (e.g. ``"max-autotune-no-cudagraphs"``).
 
     Raises (after the replay, before anything is returned): :class:`NonFiniteError` (``hidden`` or the
     actions contain NaN/inf), :class:`CodeRangeError` (a code outside ``[0, G)``); before it:
@@ -121,7 +154,7 @@ class GraphedRSDDecoder:
     """
 
     def __init__(self, head: torch.nn.Module, tokenizer: torch.nn.Module, *, device: str | torch.device = "cuda",
-                 compile: bool = False, gather_context: bool = False) -> None:
+                 compile: bool = False, compile_mode: str | None = None) -> None:
         if not isinstance(head, RFSQHead):
             raise ConfigError(f"GraphedRSDDecoder needs an RFSQHead, got {type(head).__name__}.")
         cfg = head.cfg
@@ -130,24 +163,37 @@ class GraphedRSDDecoder:
                 cfg.num_layers, cfg.num_levels, cfg.chunk_len, cfg.latent_dim):
             raise ConfigError(f"tokenizer {tok} and head config {cfg} disagree on L, G, C or H.")
         self.head, self.tokenizer, self.cfg = head, tokenizer, cfg
-        self.gather_context = bool(gather_context)
-        self._decode_fn = torch.compile(greedy_decode_with_flags, dynamic=False) if compile else greedy_decode_with_flags
+        self.compiled = bool(compile)
+        self._decode_fn = (torch.compile(greedy_decode_with_flags, dynamic=False, mode=compile_mode) if compile
+                           else greedy_decode_with_flags)
         self._graph = CudaGraphFn(self._run, device=device)
 
     def _run(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._decode_fn(self.head, self.tokenizer, hidden, gather_context=self.gather_context)
+        return self._decode_fn(self.head, self.tokenizer, hidden)
 
     def decode(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``hidden`` [B, D] (CUDA) -> (codes ``[B, C, H, L]``, normalized actions ``[B, C, A]``), CUDA tensors."""
         self._check_hidden_layout(hidden)
         codes, actions, flags = self._graph(hidden)
-        hidden_finite, actions_finite, codes_in_range = flags.tolist()  # the one host sync
+        self._raise_on_flags(flags.tolist())  # the one host sync
+        return codes, actions
+
+    def decode_to_host(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`decode` with CPU results: the graph's outputs go to pinned memory behind the replay, and
+        the one stream sync waits for both (no separate device->host copy afterwards)."""
+        self._check_hidden_layout(hidden)
+        codes, actions, flags = self._graph.to_host(hidden)
+        self._raise_on_flags(flags.tolist())
+        return codes, actions
+
+    def _raise_on_flags(self, flags: list[bool]) -> None:
+        hidden_finite, actions_finite, codes_in_range = flags
         if not hidden_finite:
             raise NonFiniteError("`hidden` contains NaN/inf: the backbone (or its dtype/autocast setup) is broken.")
         if not actions_finite:
             raise NonFiniteError("the graphed RSD decode produced NaN/inf actions: check the head and tokenizer weights.")
         if not codes_in_range:
             raise CodeRangeError(f"the graphed RSD decode produced codes outside [0, {self.cfg.num_levels}).")
-        return codes, actions
 
     def _check_hidden_layout(self, hidden: torch.Tensor) -> None:
         """What ``RFSQHead.start`` checks on the host (type, dtype, shape); finiteness is a graph flag."""
@@ -161,27 +207,24 @@ class GraphedRSDDecoder:
                              f"got shape {tuple(hidden.shape)}.")
 
 
-def greedy_decode_with_flags(head: torch.nn.Module, tokenizer: torch.nn.Module, hidden: torch.Tensor, *,
-                             gather_context: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def greedy_decode_with_flags(head: torch.nn.Module, tokenizer: torch.nn.Module,
+                             hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :class:`GraphedRSDDecoder` captures, without a single host sync: ``hidden`` [B, D] ->
     (codes ``[B, C, H, L]``, normalized actions ``[B, C, A]``, flags bool ``[3]`` = hidden finite,
     actions finite, codes in ``[0, G)``). ``RFSQHead.start`` without its checks, then
     :func:`greedy_rollout`."""
     base = head.mlp_in(head.trunk(hidden))  # RFSQHead.start: [B, W] in the output MLP's hidden space
-    codes, actions = greedy_rollout(head, tokenizer, base, torch.zeros_like(base), gather_context=gather_context)
+    codes, actions = greedy_rollout(head, tokenizer, base, torch.zeros_like(base))
     in_range = ((codes >= 0) & (codes < head.cfg.num_levels)).all()
     flags = torch.stack([torch.isfinite(hidden).all(), torch.isfinite(actions).all(), in_range])
     return codes, actions, flags
 
 
-def greedy_rollout(head: torch.nn.Module, tokenizer: torch.nn.Module, base: torch.Tensor, context: torch.Tensor, *,
-                   gather_context: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_rollout(head: torch.nn.Module, tokenizer: torch.nn.Module, base: torch.Tensor,
+                   context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From the head state before layer 0 (``base``, ``context`` [B, W]) -> (codes ``[B, C, H, L]``,
-    normalized actions ``[B, C, A]``), without a single host sync.
-
-    ``gather_context``: add each layer's code embedding as ``table[rows].sum(over c h)`` (the rows
-    ``RFSQHead._next_context`` bags) instead of through ``EmbeddingBag``: the same terms summed in
-    another order (equal up to float rounding), in a form inductor fuses into one kernel."""
+    normalized actions ``[B, C, A]``), without a single host sync: ``RFSQHead._step`` / ``_advance`` per
+    layer (the ops of ``greedy_decode``), then ``decode_from_indices`` without its checks."""
     L = head.cfg.num_layers
     state = HeadState(base=base, context=context, layer=0)
     layers = []
@@ -189,11 +232,19 @@ def greedy_rollout(head: torch.nn.Module, tokenizer: torch.nn.Module, base: torc
         codes = head._step(state).argmax(dim=-1)  # [B, C, H]
         layers.append(codes)
         if layer + 1 < L:
-            if gather_context:
-                rows = rearrange(codes, "b c h -> b (c h)") + head.code_offsets[layer]  # [B, C*H] table rows
-                embedded = reduce(head.code_embedding.weight[rows], "b n w -> b w", "sum")  # [B, C*H, W] -> [B, W]
-                state = HeadState(base=state.base, context=state.context + embedded, layer=state.layer + 1)
-            else:
-                state = head._advance(state, codes)
+            state = head._advance(state, codes)
     codes = layers_to_codes(torch.stack(layers, dim=1))  # [B, L, C, H] -> [B, C, H, L]
-    return codes, tokenizer.decoder(tokenizer._sum_layers(codes, L))  # decode_from_indices without its checks
+    return codes, tokenizer.decoder(tokenizer._sum_layers(codes, L))
+
+
+@torch.inference_mode()
+def argmax_regret(head: torch.nn.Module, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """How far ``codes`` [B, C, H, L] are from eager greedy decoding: per sample, the largest
+    ``max_g logit - logit[code]`` over all tokens, with eager teacher-forced logits given the codes' own
+    prefix (``RFSQHead.logits_given_prefix``) -> ``[B]`` float. 0 means every code is an eager argmax
+    (ties included); a small positive value is a rounding tie broken the other way. Eager greedy codes
+    have regret exactly 0."""
+    prefix = codes_to_layers(codes)  # [B, C, H, L] -> [B, L, C, H]
+    logits = head.logits_given_prefix(hidden, prefix)  # [B, L, C, H, G]
+    chosen = logits.gather(-1, prefix[..., None])[..., 0]  # [B, L, C, H]
+    return reduce(logits.amax(dim=-1) - chosen, "b l c h -> b", "max")

@@ -47,7 +47,7 @@ import torch
 from rsd.errors import ConfigError
 
 __all__ = ["measure_ceilings", "time_cuda", "time_wall", "summarize", "count_flops", "kernel_breakdown",
-           "full_accept_draft", "run_breakdown", "format_breakdown", "main"]
+           "full_accept_draft", "run_breakdown", "heads_breakdown", "format_breakdown", "main"]
 
 GOAL_MS = 12.0  # the issue's goal: full RSD predict_chunk on the OpenVLA-shaped model, batch 1
 
@@ -231,9 +231,11 @@ def _timed_chunks(policy: Any, obs: dict, instruction: str, warmup: int, iters: 
 
 
 def _policy_rows(backbone: Any, head: Any, draft: Any, tok: Any, stats: Any, cfg: Any, dev: torch.device, obs: dict,
-                 instruction: str, warmup: int, iters: int, graphed: bool = True) -> tuple[dict, dict, dict]:
-    """``RSDPolicy.predict_chunk`` over ``backbone`` with eager greedy heads, ``graphed=True``, the random
-    draft and a full-accept draft -> (timings, parity, info) (see the module docstring)."""
+                 instruction: str, warmup: int, iters: int, graphed: bool = True,
+                 compiled_heads: bool = False) -> tuple[dict, dict, dict]:
+    """``RSDPolicy.predict_chunk`` over ``backbone`` with eager greedy heads, ``graphed=True`` (and
+    ``graphed=True, compile_heads=True`` when ``compiled_heads``), the random draft and a full-accept draft
+    -> (timings, parity, info) (see the module docstring)."""
     from rsd.policy import RSDPolicy
     from rsd.speculative import greedy_decode
 
@@ -244,6 +246,8 @@ def _policy_rows(backbone: Any, head: Any, draft: Any, tok: Any, stats: Any, cfg
                 "spec_full_accept": dict(draft=good_draft, speculative=True)}
     if graphed:
         policies["graphed"] = dict(speculative=False, graphed=True)
+    if compiled_heads:
+        policies["graphed_compiled"] = dict(speculative=False, graphed=True, compile_heads=True)
     timings, info, chunks = {}, {}, {}
     for name, kwargs in policies.items():
         policy = RSDPolicy(backbone, head, tok, stats, config=cfg, device=dev, **kwargs)
@@ -254,6 +258,8 @@ def _policy_rows(backbone: Any, head: Any, draft: Any, tok: Any, stats: Any, cfg
     reference = chunks["greedy"].actions
     parity = {f"predict_chunk_{name}_actions_equal_greedy": bool(np.array_equal(chunk.actions, reference))
               for name, chunk in chunks.items() if name != "greedy"}
+    parity.update({f"predict_chunk_{name}_actions_max_abs_diff_greedy": float(np.abs(chunk.actions - reference).max())
+                   for name, chunk in chunks.items() if name != "greedy"})
     return timings, parity, {**info, "greedy_actions": reference}
 
 
@@ -265,12 +271,16 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters: int = 50, *, size: str = "7b",
                   num_images: int = 2, warmup: int = 5, seed: int = 0, fast: bool = True, ceilings: bool = True,
                   instruction: str = LIBERO_INSTRUCTION, profile: bool = False, fp32_reference: bool = True,
+                  attribution: bool = True, autotune: bool = False, regret_samples: int = 1024,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Latency breakdown (see the module docstring) -> a JSON-able dict. ``backbone`` must be
-    ``openvla-shaped`` (random weights; the real checkpoint is timed the same way through its model)."""
+    ``openvla-shaped`` (random weights; the real checkpoint is timed the same way through its model).
+    ``attribution``: also time the ``graph`` and ``optimized_eager`` variants; ``autotune``: also the
+    ``fast_autotune`` variant (compiled with ``max-autotune-no-cudagraphs``); ``regret_samples``: random
+    hidden states on which the compiled decode graph's codes are checked with ``argmax_regret``."""
     from rsd.backbones.openvla_shaped import OpenVLAShapedBackbone
     from rsd.config import RSDConfig
-    from rsd.fastpath import CudaGraphFn, GraphedRSDDecoder
+    from rsd.fastpath import CudaGraphFn, GraphedRSDDecoder, argmax_regret
     from rsd.policy import RSDPolicy
     from rsd.speculative import SpeculativeDecoder, greedy_decode
 
@@ -378,32 +388,37 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
         with torch.inference_mode():
             eager_vision = model.vision_embeds(images, proprio)
             parity: dict[str, Any] = {}  # relative errors / max diffs of each variant against plain eager
-            # 1) CUDA graphs of the unchanged module: launch overhead only
-            say("graphs of the eager module")
-            g = timings["graph"] = {}
-            g_vision, g_llm = CudaGraphFn(model.vision_embeds, device=dev), CudaGraphFn(model.llm_last_hidden, device=dev)
-            g_backbone = CudaGraphFn(model.rsd_hidden, device=dev)
-            parity["graph_hidden_rel_err"] = _rel_err(g_backbone(images, ids, proprio).float(), hidden)
-            g["vision"] = summarize(time_cuda(lambda: g_vision(images, proprio), warmup=warmup, iters=iters))
-            g["llm"] = summarize(time_cuda(lambda: g_llm(sequence), warmup=warmup, iters=iters))
-            g["backbone"] = summarize(time_cuda(lambda: g_backbone(images, ids, proprio), warmup=warmup, iters=iters))
-            del g_vision, g_llm, g_backbone
-            # 2) optimize_for_inference (fused matmuls, trimmed last layer, concurrent towers), eager
-            say("optimized module, eager")
-            model.optimize_for_inference()
-            o = timings["optimized_eager"] = {}
-            parity["optimized_eager_hidden_rel_err"] = _rel_err(model.rsd_hidden(images, ids, proprio).float(), hidden)
-            o["vision"] = summarize(time_cuda(lambda: model.vision_embeds(images, proprio), warmup=warmup, iters=iters))
-            o["llm"] = summarize(time_cuda(lambda: model.llm_last_hidden(sequence), warmup=warmup, iters=iters))
-            o["backbone"] = summarize(time_cuda(lambda: model.rsd_hidden(images, ids, proprio), warmup=warmup, iters=iters))
+            if attribution:
+                # 1) CUDA graphs of the unchanged module: launch overhead only
+                say("graphs of the eager module")
+                g = timings["graph"] = {}
+                g_vision, g_llm = CudaGraphFn(model.vision_embeds, device=dev), CudaGraphFn(model.llm_last_hidden, device=dev)
+                g_backbone = CudaGraphFn(model.rsd_hidden, device=dev)
+                parity["graph_hidden_rel_err"] = _rel_err(g_backbone(images, ids, proprio).float(), hidden)
+                g["vision"] = summarize(time_cuda(lambda: g_vision(images, proprio), warmup=warmup, iters=iters))
+                g["llm"] = summarize(time_cuda(lambda: g_llm(sequence), warmup=warmup, iters=iters))
+                g["backbone"] = summarize(time_cuda(lambda: g_backbone(images, ids, proprio), warmup=warmup, iters=iters))
+                del g_vision, g_llm, g_backbone
+                # 2) optimize_for_inference (fused matmuls, trimmed last layer, concurrent towers), eager
+                say("optimized module, eager")
+                model.optimize_for_inference()
+                o = timings["optimized_eager"] = {}
+                parity["optimized_eager_hidden_rel_err"] = _rel_err(model.rsd_hidden(images, ids, proprio).float(), hidden)
+                o["vision"] = summarize(time_cuda(lambda: model.vision_embeds(images, proprio), warmup=warmup, iters=iters))
+                o["llm"] = summarize(time_cuda(lambda: model.llm_last_hidden(sequence), warmup=warmup, iters=iters))
+                o["backbone"] = summarize(time_cuda(lambda: model.rsd_hidden(images, ids, proprio), warmup=warmup, iters=iters))
+    if fast:
         # 3) the fast path = optimized module + CUDA graphs (what Backbone.set_fast(True) runs),
-        # 4) then the same with torch.compile'd layers (set_fast(True, compile=True))
-        for variant, compiled in (("fast", False), ("fast_compiled", True)):
+        # 4) then the same with torch.compile'd layers (set_fast(True, compile=True)), 5) optionally autotuned
+        variants = [("fast", False, None), ("fast_compiled", True, None)]
+        if autotune:
+            variants.append(("fast_autotune", True, "max-autotune-no-cudagraphs"))
+        for variant, compiled, mode in variants:
             say(variant)
             f = timings[variant] = {}
             t_compile = time.perf_counter()
             try:
-                eager_bb.set_fast(True, compile=compiled)
+                eager_bb.set_fast(True, compile=compiled, compile_mode=mode)
                 g_vision = CudaGraphFn(model.vision_embeds, device=dev)
                 g_llm = CudaGraphFn(model.llm_last_hidden, device=dev)
                 g_decode = GraphedRSDDecoder(head, tok, device=dev, compile=compiled)
@@ -433,27 +448,34 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
                 f["rsd_decode_greedy_graph_gpu"] = summarize(time_cuda(lambda: g_decode._graph(hidden),
                                                                        warmup=warmup, iters=iters))
             out.setdefault("decode_kernels", {})[variant] = kernel_breakdown(lambda: g_decode._run(hidden), top=6)
-            if compiled:  # the opt-in gather-context decoder (its own try: a failure leaves the rest standing)
-                say("graphed decode, compiled, gather context")
-                try:
-                    g_gather = GraphedRSDDecoder(head, tok, device=dev, compile=True, gather_context=True)
-                    with torch.inference_mode():
-                        gathered = g_gather.decode(hidden)[0]
-                        parity["gather_decode_codes_equal_eager_fraction"] = float(
-                            (gathered == greedy_decode(head, hidden)).double().mean())
-                        f["rsd_decode_greedy_gather"] = summarize(time_wall(lambda: g_gather.decode(hidden),
-                                                                            warmup=warmup, iters=iters))
-                        f["rsd_decode_greedy_gather_graph_gpu"] = summarize(time_cuda(lambda: g_gather._graph(hidden),
-                                                                                      warmup=warmup, iters=iters))
-                    out["decode_kernels"]["fast_compiled_gather"] = kernel_breakdown(lambda: g_gather._run(hidden),
-                                                                                     top=6)
-                except Exception as exc:  # recorded in the JSON and printed
-                    out["gather_decode_error"] = f"{type(exc).__name__}: {exc}"
-                    say(f"gather-context decode failed: {exc}")
+            if variant == "fast_compiled":  # host copies and the plain graph under the same backbone; tie check
+                say("graphed decode: to host, plain vs compiled, argmax regret")
+                g_plain = GraphedRSDDecoder(head, tok, device=dev)
+                with torch.inference_mode():
+                    for name, dec in (("plain", g_plain), ("compiled", g_decode)):
+                        dec.decode_to_host(hidden)
+                        f[f"rsd_decode_{name}_to_host"] = summarize(time_wall(lambda: dec.decode_to_host(hidden),
+                                                                              warmup=warmup, iters=iters))
+                    f["rsd_decode_plain_graph_gpu"] = summarize(time_cuda(lambda: g_plain._graph(hidden),
+                                                                          warmup=warmup, iters=iters))
+                    gen = torch.Generator(dev).manual_seed(seed)
+                    # allowed: random probe inputs for the tie-aware check, at the scale of the real hidden state
+                    many = hidden.std() * torch.randn(regret_samples, hidden.shape[1], device=dev, generator=gen)
+                    many[0] = hidden[0]
+                    many_codes = g_decode.decode(many)[0]
+                    regret = argmax_regret(head, many, many_codes)
+                    parity["compiled_decode_regret"] = {
+                        "samples": regret_samples, "max": float(regret.max()),
+                        "samples_with_regret_gt_0": int((regret > 0).sum()),
+                        "codes_equal_eager_fraction": float((many_codes == greedy_decode(head, many)).double().mean()),
+                        "logit_std": float(head(many).std()),
+                    }
+                out["decode_kernels"][f"{variant}_plain"] = kernel_breakdown(lambda: g_plain._run(hidden), top=6)
+                del g_plain
             say(f"policies over the {variant} backbone")
             # RSDPolicy(graphed=True) builds the uncompiled graph: time it over both backbones
             rows, policy_parity, policy_info = _policy_rows(eager_bb, head, draft, tok, stats, cfg, dev, obs,
-                                                            instruction, warmup, iters)
+                                                            instruction, warmup, iters, compiled_heads=compiled)
             f.update(rows)
             fast_actions = policy_info.pop("greedy_actions")
             out["policy_parity"][variant], out["policy_info"][variant] = policy_parity, policy_info
@@ -484,9 +506,77 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
     return out
 
 
+def heads_breakdown(device: str = "cuda", iters: int = 200, *, warmup: int = 20, seed: int = 0,
+                    modes: tuple[str, ...] = ("default",),
+                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Heads + argmax + layout + decode alone, at the default sizes (D=4096), batch 1: the plain graph and
+    the compiled graph (each inductor ``mode`` in ``modes``), as GPU time of the replay (CUDA events) and
+    wall time of ``decode`` (one sync) and ``decode_to_host`` (what ``RSDPolicy(graphed=True)`` calls),
+    each measured twice: after an idle second and right after 2 s of large bf16 matmuls (a busy, hot GPU),
+    with the SM clock read (NVML) before each. -> JSON-able dict."""
+    from rsd.config import RSDConfig
+    from rsd.fastpath import GraphedRSDDecoder, argmax_regret
+
+    say = log or (lambda _msg: None)
+    dev = torch.device(device)
+    cfg = RSDConfig()
+    head, _, tok, _ = _rsd_parts(cfg, dev, seed)
+    gen = torch.Generator(dev).manual_seed(seed)
+    hidden = torch.randn(1, cfg.hidden_dim, device=dev, generator=gen)  # allowed: timing input
+    probe = torch.randn(256, cfg.hidden_dim, device=dev, generator=gen)  # allowed: tie-check input
+    a = torch.empty(8192, 8192, dtype=torch.bfloat16, device=dev).uniform_(-1, 1, generator=gen)  # allowed: load
+
+    def sm_clock_mhz() -> int | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            return int(pynvml.nvmlDeviceGetClockInfo(pynvml.nvmlDeviceGetHandleByIndex(index), pynvml.NVML_CLOCK_SM))
+        except Exception as exc:  # noqa: BLE001 - a missing NVML only loses the clock column
+            say(f"no SM clock: {exc}")
+            return None
+
+    def load(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            for _ in range(10):
+                a @ a
+            torch.cuda.synchronize(dev)
+
+    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "iters": iters,
+                           "config": cfg.to_dict(), "variants": {}}
+    decoders = {"plain": GraphedRSDDecoder(head, tok, device=dev)}
+    for mode in modes:
+        decoders[f"compiled_{mode}"] = GraphedRSDDecoder(head, tok, device=dev, compile=True,
+                                                         compile_mode=None if mode == "default" else mode)
+    with torch.inference_mode():
+        for name, decoder in decoders.items():
+            say(f"heads: {name}")
+            t0 = time.perf_counter()
+            decoder.decode(hidden)
+            decoder.decode_to_host(hidden)
+            row: dict[str, Any] = {"setup_s": time.perf_counter() - t0,
+                                   "max_regret_256": float(argmax_regret(head, probe, decoder.decode(probe)[0]).max())}
+            for state in ("idle", "after_load"):
+                if state == "after_load":
+                    load(2.0)
+                else:
+                    time.sleep(1.0)
+                row[f"{state}_sm_clock_mhz"] = sm_clock_mhz()
+                row[f"{state}_graph_gpu"] = summarize(time_cuda(lambda: decoder._graph(hidden), warmup=warmup, iters=iters))
+                row[f"{state}_decode_wall"] = summarize(time_wall(lambda: decoder.decode(hidden), warmup=warmup, iters=iters))
+                row[f"{state}_to_host_wall"] = summarize(time_wall(lambda: decoder.decode_to_host(hidden), warmup=warmup,
+                                                                   iters=iters))
+            row["kernels"] = kernel_breakdown(lambda: decoder._run(hidden), top=4)
+            out["variants"][name] = row
+    return out
+
+
 def format_breakdown(result: dict[str, Any]) -> str:
     """The breakdown as a text table: p50 (p90) ms per part and variant, and the floor."""
-    variants = [v for v in ("eager", "graph", "optimized_eager", "fast", "fast_compiled") if result["timings_ms"].get(v)]
+    variants = [v for v in ("eager", "graph", "optimized_eager", "fast", "fast_compiled", "fast_autotune")
+                if result["timings_ms"].get(v)]
     lines = [f"{result['gpu']}  torch {result['torch']}  images {result.get('num_images', 2)}  "
              f"tokens {result['sequence']['total_tokens']}  p50 (p90) ms",
              f"{'part':26s}" + "".join(f"{v:>22s}" for v in variants) + f"{'floor':>8s}"]
@@ -510,11 +600,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-images", type=int, default=2, choices=[1, 2],
                         help="2: full + wrist image (OFT on LIBERO, 545 tokens); 1: full image only (289 tokens)")
     parser.add_argument("--no-fast", action="store_true")
+    parser.add_argument("--no-attribution", action="store_true",
+                        help="skip the attribution variants 'graph' and 'optimized_eager'")
+    parser.add_argument("--autotune", action="store_true",
+                        help="add 'fast_autotune': layers compiled with mode=max-autotune-no-cudagraphs (minutes)")
     parser.add_argument("--profile", action="store_true", help="add a kernel-time breakdown (torch.profiler)")
+    parser.add_argument("--heads-only", action="store_true",
+                        help="time only heads + argmax + layout + decode (plain and compiled graphs, idle and hot GPU)")
     parser.add_argument("--out", type=Path, help="write the JSON here")
     args = parser.parse_args(argv)
+    if args.heads_only:
+        result = heads_breakdown(iters=max(args.iters, 20), log=lambda m: print(f"[bench] {m}", flush=True))
+        text = json.dumps(result, indent=2, sort_keys=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+        for name, row in result["variants"].items():
+            print(f"{name:40s} " + "  ".join(f"{state}: clock {row[f'{state}_sm_clock_mhz']} gpu {row[f'{state}_graph_gpu']['p50']:.3f} "
+                                            f"decode {row[f'{state}_decode_wall']['p50']:.3f} host {row[f'{state}_to_host_wall']['p50']:.3f} "
+                                            f"(p90 {row[f'{state}_to_host_wall']['p90']:.3f})" for state in ("idle", "after_load"))
+                  + f"  regret {row['max_regret_256']:.2e}")
+        return 0
     result = run_breakdown(iters=args.iters, size=args.size, num_images=args.num_images, fast=not args.no_fast,
-                           profile=args.profile, log=lambda m: print(f"[bench] {m}", flush=True))
+                           profile=args.profile, attribution=not args.no_attribution, autotune=args.autotune,
+                           log=lambda m: print(f"[bench] {m}", flush=True))
     text = json.dumps(result, indent=2, sort_keys=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

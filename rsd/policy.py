@@ -190,10 +190,13 @@ class _LearnedPolicy:
         return meta
 
 
-def _code_histogram(codes: torch.Tensor, num_levels: int) -> list[list[int]]:
-    """Counts of each level per layer, ``[L][G]``, from codes ``[1, C, H, L]`` (the seed's 'are all indices equal?')."""
-    per_layer = rearrange(codes[0], "c h l -> (c h) l")
-    return [torch.bincount(per_layer[:, layer], minlength=num_levels).tolist() for layer in range(codes.shape[-1])]
+def _code_histogram(codes: torch.Tensor, num_levels: int) -> np.ndarray:
+    """Counts of each level per layer, ``[L, G]``, from codes ``[1, C, H, L]`` in ``[0, G)`` (the seed's 'are
+    all indices equal?'): one bincount over ``layer * G + code``."""
+    per_layer = rearrange(codes[0].numpy(), "c h l -> (c h) l")
+    num_layers = per_layer.shape[1]
+    flat = (np.arange(num_layers) * num_levels + per_layer).ravel()
+    return np.bincount(flat, minlength=num_layers * num_levels).reshape(num_layers, num_levels)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ class RSDPolicy(_LearnedPolicy):
     def __init__(self, backbone: Any, head: torch.nn.Module, tokenizer: torch.nn.Module, action_stats: NormStats, *,
                  config: RSDConfig, draft: torch.nn.Module | None = None, speculative: bool | None = None,
                  mode: str = "exact", threshold: float | None = None, device: str | torch.device = "cpu",
-                 unnorm_key: str | None = None, graphed: bool = False) -> None:
+                 unnorm_key: str | None = None, graphed: bool = False, compile_heads: bool = False) -> None:
         super().__init__(backbone, config, action_stats, device=device, unnorm_key=unnorm_key)
         tok_cfg = tokenizer.config
         expected = dict(chunk_len=config.chunk_len, action_dim=config.action_dim, latent_dim=config.latent_dim,
@@ -225,22 +228,25 @@ class RSDPolicy(_LearnedPolicy):
         self.mode, self.threshold = mode, threshold
         self._decoder = None
         self._graphed = None
+        if compile_heads and not graphed:
+            raise ConfigError("compile_heads=True compiles the graphed decoder: pass graphed=True as well.")
         if graphed:
-            # greedy heads + argmax + layout + decode as one CUDA graph (rsd.fastpath); bit-equal to greedy_decode
+            # greedy heads + argmax + layout + decode as one CUDA graph (rsd.fastpath): bit-equal to greedy_decode,
+            # or with compile_heads its codes are eager's argmax up to float-rounding ties (fastpath.argmax_regret)
             if self.device.type != "cuda" or self.speculative:
                 raise ConfigError("graphed=True needs a CUDA device and speculative=False (the graph is greedy).")
             from rsd.fastpath import GraphedRSDDecoder
 
-            self._graphed = GraphedRSDDecoder(self.head, self.tokenizer, device=self.device)
+            self._graphed = GraphedRSDDecoder(self.head, self.tokenizer, device=self.device, compile=compile_heads)
         if self.speculative:
             self._decoder = SpeculativeDecoder(self.draft, self.head, mode=mode, threshold=threshold)
 
     def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
         info: dict[str, Any] = {"used_rfsq": True, "speculative": self.speculative, "graphed": self._graphed is not None}
         t0 = time.perf_counter()
-        if self._graphed is not None:
-            codes, norm = self._graphed.decode(hidden)  # tokens + detokenize in one graph
-            t1 = time.perf_counter()
+        if self._graphed is not None:  # tokens + detokenize in one graph, results on the host after one sync
+            codes, norm = self._graphed.decode_to_host(hidden)
+            timing["tokens_and_detokenize_ms"] = 1e3 * (time.perf_counter() - t0)
         else:
             if self._decoder is not None:
                 codes, stats = self._decoder.decode(hidden)
@@ -250,13 +256,14 @@ class RSDPolicy(_LearnedPolicy):
             _sync(self.device)
             t1 = time.perf_counter()
             norm = self.tokenizer.decode_from_indices(codes)  # [1, C, A]
-        _sync(self.device)
-        timing["tokens_ms"] = 1e3 * (t1 - t0)
-        timing["detokenize_ms"] = 1e3 * (time.perf_counter() - t1)
+            _sync(self.device)
+            timing["tokens_ms"] = 1e3 * (t1 - t0)
+            timing["detokenize_ms"] = 1e3 * (time.perf_counter() - t1)
         codes_cpu = codes.to("cpu")  # one device->host copy for all diagnostics
         info["codes_shape"] = list(codes_cpu.shape)
-        info["code_histogram"] = _code_histogram(codes_cpu, self.config.num_levels)
-        info["distinct_codes"] = int(torch.unique(codes_cpu).numel())
+        histogram = _code_histogram(codes_cpu, self.config.num_levels)  # [L, G]
+        info["code_histogram"] = histogram.tolist()
+        info["distinct_codes"] = int((histogram.sum(axis=0) > 0).sum())
         return norm, info
 
     # -- persistence -------------------------------------------------------------------------------------------
@@ -274,7 +281,8 @@ class RSDPolicy(_LearnedPolicy):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
                         speculative: bool | None = None, mode: str | None = None,
-                        threshold: float | None = None, graphed: bool = False) -> "RSDPolicy":
+                        threshold: float | None = None, graphed: bool = False,
+                        compile_heads: bool = False) -> "RSDPolicy":
         from rsd.backbones import load_backbone
         from rsd.heads import DraftHead, RFSQHead
         from rsd.tokenizer import RFSQTokenizer
@@ -297,7 +305,7 @@ class RSDPolicy(_LearnedPolicy):
                    speculative=spec.get("enabled") if speculative is None else speculative,
                    mode=mode or spec.get("mode", "exact"),
                    threshold=threshold if threshold is not None else spec.get("threshold"),
-                   device=device, unnorm_key=meta.get("unnorm_key"), graphed=graphed)
+                   device=device, unnorm_key=meta.get("unnorm_key"), graphed=graphed, compile_heads=compile_heads)
 
 
 # ----------------------------------------------------------------------------------------------------------------

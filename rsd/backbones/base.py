@@ -21,9 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 import torch
 
-from rsd.errors import ConfigError, DeadHiddenStateError, DTypeError, ShapeError
+from rsd.errors import ConfigError, DeadHiddenStateError, DTypeError, NonFiniteError, ShapeError
 
 __all__ = [
     "Backbone",
@@ -112,15 +113,17 @@ def check_hidden(hidden: torch.Tensor, expected_dim: int) -> torch.Tensor:
             f"hidden state must have shape [B, {expected_dim}] (B >= 1), got {list(hidden.shape)}; "
             f"check the backbone's hidden_dim against the head config's hidden_dim."
         )
-    finite = torch.isfinite(hidden)
-    if not bool(finite.all()):
-        bad_rows = (~finite).any(dim=1).nonzero().flatten().tolist()
+    finite_rows = torch.isfinite(hidden).all(dim=1)  # [B]
+    dead = (hidden == 0).all(dim=1)  # [B]
+    all_finite, any_dead = torch.stack([finite_rows.all(), dead.any()]).tolist()  # one host sync
+    if not all_finite:
+        bad_rows = (~finite_rows).nonzero().flatten().tolist()
         raise DeadHiddenStateError(
             f"hidden state has NaN/inf in batch rows {bad_rows}; check the backbone weights and the "
             f"autocast dtype (bf16 overflow) before trusting any action."
         )
-    dead_rows = (hidden == 0).all(dim=1).nonzero().flatten().tolist()
-    if dead_rows:
+    if any_dead:
+        dead_rows = dead.nonzero().flatten().tolist()
         raise DeadHiddenStateError(
             f"hidden state is all zero in batch rows {dead_rows}: the backbone (vision encoder or its "
             f"weights) is not producing features; check that the checkpoint loaded."
@@ -129,6 +132,52 @@ def check_hidden(hidden: torch.Tensor, expected_dim: int) -> torch.Tensor:
 
 
 # helpers shared by backbones
+
+
+def _as_tensor(value: Any, key: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise DTypeError(f"observation[{key!r}] must be a numpy array or torch.Tensor, got {type(value).__name__}.")
+
+
+def _require(observation: dict, key: str) -> Any:
+    if not isinstance(observation, dict):
+        raise ShapeError(f"observation must be a dict with key {key!r}, got {type(observation).__name__}.")
+    if key not in observation:
+        raise ShapeError(
+            f"observation is missing {key!r} (has {sorted(observation)}); render the camera "
+            f"or build the backbone without it (use_wrist=False for 'wrist_image')."
+        )
+    return observation[key]
+
+
+def image_batch(observation: dict, key: str, size: int) -> tuple[torch.Tensor, bool]:
+    """observation[key] uint8 [S, S, 3] or [B, S, S, 3] -> (uint8 [B, S, S, 3], was_batched)."""
+    image = _as_tensor(_require(observation, key), key)
+    if image.dtype != torch.uint8:
+        raise DTypeError(f"observation[{key!r}] must be uint8 (0..255), got {image.dtype}.")
+    batched = image.ndim == 4
+    if image.ndim not in (3, 4) or tuple(image.shape[-3:]) != (size, size, 3):
+        raise ShapeError(
+            f"observation[{key!r}] must be [{size}, {size}, 3] or [B, {size}, {size}, 3] uint8, "
+            f"got {list(image.shape)}."
+        )
+    return (image if batched else image[None]), batched
+
+
+def state_batch(observation: dict, dim: int) -> tuple[torch.Tensor, bool]:
+    """observation['state'] [P] or [B, P] floating -> (float32 [B, P], was_batched)."""
+    state = _as_tensor(_require(observation, "state"), "state")
+    if not state.is_floating_point():
+        raise DTypeError(f"observation['state'] must be float32 [{dim}] or [B, {dim}], got {state.dtype}.")
+    if state.ndim not in (1, 2) or state.shape[-1] != dim:
+        raise ShapeError(f"observation['state'] must be [{dim}] or [B, {dim}], got {list(state.shape)}.")
+    if not bool(torch.isfinite(state).all()):
+        raise NonFiniteError("observation['state'] contains NaN/inf.")
+    batched = state.ndim == 2
+    return (state if batched else state[None]).float(), batched
 
 
 def instructions_for_batch(instruction: str | list[str] | tuple[str, ...], batch: int) -> list[str]:

@@ -40,8 +40,9 @@ from rsd.backbones.openvla_shaped import (
     LlamaSpec,
     OpenVLAModel,
     OpenVLAShape,
-    _group_by_prompt,
-    _ungroup,
+    enable_fast_path,
+    group_by_prompt,
+    ungroup,
     observation_tensors,
 )
 from rsd.errors import (
@@ -295,21 +296,19 @@ class OpenVLAOFTBackbone:
                               f"'\u2581' ({self.empty_id}); is it OpenVLA's Llama tokenizer?")
         self._token_cache: dict[str, torch.Tensor] = {}
         self._graphed: tuple[Any, Any] | None = None
+        self._graph_key: tuple[bool, bool, str | None] | None = None
         self.set_fast(fast)
 
-    def set_fast(self, enabled: bool, *, compile: bool = False) -> None:
-        """Switch between eager execution and the fast path: ``OpenVLAModel.optimize_for_inference(compile)``
-        (applied once, kept afterwards) replayed through CUDA graphs (re-captured when ``compile`` turns on)."""
+    def set_fast(self, enabled: bool, *, compile: bool = False, compile_mode: str | None = None) -> None:
+        """Switch between eager execution and the fast path (``OpenVLAShapedBackbone.set_fast``'s): the
+        optimized (optionally compiled) model replayed through CUDA graphs, re-captured when that changes."""
         if enabled:
             from rsd.fastpath import CudaGraphFn
 
-            if self.device.type != "cuda":
-                raise ConfigError(f"the fast path (CUDA graphs) needs a CUDA device; this backbone is on {self.device}.")
-            self.model.optimize_for_inference(compile=compile)
-            if self._graphed is None or self._graphed_compiled != self.model.compiled:
+            if enable_fast_path(self.model, self.device, compile, compile_mode) != self._graph_key:
                 self._graphed = (CudaGraphFn(self.model.rsd_hidden, device=self.device),
                                  CudaGraphFn(self._l1_actions, device=self.device))
-                self._graphed_compiled = self.model.compiled
+                self._graph_key = self.model.fast_path_key
         self.fast = bool(enabled)
         self._hidden_fn, self._actions_fn = self._graphed if enabled else (self.model.rsd_hidden, self._l1_actions)
 
@@ -374,7 +373,7 @@ class OpenVLAOFTBackbone:
         images, state, batch = observation_tensors(observation, self.shape)
         proprio = torch.from_numpy(self._proprio_normalizer.normalize(state.numpy()))
         texts = instructions_for_batch(instruction, batch)
-        return _group_by_prompt(images.to(self.device), [self.prompt_ids(t) for t in texts], proprio.to(self.device))
+        return group_by_prompt(images.to(self.device), [self.prompt_ids(t) for t in texts], proprio.to(self.device))
 
     # outputs
 
@@ -382,14 +381,14 @@ class OpenVLAOFTBackbone:
     def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
         """The RSD hidden state, float32 ``[B, 4096]`` (see :meth:`OpenVLAModel.rsd_hidden`)."""
         groups = self._groups(observation, instruction)
-        hidden = _ungroup([self._hidden_fn(images, ids, state) for images, ids, state, _ in groups], groups)
+        hidden = ungroup([self._hidden_fn(images, ids, state) for images, ids, state, _ in groups], groups)
         return check_hidden(hidden.float(), self.hidden_dim)
 
     @torch.inference_mode()
     def predict_actions(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
         """OFT's L1 head: normalized actions float32 ``[B, C, A]`` (un-normalize with :attr:`action_stats`)."""
         groups = self._groups(observation, instruction)
-        actions = _ungroup([self._actions_fn(images, ids, state) for images, ids, state, _ in groups], groups)
+        actions = ungroup([self._actions_fn(images, ids, state) for images, ids, state, _ in groups], groups)
         return actions.float()
 
     # save / load hooks (the weights stay in the checkpoint directory)

@@ -36,7 +36,6 @@ but no forward pass runs them.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,13 +43,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from rsd.backbones.base import check_hidden, instructions_for_batch, register_backbone
+from rsd.backbones.base import check_hidden, image_batch, instructions_for_batch, register_backbone, state_batch
 from rsd.errors import ConfigError, ShapeError
 
 __all__ = [
@@ -661,6 +659,7 @@ class OpenVLAModel(nn.Module):
         self.action_head = OFTL1ActionHead(d, d, shape.chunk_len, shape.action_dim)  # OFT: hidden_dim = llm_dim
         self.optimized = False
         self.compiled = False
+        self.compile_mode: str | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -683,7 +682,7 @@ class OpenVLAModel(nn.Module):
         """``[B, T, D]`` -> final post-norm hidden state of the last position ``[B, D]``."""
         return self.language_model(sequence, last_only=self.optimized)[:, -1]
 
-    def optimize_for_inference(self, compile: bool = False) -> "OpenVLAModel":
+    def optimize_for_inference(self, compile: bool = False, compile_mode: str | None = None) -> "OpenVLAModel":
         """Same function, fewer/wider kernels (each changes only rounding, within bf16 tolerance):
         fused q/k/v and gate/up matmuls, the final LLM layer computed for the last position only
         (:meth:`llm_last_hidden`), and on CUDA the two vision towers on concurrent streams.
@@ -691,12 +690,15 @@ class OpenVLAModel(nn.Module):
         ``compile``: also run every decoder layer and ViT block through one ``torch.compile`` of
         :func:`llama_layer_fn` / :func:`vit_block_fn` (inductor fuses the norms, RoPE, activations and
         residual adds; matmuls and attention stay cuBLAS / flash). Compiles on first use per input shape.
+        ``compile_mode``: ``torch.compile``'s mode, e.g. ``"max-autotune-no-cudagraphs"`` (inductor also
+        times Triton matmul templates against cuBLAS for each shape: minutes of compiling, once per shape).
+        Calling again with another mode recompiles.
         """
         if not self.optimized:
             self.language_model.fuse()
             self.vision_backbone.concurrent = self.projector.fc1.weight.is_cuda
             self.optimized = True
-        if compile and not self.compiled:
+        if compile and (not self.compiled or compile_mode != self.compile_mode):
             import torch._dynamo
 
             import torch._inductor.config
@@ -705,15 +707,21 @@ class OpenVLAModel(nn.Module):
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             # round to bf16 wherever eager does (each .to(bf16)) inside fused kernels, so compiled == eager
             torch._inductor.config.emulate_precision_casts = True
-            layer_kernel = torch.compile(llama_layer_fn, fullgraph=True, dynamic=False)
-            block_kernel = torch.compile(vit_block_fn, fullgraph=True, dynamic=False)
+            layer_kernel = torch.compile(llama_layer_fn, fullgraph=True, dynamic=False, mode=compile_mode)
+            block_kernel = torch.compile(vit_block_fn, fullgraph=True, dynamic=False, mode=compile_mode)
             for layer in self.language_model.model.layers:
                 layer.kernel = layer_kernel
             for tower in (self.vision_backbone.featurizer, self.vision_backbone.fused_featurizer):
                 for block in tower.blocks:
                     block.kernel = block_kernel
-            self.compiled = True
+            self.compiled, self.compile_mode = True, compile_mode
         return self
+
+    @property
+    def fast_path_key(self) -> tuple[bool, bool, str | None]:
+        """What a CUDA graph of this model captured: (optimized, compiled, compile mode); a graph made under
+        another key replays other kernels and must be re-captured."""
+        return self.optimized, self.compiled, self.compile_mode
 
     def rsd_hidden(self, images: torch.Tensor, prompt_ids: torch.Tensor, proprio: torch.Tensor) -> torch.Tensor:
         """The RSD hidden state ``[B, D]`` (model dtype): last prompt token, final layer, post-norm."""
@@ -793,17 +801,16 @@ def random_openvla_model(shape: OpenVLAShape, *, device: str | torch.device, dty
 def observation_tensors(observation: dict, shape: OpenVLAShape, *, image_keys: tuple[str, ...] = IMAGE_KEYS
                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """-> (images uint8 ``[B, N, S, S, 3]``, state float32 ``[B, P]``, B). Raises ShapeError/DTypeError."""
-    from rsd.backbones.tiny import _image_batch, _state_batch
 
     keys = image_keys[: shape.num_images]
     if len(keys) != shape.num_images:
         raise ConfigError(f"{shape.num_images} images requested but only image keys {image_keys} are known.")
     images, flags = [], []
     for key in keys:
-        image, batched = _image_batch(observation, key, shape.image_size)
+        image, batched = image_batch(observation, key, shape.image_size)
         images.append(image)
         flags.append(batched)
-    state, state_batched = _state_batch(observation, shape.proprio_dim)
+    state, state_batched = state_batch(observation, shape.proprio_dim)
     sizes = {key: image.shape[0] for key, image in zip(keys, images)} | {"state": state.shape[0]}
     if len(set(flags + [state_batched])) != 1 or len(set(sizes.values())) != 1:
         raise ShapeError(f"observation keys disagree on the batch: leading sizes {sizes}; batch all keys or none.")
@@ -824,6 +831,15 @@ def stand_in_token_ids(prompt: str, vocab_size: int, *, bos_id: int = 1, empty_i
         digest = hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest()
         ids.append(3 + int.from_bytes(digest, "little") % (vocab_size - 3))
     return ids + [empty_id]
+
+
+def enable_fast_path(model: OpenVLAModel, device: torch.device, compile: bool,
+                     compile_mode: str | None) -> tuple[bool, bool, str | None]:
+    """``model.optimize_for_inference(compile, compile_mode)`` on a CUDA device -> its ``fast_path_key``
+    (what the backbones' ``set_fast`` compares to decide whether their CUDA graphs must be re-captured)."""
+    if device.type != "cuda":
+        raise ConfigError(f"the fast path (CUDA graphs) needs a CUDA device; this backbone is on {device}.")
+    return model.optimize_for_inference(compile=compile, compile_mode=compile_mode).fast_path_key
 
 
 @register_backbone("openvla-shaped")
@@ -863,18 +879,16 @@ class OpenVLAShapedBackbone:
         self._token_cache: dict[str, torch.Tensor] = {}
         self.set_fast(fast)
 
-    def set_fast(self, enabled: bool, *, compile: bool = False) -> None:
-        """Switch between eager execution and the fast path: ``OpenVLAModel.optimize_for_inference(compile)``
-        (applied once, kept afterwards) replayed through CUDA graphs (re-captured when ``compile`` turns on)."""
+    def set_fast(self, enabled: bool, *, compile: bool = False, compile_mode: str | None = None) -> None:
+        """Switch between eager execution and the fast path: ``OpenVLAModel.optimize_for_inference(compile,
+        compile_mode)`` (applied once, kept afterwards) replayed through CUDA graphs (re-captured when the
+        compilation changes)."""
         if enabled:
             from rsd.fastpath import CudaGraphFn
 
-            if self.device.type != "cuda":
-                raise ConfigError(f"the fast path (CUDA graphs) needs a CUDA device; this backbone is on {self.device}.")
-            self.model.optimize_for_inference(compile=compile)
-            if getattr(self, "_graphed", None) is None or self._graphed_compiled != self.model.compiled:
+            if enable_fast_path(self.model, self.device, compile, compile_mode) != getattr(self, "_graph_key", None):
                 self._graphed = CudaGraphFn(self.model.rsd_hidden, device=self.device)
-                self._graphed_compiled = self.model.compiled
+                self._graph_key = self.model.fast_path_key
         self.fast = bool(enabled)
         self._hidden_fn = self._graphed if enabled else self.model.rsd_hidden
 
@@ -890,12 +904,12 @@ class OpenVLAShapedBackbone:
         """Model inputs, one ``(images, prompt_ids, proprio)`` group per distinct prompt length."""
         images, state, batch = observation_tensors(observation, self.shape)
         texts = instructions_for_batch(instruction, batch)
-        return _group_by_prompt(images.to(self.device), [self.prompt_ids(t) for t in texts], state.to(self.device))
+        return group_by_prompt(images.to(self.device), [self.prompt_ids(t) for t in texts], state.to(self.device))
 
     @torch.inference_mode()
     def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
         groups = self.inputs(observation, instruction)
-        hidden = _ungroup([self._hidden_fn(images, ids, state) for (images, ids, state, _) in groups], groups)
+        hidden = ungroup([self._hidden_fn(images, ids, state) for (images, ids, state, _) in groups], groups)
         return check_hidden(hidden.float(), self.hidden_dim)
 
     def spec_kwargs(self) -> dict[str, Any]:
@@ -909,13 +923,15 @@ class OpenVLAShapedBackbone:
         raise ConfigError("openvla-shaped has random weights (timing only); nothing to load.")
 
 
-def _group_by_prompt(images: torch.Tensor, ids: list[torch.Tensor], state: torch.Tensor
+def group_by_prompt(images: torch.Tensor, ids: list[torch.Tensor], state: torch.Tensor
                      ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]]:
     """Batch elements whose prompts have the same length run together (no padding is ever attended):
     ``[(images [b, ...], prompt_ids [b, T], state [b, P], batch indices)]``."""
     by_length: dict[int, list[int]] = {}
     for index, row in enumerate(ids):
         by_length.setdefault(int(row.shape[0]), []).append(index)
+    if len(by_length) == 1:  # one length (always at batch 1): the inputs as they are, no gather kernels
+        return [(images, torch.stack(ids), state, list(range(len(ids))))]
     groups = []
     for rows in by_length.values():
         pick = torch.tensor(rows, device=images.device)
@@ -923,8 +939,8 @@ def _group_by_prompt(images: torch.Tensor, ids: list[torch.Tensor], state: torch
     return groups
 
 
-def _ungroup(outputs: list[torch.Tensor], groups: list[tuple[Any, ...]]) -> torch.Tensor:
-    """Inverse of :func:`_group_by_prompt` for per-element outputs ``[b, ...]`` -> ``[B, ...]``."""
+def ungroup(outputs: list[torch.Tensor], groups: list[tuple[Any, ...]]) -> torch.Tensor:
+    """Inverse of :func:`group_by_prompt` for per-element outputs ``[b, ...]`` -> ``[B, ...]``."""
     if len(outputs) == 1:
         return outputs[0]
     batch = sum(len(g[-1]) for g in groups)

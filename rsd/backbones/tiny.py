@@ -23,13 +23,18 @@ from einops import rearrange
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
+from rsd.backbones.base import (
+    _check_spec_kwargs,
+    check_hidden,
+    image_batch,
+    instructions_for_batch,
+    register_backbone,
+    state_batch,
+)
 from rsd.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
     ConfigError,
-    DTypeError,
-    NonFiniteError,
     ShapeError,
 )
 
@@ -58,52 +63,6 @@ def instruction_buckets_of(instruction: str, num_buckets: int) -> list[int]:
         raise ShapeError(f"instruction {instruction!r} has no words; pass the task description.")
     tokens = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
     return [stable_bucket(t, num_buckets) for t in tokens]
-
-
-def _as_tensor(value: Any, key: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    raise DTypeError(f"observation[{key!r}] must be a numpy array or torch.Tensor, got {type(value).__name__}.")
-
-
-def _require(observation: dict, key: str) -> Any:
-    if not isinstance(observation, dict):
-        raise ShapeError(f"observation must be a dict with key {key!r}, got {type(observation).__name__}.")
-    if key not in observation:
-        raise ShapeError(
-            f"observation is missing {key!r} (has {sorted(observation)}); render the camera "
-            f"or build the backbone without it (use_wrist=False for 'wrist_image')."
-        )
-    return observation[key]
-
-
-def _image_batch(observation: dict, key: str, size: int) -> tuple[torch.Tensor, bool]:
-    """observation[key] uint8 [S, S, 3] or [B, S, S, 3] -> (uint8 [B, S, S, 3], was_batched)."""
-    image = _as_tensor(_require(observation, key), key)
-    if image.dtype != torch.uint8:
-        raise DTypeError(f"observation[{key!r}] must be uint8 (0..255), got {image.dtype}.")
-    batched = image.ndim == 4
-    if image.ndim not in (3, 4) or tuple(image.shape[-3:]) != (size, size, 3):
-        raise ShapeError(
-            f"observation[{key!r}] must be [{size}, {size}, 3] or [B, {size}, {size}, 3] uint8, "
-            f"got {list(image.shape)}."
-        )
-    return (image if batched else image[None]), batched
-
-
-def _state_batch(observation: dict, dim: int) -> tuple[torch.Tensor, bool]:
-    """observation['state'] [P] or [B, P] floating -> (float32 [B, P], was_batched)."""
-    state = _as_tensor(_require(observation, "state"), "state")
-    if not state.is_floating_point():
-        raise DTypeError(f"observation['state'] must be float32 [{dim}] or [B, {dim}], got {state.dtype}.")
-    if state.ndim not in (1, 2) or state.shape[-1] != dim:
-        raise ShapeError(f"observation['state'] must be [{dim}] or [B, {dim}], got {list(state.shape)}.")
-    if not bool(torch.isfinite(state).all()):
-        raise NonFiniteError("observation['state'] contains NaN/inf.")
-    batched = state.ndim == 2
-    return (state if batched else state[None]).float(), batched
 
 
 # modules
@@ -201,13 +160,13 @@ class TinyBackbone(nn.Module):
         """
         images, batched = [], None
         for cam in self.cameras:
-            image, cam_batched = _image_batch(observation, cam, self.image_size)
+            image, cam_batched = image_batch(observation, cam, self.image_size)
             images.append(image)
             batched = cam_batched if batched is None else batched
             if cam_batched != batched:
                 raise ShapeError(f"observation[{cam!r}] is {'' if cam_batched else 'un'}batched but "
                                  f"observation[{self.cameras[0]!r}] is not; batch all keys or none.")
-        state, state_batched = _state_batch(observation, self.proprio_dim)
+        state, state_batched = state_batch(observation, self.proprio_dim)
         batch = images[0].shape[0]
         sizes = {cam: image.shape[0] for cam, image in zip(self.cameras, images)} | {"state": state.shape[0]}
         if state_batched != batched or len(set(sizes.values())) != 1:

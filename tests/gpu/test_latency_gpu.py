@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from rsd.fastpath import CudaGraphFn, GraphedRSDDecoder
+from rsd.fastpath import CudaGraphFn, GraphedRSDDecoder, argmax_regret
 from rsd.gpu_bench import LIBERO_INSTRUCTION, time_cuda
 from rsd.speculative import SpeculativeDecoder, greedy_decode
 
@@ -81,8 +81,10 @@ def test_heads_logits(benchmark, rsd_gpu) -> None:
 
 
 @pytest.mark.benchmark(group="decode")
-@pytest.mark.parametrize("variant", ["greedy", "speculative", "graphed"])
+@pytest.mark.parametrize("variant", ["greedy", "speculative", "graphed", "graphed_to_host", "graphed_compiled_to_host"])
 def test_decode(benchmark, rsd_gpu, variant: str) -> None:
+    """Heads + argmax + layout + decode; the graphed variants to the host are what RSDPolicy(graphed=True)
+    runs (the compiled one with compile_heads=True)."""
     cfg, head, draft, tok = rsd_gpu
     hidden = torch.randn(1, cfg.hidden_dim, device="cuda")
     if variant == "greedy":
@@ -90,12 +92,21 @@ def test_decode(benchmark, rsd_gpu, variant: str) -> None:
     elif variant == "speculative":
         spec = SpeculativeDecoder(draft, head, mode="exact")
         fn = lambda: tok.decode_from_indices(spec.decode(hidden)[0])  # noqa: E731
-    else:
+    elif variant == "graphed":
         graphed = GraphedRSDDecoder(head, tok)
         fn = lambda: graphed.decode(hidden)[1]  # noqa: E731
+    else:
+        graphed = GraphedRSDDecoder(head, tok, compile=variant == "graphed_compiled_to_host")
+        fn = lambda: graphed.decode_to_host(hidden)[1]  # noqa: E731
     with torch.inference_mode():
         actions = _bench(benchmark, fn)
-    torch.testing.assert_close(actions, tok.decode_from_indices(greedy_decode(head, hidden)), rtol=0, atol=0)
+        expected = tok.decode_from_indices(greedy_decode(head, hidden))
+    if variant == "graphed_compiled_to_host":  # equal up to a float-rounding tie (rsd.fastpath.argmax_regret)
+        codes = graphed.decode_to_host(hidden)[0].cuda()
+        assert float(argmax_regret(head, hidden, codes).max()) <= 1e-4
+        torch.testing.assert_close(actions.cuda(), tok.decode_from_indices(codes), rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(actions.to(expected.device), expected, rtol=0, atol=0)
 
 
 @pytest.mark.benchmark(group="predict_chunk")
@@ -119,3 +130,20 @@ def test_fast_path_is_not_slower(shaped_7b, shaped_7b_fast, inputs) -> None:
         eager = statistics.median(time_cuda(lambda: shaped_7b.model.rsd_hidden(images, ids, proprio), warmup=3, iters=20))
         fast = statistics.median(time_cuda(lambda: shaped_7b_fast._graphed(images, ids, proprio), warmup=3, iters=20))
     assert fast <= eager, (fast, eager)
+
+
+def test_gpu_bench_runs_end_to_end_at_tiny_size(cuda) -> None:
+    """rsd.gpu_bench.run_breakdown (what `rsd bench --backbone openvla-shaped --device cuda` and the
+    committed results/gpu JSONs come from) on the tiny OpenVLA shape: every variant, parity and goal key."""
+    from rsd.gpu_bench import format_breakdown, run_breakdown
+
+    result = run_breakdown(size="tiny", iters=3, warmup=1, num_images=1, ceilings=False, fp32_reference=False,
+                           regret_samples=32)
+    assert "fast_compiled_error" not in result, result.get("fast_compiled_error")
+    assert {"eager", "graph", "optimized_eager", "fast", "fast_compiled"} <= set(result["timings_ms"])
+    compiled = result["timings_ms"]["fast_compiled"]
+    for key in ("rsd_decode_plain_to_host", "rsd_decode_compiled_to_host", "predict_chunk_graphed_compiled"):
+        assert compiled[key]["p50"] > 0, key
+    assert result["parity"]["compiled_decode_regret"]["max"] <= 1e-4
+    assert result["policy_parity"]["fast_compiled"]["predict_chunk_graphed_actions_equal_greedy"]
+    assert "predict_chunk_graphed_compiled" in format_breakdown(result)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from policy_factory import fake_observation, tiny_l1_policy, tiny_rsd_policy
-from rsd.policy import L1Policy, RSDPolicy, load_policy
+from rsd.policy import load_policy
 
 pytestmark = pytest.mark.integration
 
