@@ -786,7 +786,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
 
                 from rsd.policies_registry import make_policy
 
-                policy_factory = partial(make_policy, config.policy, device=config.device)
+                policy_factory = partial(make_policy, config.policy, suite=config.suite, device=config.device)
             runner = _default_runner(config, policy_factory) if todo else None
 
         bar = _progress(total=len(keys), initial=len(done), enabled=config.progress)

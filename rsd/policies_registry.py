@@ -1,12 +1,20 @@
 """Policy names -> policies: the one place the simulator resolves what ``--policy`` means.
 
-``make_policy(spec)`` resolves
+``make_policy(spec, suite=...)`` resolves
 
-- ``expert``            the scripted privileged expert (``rsd.sim.experts.ScriptedExpert``);
-- ``expert-rfsq``       the expert with every chunk sent through the RFSQ tokenizer and back
-                        (:class:`RFSQRoundTripPolicy`) with the packaged tokenizer ``rsd/assets/tokenizer_libero``;
-  ``expert-rfsq:DIR``   the same with the tokenizer (and its ``action_stats.json``) in ``DIR``;
-- a directory           a learned policy saved by ``RSDPolicy`` / ``L1Policy`` (``rsd.policy.load_policy``).
+- ``expert``                 the scripted privileged expert (``rsd.sim.experts.ScriptedExpert``);
+- ``expert-rfsq``            the expert with every chunk sent through the RFSQ tokenizer and back
+                             (:class:`RFSQRoundTripPolicy`) with the packaged tokenizer ``rsd/assets/tokenizer_libero``;
+  ``expert-rfsq:DIR``        the same with the tokenizer (and its ``action_stats.json``) in ``DIR``;
+- ``openvla-oft:PATH``       OpenVLA-OFT's own pipeline (its L1 head, its statistics:
+                             ``rsd.backbones.openvla.OFTL1Policy``) from the local checkpoint directory ``PATH``,
+                             loaded for ``suite`` (what ``rsd eval --suite`` passes); a checkpoint not fine-tuned
+                             for that suite raises :class:`WrongBaseModelError`;
+  ``openvla-oft:PATH@KEY``   the same with the statistics ``dataset_statistics.json[KEY]`` named explicitly, which
+                             turns that suite guard off (a ``libero_spatial`` checkpoint on ``libero_object`` on
+                             purpose: ``@libero_spatial_no_noops``); being part of the spec, the key is recorded in
+                             ``run.json`` and checked by ``--resume``;
+- a directory                a learned policy saved by ``RSDPolicy`` / ``L1Policy`` (``rsd.policy.load_policy``).
 
 Anything else raises :class:`ConfigError` listing the names. Model code is imported only when the spec
 needs it, so the simulator never depends on model internals.
@@ -20,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rsd.errors import ActionGenerationError, ConfigError, ShapeError
+from rsd.errors import ActionGenerationError, CheckpointNotFoundError, ConfigError, ShapeError, WrongBaseModelError
 
 __all__ = ["POLICY_NAMES", "DEFAULT_TOKENIZER_DIR", "make_policy", "RFSQRoundTripPolicy"]
 
@@ -28,6 +36,8 @@ DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer_
 POLICY_NAMES: dict[str, str] = {
     "expert": "scripted privileged expert (reads object poses from the raw LIBERO obs)",
     "expert-rfsq": "the expert's chunks round-tripped through the RFSQ tokenizer (expert-rfsq:DIR for another one)",
+    "openvla-oft:PATH": "OpenVLA-OFT's L1 pipeline from a local checkpoint dir fine-tuned for --suite "
+                        "(openvla-oft:PATH@UNNORM_KEY to run it on another suite on purpose)",
     "<dir>": "a directory saved by RSDPolicy/L1Policy.save_pretrained",
 }
 
@@ -94,9 +104,45 @@ def _expert() -> Any:
     return ScriptedExpert()
 
 
-def make_policy(spec: str, *, device: str | None = None) -> Any:
+def _default_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _openvla_oft(body: str, suite: str | None, device: str | None) -> Any:
+    """``PATH`` or ``PATH@UNNORM_KEY`` (the text after ``openvla-oft:``) -> ``OFTL1Policy`` for ``suite``."""
+    path, at, key = body.rpartition("@")
+    if not at or not key or "/" in key or Path(body).is_dir():  # a directory whose name holds an '@' is a path
+        path, key = body, None
+    if not path:
+        raise ConfigError("openvla-oft needs a checkpoint directory: --policy openvla-oft:PATH.")
+    if suite is None:
+        raise ConfigError(f"policy {'openvla-oft:' + body!r} is loaded for one LIBERO suite: pass suite= "
+                          f"(rsd eval and rsd collect pass their --suite).")
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(
+            f"OpenVLA-OFT checkpoint directory {directory} does not exist. Download the checkpoint for {suite} "
+            f"first, e.g. `hf download moojink/openvla-7b-oft-finetuned-{suite.replace('_', '-')} "
+            f"--local-dir {directory}`, and pass that directory (rsd eval never downloads).")
+    from rsd.backbones.openvla import OFTL1Policy, OpenVLAOFTBackbone
+
+    try:
+        backbone = OpenVLAOFTBackbone.from_pretrained(directory, suite, unnorm_key=key,
+                                                      allow_suite_mismatch=key is not None,
+                                                      device=_default_device(device), local_files_only=True)
+    except WrongBaseModelError as exc:
+        raise WrongBaseModelError(
+            f"{exc} From the command line: --policy openvla-oft:{path}@UNNORM_KEY names the statistics to use "
+            f"and runs it on {suite} anyway.") from exc
+    return OFTL1Policy(backbone)
+
+
+def make_policy(spec: str, *, suite: str | None = None, device: str | None = None) -> Any:
     """Resolve a ``--policy`` value to a Policy (see the module docstring).
 
+    ``suite`` is the LIBERO suite the policy will run on (needed by ``openvla-oft:``; the others ignore it).
     ``device`` applies to learned policies (default: ``cuda`` when available, else ``cpu``).
     """
     if not isinstance(spec, str) or not spec:
@@ -106,12 +152,12 @@ def make_policy(spec: str, *, device: str | None = None) -> Any:
     if spec == "expert-rfsq" or spec.startswith("expert-rfsq:"):
         directory = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_TOKENIZER_DIR
         return RFSQRoundTripPolicy.from_dir(_expert(), directory)
+    if spec == "openvla-oft" or spec.startswith("openvla-oft:"):
+        return _openvla_oft(spec.removeprefix("openvla-oft").removeprefix(":"), suite, device)
     path = Path(spec)
     if path.is_dir():
-        import torch
-
         from rsd.policy import load_policy
 
-        return load_policy(path, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return load_policy(path, device=_default_device(device))
     listed = "; ".join(f"{name}: {what}" for name, what in POLICY_NAMES.items())
     raise ConfigError(f"unknown policy {spec!r} (not a name, and no directory of that name exists). Known: {listed}.")

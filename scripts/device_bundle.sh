@@ -175,6 +175,9 @@ from pathlib import Path
 
 from PIL import Image
 
+sys.path.insert(0, sys.argv[6])  # scripts/: _png.py, shared with device_eval.sh
+from _png import png_chunks  # noqa: E402
+
 trace_path, bundle, cache, suites_arg = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 suites = suites_arg.split(",")
 trace = json.loads(trace_path.read_text())
@@ -268,30 +271,7 @@ for dist in ("robosuite", "hf_libero"):
 
 
 # -- textures: RGB/RGBA 8-bit PNGs travel as lossless WebP (decoded pixels hashed both ends) plus their other PNG
-#    chunks: MuJoCo's colorspace="auto" reads the sRGB chunk (without it the floor renders brighter)
-def png_chunks(data: bytes) -> tuple[bytes, list[list]]:
-    """-> (IHDR data, [[type, base64 data, after_idat], ...] of every chunk but IHDR/IDAT/IEND, in order)."""
-    import base64
-    import struct
-
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise SystemExit("not a PNG")
-    pos, ihdr, seen_idat, out = 8, b"", False, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        ctype, body = data[pos + 4:pos + 8].decode("latin-1"), data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if ctype == "IHDR":
-            ihdr = body
-        elif ctype == "IDAT":
-            seen_idat = True
-        elif ctype == "IEND":
-            break
-        else:
-            out.append([ctype, base64.b64encode(body).decode(), seen_idat])
-    return ihdr, out
-
-
+#    chunks (scripts/_png.py): MuJoCo's colorspace="auto" reads the sRGB chunk (without it the floor renders brighter)
 def to_webp(src: Path) -> dict:
     key = file_sha(src)
     webp = cache / "webp" / f"{key}.webp"
@@ -314,7 +294,10 @@ def to_webp(src: Path) -> dict:
     tmp = webp.with_suffix(".partial")
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, webp)
-    ihdr, chunks = png_chunks(src.read_bytes())
+    try:
+        ihdr, chunks = png_chunks(src.read_bytes())
+    except ValueError as exc:
+        raise SystemExit(f"{src}: {exc}") from exc
     meta = {"webp": str(webp), "mode": im.mode, "size": list(im.size), "pixels_sha256": pixels,
             "png_bytes": src.stat().st_size, "ihdr_head": ihdr[:10].hex(), "chunks": chunks}
     meta_file.write_text(json.dumps(meta))
@@ -387,7 +370,7 @@ for w in "${WHEELS[@]}" bddl==1.0.1; do
     [[ ${#f[@]} -eq 1 ]] || die "several wheels for $w in $CACHE/wheels: ${f[*]} (delete all but one)"
     WHEEL_FILES+="$(basename "${f[0]}") "
 done
-OMP_NUM_THREADS=1 "$PY" "$BUILD_PY" "$TRACE" "$BUNDLE" "$CACHE" "$SUITES" "$WHEEL_FILES"
+OMP_NUM_THREADS=1 "$PY" "$BUILD_PY" "$TRACE" "$BUNDLE" "$CACHE" "$SUITES" "$WHEEL_FILES" "$ROOT/scripts"
 rm -f "$BUILD_PY"
 
 # ---------------------------------------------------------------- 4. size check (what one device call carries)

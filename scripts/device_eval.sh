@@ -36,21 +36,21 @@ mkdir -p "$BASE"
 
 # ---------------------------------------------------------------- 1. install the bundle (once per bundle id)
 t0=$(date +%s.%N)
-SITE="$("$PY" - "$BUNDLE" "$BASE" <<'EOF'
-import base64
+SITE="$("$PY" - "$BUNDLE" "$BASE" "$ROOT/scripts" <<'EOF'
 import concurrent.futures as cf
 import hashlib
 import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
 import time
-import zlib
 from pathlib import Path
+
+sys.path.insert(0, sys.argv[3])  # scripts/: _png.py, shared with device_bundle.sh
+from _png import png_chunks, with_chunks  # noqa: E402
 
 bundle, base = Path(sys.argv[1]), Path(sys.argv[2])
 manifest = json.loads((bundle / "MANIFEST.json").read_text())
@@ -111,13 +111,7 @@ def decode(item):
     # pHYs, text...) go back in their places around IDAT (Pillow's pnginfo would drop pHYs and eXIf)
     buf = io.BytesIO()
     Image.frombytes(meta["mode"], im.size, im.tobytes()).save(buf, "PNG", compress_level=1)
-    encoded = png_raw_chunks(buf.getvalue())
-    theirs = [(t, base64.b64decode(b), after) for t, b, after in meta["chunks"]]
-    parts = [encoded[0]] + [(t, b) for t, b, after in theirs if not after]
-    parts += [c for c in encoded if c[0] == "IDAT"] + [(t, b) for t, b, after in theirs if after] + [("IEND", b"")]
-    data = b"\x89PNG\r\n\x1a\n" + b"".join(
-        struct.pack(">I", len(b)) + t.encode("latin-1") + b + struct.pack(">I", zlib.crc32(t.encode("latin-1") + b))
-        for t, b in parts)
+    data = with_chunks(buf.getvalue(), meta["chunks"])
     out = site / rel
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)
@@ -129,36 +123,6 @@ def decode(item):
     if ihdr[:10].hex() != meta["ihdr_head"] or chunks != meta["chunks"]:
         return f"{rel}: restored PNG header/chunks differ from the original's"
     return None
-
-
-def png_raw_chunks(data):
-    """-> [(type, data), ...] of a PNG file, IHDR first."""
-    pos, out = 8, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        out.append((data[pos + 4:pos + 8].decode("latin-1"), data[pos + 8:pos + 8 + length]))
-        pos += 12 + length
-    if not out or out[0][0] != "IHDR":
-        raise ValueError("PNG without IHDR first")
-    return out
-
-
-def png_chunks(data):
-    """-> (IHDR data, [[type, base64 data, after_idat], ...] of every chunk but IHDR/IDAT/IEND, in order)."""
-    pos, ihdr, seen_idat, out = 8, b"", False, []
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        ctype, body = data[pos + 4:pos + 8].decode("latin-1"), data[pos + 8:pos + 8 + length]
-        pos += 12 + length
-        if ctype == "IHDR":
-            ihdr = body
-        elif ctype == "IDAT":
-            seen_idat = True
-        elif ctype == "IEND":
-            break
-        else:
-            out.append([ctype, base64.b64encode(body).decode(), seen_idat])
-    return ihdr, out
 
 
 from PIL import features  # noqa: E402

@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists():
         raise ConfigError(f"{args.out} exists; choose another --out or delete it first.")
     t0 = time.perf_counter()
-    report = collect(args.suite, task_ids, args.episodes_per_task, args.out, policy=make_policy(args.policy),
+    report = collect(args.suite, task_ids, args.episodes_per_task, args.out,
+                     policy=make_policy(args.policy, suite=args.suite),
                      policy_spec=args.policy, render=args.render, camera_size=args.camera_size, seed=args.seed,
                      command=shlex.join(["rsd", *sys.argv[1:]]), progress=not args.no_progress)
     wall = time.perf_counter() - t0

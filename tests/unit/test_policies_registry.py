@@ -1,0 +1,109 @@
+"""``rsd.policies_registry.make_policy`` for ``openvla-oft:PATH[@UNNORM_KEY]`` on a tiny OpenVLA-OFT checkpoint
+built locally (tests/_openvla_tiny.py), and the suite it gets from ``rsd eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pytest
+
+from rsd import eval as ev
+from rsd.backbones.openvla import OFTL1Policy, OpenVLAOFTBackbone
+from rsd.errors import CheckpointNotFoundError, ConfigError, UnknownUnnormKeyError, WrongBaseModelError
+from rsd.policies_registry import POLICY_NAMES, make_policy
+from tests._openvla_tiny import INSTRUCTIONS, build_tiny_oft_checkpoint, tiny_observation
+
+pytestmark = pytest.mark.unit
+
+SPATIAL = "openvla-7b-oft-finetuned-libero-spatial"  # stats key libero_spatial_no_noops
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_oft_checkpoint(tmp_path_factory.mktemp("ckpt") / SPATIAL)
+
+
+@pytest.fixture(scope="module")
+def direct_actions(checkpoint: Path) -> np.ndarray:
+    """OFT's pipeline built by hand, the reference the registry must reproduce: actions [C, A] = [8, 7]."""
+    policy = OFTL1Policy(OpenVLAOFTBackbone.from_pretrained(checkpoint, "libero_spatial", device="cpu"))
+    return policy.predict_chunk(tiny_observation(3), INSTRUCTIONS[0]).actions
+
+
+def test_openvla_oft_spec_is_ofts_own_pipeline(checkpoint: Path, direct_actions: np.ndarray) -> None:
+    policy = make_policy(f"openvla-oft:{checkpoint}", suite="libero_spatial", device="cpu")
+    assert isinstance(policy, OFTL1Policy)
+    assert (policy.backbone.suite, policy.backbone.unnorm_key) == ("libero_spatial", "libero_spatial_no_noops")
+    policy.reset()
+    chunk = policy.predict_chunk(tiny_observation(3), INSTRUCTIONS[0])
+    assert chunk.actions.shape == (8, 7) and chunk.actions.dtype == np.float32
+    assert direct_actions.shape == (8, 7) and np.ptp(direct_actions[:, :6]) > 0  # not a constant chunk
+    np.testing.assert_array_equal(chunk.actions, direct_actions)
+    assert chunk.info["unnorm_key"] == "libero_spatial_no_noops"
+
+
+def test_wrong_suite_is_refused_with_the_command_line_override(checkpoint: Path) -> None:
+    with pytest.raises(WrongBaseModelError, match=r"libero_object.*--policy openvla-oft:.*@UNNORM_KEY"):
+        make_policy(f"openvla-oft:{checkpoint}", suite="libero_object", device="cpu")
+
+
+def test_unnorm_key_suffix_runs_a_checkpoint_on_another_suite_on_purpose(checkpoint: Path,
+                                                                         direct_actions: np.ndarray) -> None:
+    policy = make_policy(f"openvla-oft:{checkpoint}@libero_spatial_no_noops", suite="libero_object", device="cpu")
+    assert (policy.backbone.suite, policy.backbone.unnorm_key) == ("libero_object", "libero_spatial_no_noops")
+    # same weights, same statistics: the suite only gates loading, the actions are the spatial ones
+    np.testing.assert_array_equal(policy.predict_chunk(tiny_observation(3), INSTRUCTIONS[0]).actions, direct_actions)
+    with pytest.raises(UnknownUnnormKeyError, match="libero_spatial_no_noops"):
+        make_policy(f"openvla-oft:{checkpoint}@libero_object_no_noops", suite="libero_object", device="cpu")
+
+
+def test_a_directory_whose_name_holds_an_at_sign_is_a_path(checkpoint: Path, tmp_path: Path) -> None:
+    link = tmp_path / "oft@step150000"
+    link.symlink_to(checkpoint, target_is_directory=True)
+    policy = make_policy(f"openvla-oft:{link}", suite="libero_spatial", device="cpu")
+    assert policy.backbone.unnorm_key == "libero_spatial_no_noops"
+
+
+def test_missing_checkpoint_and_missing_suite_raise(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-checkpoint"
+    with pytest.raises(CheckpointNotFoundError, match=rf"{missing} does not exist.*hf download .*libero-goal"):
+        make_policy(f"openvla-oft:{missing}", suite="libero_goal", device="cpu")
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):  # a key does not make it a path
+        make_policy(f"openvla-oft:{missing}@libero_goal", suite="libero_goal", device="cpu")
+    with pytest.raises(ConfigError, match="pass suite="):
+        make_policy(f"openvla-oft:{missing}", device="cpu")
+    for bare in ("openvla-oft", "openvla-oft:", "openvla-oft:@libero_goal"):
+        with pytest.raises(ConfigError, match="needs a checkpoint directory"):
+            make_policy(bare, suite="libero_goal", device="cpu")
+
+
+def test_unknown_spec_lists_openvla_oft() -> None:
+    assert "openvla-oft:PATH" in POLICY_NAMES
+    with pytest.raises(ConfigError, match=r"Known: .*openvla-oft:PATH"):
+        make_policy("openvla", suite="libero_spatial")
+
+
+class _NoEpisodes:
+    def results(self, keys: Sequence[ev.EpisodeKey]) -> Iterator[ev.EpisodeResult]:
+        return iter(())
+
+
+def test_rsd_eval_passes_its_suite_to_the_policy(checkpoint: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    factories: list[Callable[[], Any]] = []
+
+    def runner(config: ev.EvalConfig, policy_factory: Callable[[], Any]) -> _NoEpisodes:
+        factories.append(policy_factory)
+        return _NoEpisodes()
+
+    monkeypatch.setattr(ev, "_default_runner", runner)
+    for suite in ("libero_spatial", "libero_object"):
+        config = ev.EvalConfig(suite=suite, policy=f"openvla-oft:{checkpoint}", out=tmp_path / suite, trials=1,
+                               render=False, video="none", progress=False, plot=False, device="cpu")
+        ev.evaluate(config, [0])
+    spatial, object_ = factories
+    assert spatial().backbone.suite == "libero_spatial"
+    with pytest.raises(WrongBaseModelError, match="libero_object"):
+        object_()
