@@ -12,8 +12,9 @@ Files in ``--out DIR``:
 - ``episodes.jsonl``: one JSON line per finished episode, appended by the parent process only, each as a
   single ``write`` of the whole line + flush + fsync, under an exclusive lock on ``DIR/.lock``. A killed
   eval loses at most the episodes in flight; ``--resume`` skips every (task, trial) already recorded.
-- ``run.json``: what the episodes depend on (suite, policy, seed, render, camera size, protocol); ``--resume``
-  refuses a different one.
+- ``run.json``: what the episodes depend on (suite, policy, seed, render, camera size, protocol, ``fast``);
+  ``--resume`` refuses a different one (a ``run.json`` written before ``--fast`` existed reads as
+  ``fast: false``).
 - ``summary.json`` / ``summary.png``: per-task and overall success with Wilson 95 % intervals, mean steps,
   policy latency per chunk (p50/p90), versions, renderer, seed, date, command; the same table is printed.
 - ``videos/``: one mp4 per episode (rotated 256 px agentview, 30 fps), all or failures only.
@@ -21,6 +22,13 @@ Files in ``--out DIR``:
 An exception anywhere in an episode (policy or env) records that episode with its error, stops the eval,
 writes the summary and exits 1: nothing fails silently. ``--resume`` re-runs errored episodes; the summary
 counts each (task, trial) once, from its last record.
+
+``--fast`` runs a learned policy on rsd's CUDA fast path (``rsd.policies_registry``): a backbone with one
+(OpenVLA-OFT) compiled and replayed through CUDA graphs, a greedy RSD policy's heads + argmax + detokenize
+as one compiled CUDA graph; a speculative RSD policy keeps its speculative decoder (only its backbone gets
+faster). Actions match the eager policy's within each part's tolerance (bf16 rounding, argmax ties), the
+latencies do not, so ``fast`` is recorded in ``run.json`` and ``summary.json`` and ``--resume`` needs the same
+value. A scripted policy, a non-CUDA device or a policy with nothing on a fast path is a ConfigError.
 """
 
 from __future__ import annotations
@@ -66,8 +74,10 @@ PLOT_NAME = "summary.png"
 VIDEO_DIR = "videos"
 LOCK_NAME = ".lock"
 VIDEO_MODES = ("all", "failures", "none")
-# run.json keys an episode's outcome depends on: --resume must match them all
-_RUN_KEYS = ("suite", "policy", "seed", "render", "camera_size", "max_steps", "num_steps_wait")
+# run.json keys the recorded episodes depend on (their outcome; for fast, their latencies): --resume matches them all
+_RUN_KEYS = ("suite", "policy", "seed", "render", "camera_size", "max_steps", "num_steps_wait", "fast")
+# what a run.json written before a key existed meant by its absence
+_RUN_KEY_DEFAULTS: dict[str, Any] = {"fast": False}
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -93,6 +103,7 @@ class EvalConfig:
     progress: bool = True
     device: str | None = None  # learned policies: default cuda when available
     plot: bool = True  # summary.png (matplotlib)
+    fast: bool = False  # learned policies on the CUDA fast path (rsd.policies_registry); recorded in run.json
 
     def __post_init__(self) -> None:
         protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
@@ -113,6 +124,10 @@ class EvalConfig:
             if not self.tasks:
                 raise ConfigError("--tasks selects no task.")
             object.__setattr__(self, "tasks", tuple(int(t) for t in self.tasks))
+        if self.fast:  # before anything is written: a scripted policy or an explicit non-CUDA --device
+            from rsd.policies_registry import check_fast
+
+            check_fast(self.policy, self.device)
 
     @property
     def max_steps(self) -> int:
@@ -122,7 +137,7 @@ class EvalConfig:
         """What every recorded episode depends on (written to ``run.json``)."""
         return {"suite": self.suite, "policy": self.policy, "seed": self.seed, "render": self.render,
                 "camera_size": self.camera_size, "max_steps": self.max_steps,
-                "num_steps_wait": protocol.NUM_STEPS_WAIT}
+                "num_steps_wait": protocol.NUM_STEPS_WAIT, "fast": self.fast}
 
 
 @dataclass(frozen=True, order=True)
@@ -749,7 +764,8 @@ def _check_run_record(path: Path, config: EvalConfig) -> None:
     wanted = config.run_record()
     if config.resume and path.is_file():
         saved = json.loads(path.read_text())
-        diffs = {k: (saved.get(k), wanted[k]) for k in _RUN_KEYS if saved.get(k) != wanted[k]}
+        recorded = {k: saved.get(k, _RUN_KEY_DEFAULTS.get(k)) for k in _RUN_KEYS}
+        diffs = {k: (recorded[k], wanted[k]) for k in _RUN_KEYS if recorded[k] != wanted[k]}
         if diffs:
             listed = ", ".join(f"{k}: recorded {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
             raise ConfigError(f"--resume with settings that differ from the recorded run in {config.out} ({listed}); "
@@ -786,7 +802,8 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
 
                 from rsd.policies_registry import make_policy
 
-                policy_factory = partial(make_policy, config.policy, suite=config.suite, device=config.device)
+                policy_factory = partial(make_policy, config.policy, suite=config.suite, device=config.device,
+                                         fast=config.fast)
             runner = _default_runner(config, policy_factory) if todo else None
 
         bar = _progress(total=len(keys), initial=len(done), enabled=config.progress)
@@ -813,7 +830,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
         summary = summarize(records, keys)
         summary.update({
             "suite": config.suite, "policy": config.policy, "seed": config.seed, "render": config.render,
-            "camera_size": config.camera_size, "trials": config.trials, "tasks": list(task_ids),
+            "camera_size": config.camera_size, "fast": config.fast, "trials": config.trials, "tasks": list(task_ids),
             "protocol": {"max_steps": config.max_steps, "num_steps_wait": protocol.NUM_STEPS_WAIT,
                          "dummy_action": list(protocol.DUMMY_ACTION), "success": "done flag of env.step",
                          "seeding": "random/numpy/torch seeded before every episode"},
@@ -827,7 +844,8 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
         })
         _write_json_atomic(out / SUMMARY_NAME, summary)
         if config.plot:
-            _plot(summary, out / PLOT_NAME, f"{config.suite} · {config.policy} · seed {config.seed}")
+            _plot(summary, out / PLOT_NAME, f"{config.suite} · {config.policy}{' · fast' if config.fast else ''} "
+                                            f"· seed {config.seed}")
     print(format_table(summary))
     print(f"wrote {out / SUMMARY_NAME}{', ' + str(out / PLOT_NAME) if config.plot else ''} and {out / RESULTS_NAME} "
           f"({new} new episodes)")
@@ -890,7 +908,8 @@ def parse_task_ids(text: str | None) -> tuple[int, ...] | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="libero_spatial", choices=protocol.SUITES)
     parser.add_argument("--policy", required=True,
-                        help="policy name (expert, expert-rfsq) or a directory saved by RSDPolicy/L1Policy")
+                        help="expert, expert-rfsq[:DIR], openvla-oft:PATH[@UNNORM_KEY], or a directory saved by "
+                             "RSDPolicy/L1Policy (rsd.policies_registry)")
     parser.add_argument("--trials", type=int, default=protocol.NUM_TRIALS_PER_TASK,
                         help="trials per task; trial i starts from init state i (default 50)")
     parser.add_argument("--tasks", default=None, help="task ids, e.g. '0,3' or '0-4' (default: all)")
@@ -905,6 +924,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera-size", type=int, default=protocol.CAMERA_SIZE)
     parser.add_argument("--max-episodes", type=int, default=None, help="stop after this many new episodes")
     parser.add_argument("--device", default=None, help="device of learned policies (default: cuda if available)")
+    parser.add_argument("--fast", action="store_true",
+                        help="learned policies on rsd's CUDA fast path: a backbone with one (OpenVLA-OFT) compiled "
+                             "+ CUDA graphs; a greedy RSD policy's heads+argmax+detokenize as one compiled CUDA "
+                             "graph (codes = eager argmax up to float ties); a speculative RSD policy keeps its "
+                             "decoder, only its backbone is sped up. Needs a CUDA --device and a learned policy "
+                             "(error otherwise); recorded in run.json, --resume needs the same value")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -929,7 +954,7 @@ def run(args: argparse.Namespace) -> int:
                         tasks=parse_task_ids(args.tasks), workers=args.workers, video=video, render=args.render,
                         resume=args.resume, seed=args.seed, camera_size=args.camera_size,
                         max_episodes=args.max_episodes, command=shlex.join(["rsd", *sys.argv[1:]]),
-                        progress=not args.no_progress, device=args.device)
+                        progress=not args.no_progress, device=args.device, fast=args.fast)
     task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)
     return evaluate(config, task_ids).exit_code
 

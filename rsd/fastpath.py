@@ -167,9 +167,16 @@ class GraphedRSDDecoder:
         self._decode_fn = (torch.compile(greedy_decode_with_flags, dynamic=False, mode=compile_mode) if compile
                            else greedy_decode_with_flags)
         self._graph = CudaGraphFn(self._run, device=device)
+        self._packed_graph = CudaGraphFn(self._run_packed, device=device)
 
     def _run(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._decode_fn(self.head, self.tokenizer, hidden)
+
+    def _run_packed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`_run`'s three outputs in one float32 vector ``[codes | actions | flags]`` (codes < G are
+        exact in float32), so :meth:`decode_to_host` needs one device->host copy instead of three."""
+        codes, actions, flags = self._run(hidden)
+        return torch.cat([codes.flatten().float(), actions.flatten().float(), flags.float()])
 
     def decode(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden`` [B, D] (CUDA) -> (codes ``[B, C, H, L]``, normalized actions ``[B, C, A]``), CUDA tensors."""
@@ -179,12 +186,16 @@ class GraphedRSDDecoder:
         return codes, actions
 
     def decode_to_host(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`decode` with CPU results: the graph's outputs go to pinned memory behind the replay, and
-        the one stream sync waits for both (no separate device->host copy afterwards)."""
+        """:meth:`decode` with CPU results (codes int64, actions float32): a second graph packs codes,
+        actions and flags into one vector, which goes to pinned memory behind the replay; the one stream
+        sync waits for it (``python -m rsd.gpu_bench --heads-only`` times it against three copies)."""
         self._check_hidden_layout(hidden)
-        codes, actions, flags = self._graph.to_host(hidden)
-        self._raise_on_flags(flags.tolist())
-        return codes, actions
+        packed = self._packed_graph.to_host(hidden)
+        cfg, batch = self.cfg, hidden.shape[0]
+        n_codes, n_actions = batch * cfg.chunk_len * cfg.latent_dim * cfg.num_layers, batch * cfg.chunk_len * cfg.action_dim
+        self._raise_on_flags(packed[n_codes + n_actions:].bool().tolist())
+        codes = packed[:n_codes].to(torch.int64).view(batch, cfg.chunk_len, cfg.latent_dim, cfg.num_layers)
+        return codes, packed[n_codes: n_codes + n_actions].view(batch, cfg.chunk_len, cfg.action_dim)
 
     def _raise_on_flags(self, flags: list[bool]) -> None:
         hidden_finite, actions_finite, codes_in_range = flags

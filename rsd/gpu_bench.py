@@ -513,7 +513,8 @@ def heads_breakdown(device: str = "cuda", iters: int = 200, *, warmup: int = 20,
     the compiled graph (each inductor ``mode`` in ``modes``), as GPU time of the replay (CUDA events) and
     wall time of ``decode`` (one sync) and ``decode_to_host`` (what ``RSDPolicy(graphed=True)`` calls),
     each measured twice: after an idle second and right after 2 s of large bf16 matmuls (a busy, hot GPU),
-    with the SM clock read (NVML) before each. -> JSON-able dict."""
+    with the SM clock read (NVML) before each; plus the parts: the bare graph replay (GPU) and the
+    unpacked graph copied to the host as three tensors (wall). -> JSON-able dict."""
     from rsd.config import RSDConfig
     from rsd.fastpath import GraphedRSDDecoder, argmax_regret
 
@@ -568,6 +569,11 @@ def heads_breakdown(device: str = "cuda", iters: int = 200, *, warmup: int = 20,
                 row[f"{state}_decode_wall"] = summarize(time_wall(lambda: decoder.decode(hidden), warmup=warmup, iters=iters))
                 row[f"{state}_to_host_wall"] = summarize(time_wall(lambda: decoder.decode_to_host(hidden), warmup=warmup,
                                                                    iters=iters))
+                # the parts: the bare replay (GPU), and the unpacked graph's three copies to the host (wall)
+                graph = next(iter(decoder._graph._graphs.values()))
+                row[f"{state}_replay_only_gpu"] = summarize(time_cuda(graph.graph.replay, warmup=warmup, iters=iters))
+                row[f"{state}_three_copies_to_host_wall"] = summarize(time_wall(lambda: decoder._graph.to_host(hidden),
+                                                                                warmup=warmup, iters=iters))
             row["kernels"] = kernel_breakdown(lambda: decoder._run(hidden), top=4)
             out["variants"][name] = row
     return out
@@ -616,9 +622,11 @@ def main(argv: list[str] | None = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(text + "\n")
         for name, row in result["variants"].items():
-            print(f"{name:40s} " + "  ".join(f"{state}: clock {row[f'{state}_sm_clock_mhz']} gpu {row[f'{state}_graph_gpu']['p50']:.3f} "
-                                            f"decode {row[f'{state}_decode_wall']['p50']:.3f} host {row[f'{state}_to_host_wall']['p50']:.3f} "
-                                            f"(p90 {row[f'{state}_to_host_wall']['p90']:.3f})" for state in ("idle", "after_load"))
+            print(f"{name:18s} " + "  ".join(f"{state}: clock {row[f'{state}_sm_clock_mhz']} replay {row[f'{state}_replay_only_gpu']['p50']:.3f} "
+                                            f"gpu {row[f'{state}_graph_gpu']['p50']:.3f} decode {row[f'{state}_decode_wall']['p50']:.3f} "
+                                            f"3 copies {row[f'{state}_three_copies_to_host_wall']['p50']:.3f} to_host "
+                                            f"{row[f'{state}_to_host_wall']['p50']:.3f} (p90 {row[f'{state}_to_host_wall']['p90']:.3f})"
+                                            for state in ("idle", "after_load"))
                   + f"  regret {row['max_regret_256']:.2e}")
         return 0
     result = run_breakdown(iters=args.iters, size=args.size, num_images=args.num_images, fast=not args.no_fast,

@@ -18,10 +18,29 @@
 
 Anything else raises :class:`ConfigError` listing the names. Model code is imported only when the spec
 needs it, so the simulator never depends on model internals.
+
+``fast=True`` (``rsd eval --fast``) runs a learned policy on rsd's CUDA fast path:
+
+- a backbone with a fast path (``set_fast``: ``OpenVLAOFTBackbone``, ``OpenVLAShapedBackbone``) gets
+  ``set_fast(True, compile=True)``: its optimized model, inductor-compiled, replayed through CUDA graphs
+  (the first chunk of each prompt length pays the compile and the capture);
+- an RSD policy that decodes greedily is built with ``graphed=True, compile_heads=True``: heads + argmax +
+  layout + detokenize as one compiled CUDA graph, whose codes are eager's argmax up to float-rounding ties
+  (``rsd.fastpath.argmax_regret``);
+- an RSD policy saved with speculative decoding keeps its speculative decoder (the graphed decoder is
+  greedy, and ``--fast`` never changes how a policy decodes): only its backbone gets faster, which is said on
+  stderr (each chunk's ``info`` also carries ``speculative: True, graphed: False``).
+
+``--fast`` never passes silently: a scripted policy (``expert``, ``expert-rfsq``), a device that is not CUDA,
+or a learned policy with nothing on a fast path (e.g. a speculative RSD policy or an L1 policy on a backbone
+without ``set_fast``, like ``TinyBackbone`` / ``HFBackbone``) raises :class:`ConfigError` saying what to change.
+Actions stay those of the eager policy within the tolerance of each part (bf16 rounding for a compiled
+backbone, argmax ties for the compiled heads); timings change, which is why ``rsd eval`` records ``fast``.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,7 +49,7 @@ import numpy as np
 
 from rsd.errors import ActionGenerationError, CheckpointNotFoundError, ConfigError, ShapeError, WrongBaseModelError
 
-__all__ = ["POLICY_NAMES", "DEFAULT_TOKENIZER_DIR", "make_policy", "RFSQRoundTripPolicy"]
+__all__ = ["POLICY_NAMES", "DEFAULT_TOKENIZER_DIR", "make_policy", "check_fast", "RFSQRoundTripPolicy"]
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer_libero"
 POLICY_NAMES: dict[str, str] = {
@@ -110,6 +129,57 @@ def _default_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _is_scripted(spec: str) -> bool:
+    return spec == "expert" or spec == "expert-rfsq" or spec.startswith("expert-rfsq:")
+
+
+def _check_fast_device(device: str | None) -> None:
+    """``--fast`` on ``device`` (None: the default, resolved without torch only when given): CUDA or ConfigError."""
+    if device is None:
+        return
+    if device.split(":", 1)[0] != "cuda":
+        raise ConfigError(f"--fast runs the policy through CUDA graphs and needs a CUDA device, got --device "
+                          f"{device}: pass --device cuda (on a GPU machine) or drop --fast.")
+
+
+def check_fast(spec: str, device: str | None) -> None:
+    """Raise :class:`ConfigError` when ``fast=True`` cannot apply to ``spec`` on ``device``, without loading it.
+
+    Checked here: a scripted policy (nothing to speed up) and an explicit ``device`` that is not CUDA. A
+    default device (None) is resolved, and a learned policy with nothing on a fast path is found, by
+    :func:`make_policy` when it loads the policy.
+    """
+    if _is_scripted(spec):
+        raise ConfigError(f"--fast speeds up learned policies (their backbone and RSD heads on CUDA); {spec!r} is a "
+                          f"scripted policy with no network to speed up: drop --fast.")
+    _check_fast_device(device)
+
+
+def _fast_device(spec: str, device: str | None) -> str:
+    """The device a ``fast=True`` policy is loaded on: ``device`` or the default, CUDA or ConfigError."""
+    check_fast(spec, device)
+    resolved = _default_device(device)
+    if device is None and resolved != "cuda":
+        raise ConfigError("--fast runs the policy through CUDA graphs, and torch sees no CUDA device (the default "
+                          "--device is cpu here): run on a GPU machine, or drop --fast.")
+    return resolved
+
+
+def _announce_fast(policy: Any) -> None:
+    """One stderr line saying what ``fast=True`` put on the fast path (and what it kept), per process."""
+    from rsd.policy import RSDPolicy
+
+    backbone = getattr(policy, "backbone", None)
+    parts = []
+    if getattr(backbone, "fast", False):
+        parts.append(f"backbone {type(backbone).__name__}: compiled, CUDA graphs")
+    if isinstance(policy, RSDPolicy):
+        parts.append("RSD decoder: speculative, kept as saved (the graphed decoder is greedy-only); only the "
+                     "backbone is faster" if policy.speculative else
+                     "RSD heads + argmax + detokenize: one compiled CUDA graph")
+    print(f"rsd: --fast: {type(policy).__name__}: {'; '.join(parts)}", file=sys.stderr)
+
+
 def _openvla_oft(body: str, suite: str | None, device: str | None) -> Any:
     """``PATH`` or ``PATH@UNNORM_KEY`` (the text after ``openvla-oft:``) -> ``OFTL1Policy`` for ``suite``."""
     path, at, key = body.rpartition("@")
@@ -139,25 +209,35 @@ def _openvla_oft(body: str, suite: str | None, device: str | None) -> Any:
     return OFTL1Policy(backbone)
 
 
-def make_policy(spec: str, *, suite: str | None = None, device: str | None = None) -> Any:
+def make_policy(spec: str, *, suite: str | None = None, device: str | None = None, fast: bool = False) -> Any:
     """Resolve a ``--policy`` value to a Policy (see the module docstring).
 
     ``suite`` is the LIBERO suite the policy will run on (needed by ``openvla-oft:``; the others ignore it).
     ``device`` applies to learned policies (default: ``cuda`` when available, else ``cpu``).
+    ``fast``: the CUDA fast path (module docstring); ConfigError where it cannot apply.
     """
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
+    if fast:
+        device = _fast_device(spec, device)
     if spec == "expert":
         return _expert()
     if spec == "expert-rfsq" or spec.startswith("expert-rfsq:"):
         directory = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_TOKENIZER_DIR
         return RFSQRoundTripPolicy.from_dir(_expert(), directory)
     if spec == "openvla-oft" or spec.startswith("openvla-oft:"):
-        return _openvla_oft(spec.removeprefix("openvla-oft").removeprefix(":"), suite, device)
+        policy = _openvla_oft(spec.removeprefix("openvla-oft").removeprefix(":"), suite, device)
+        if fast:
+            policy.backbone.set_fast(True, compile=True)
+            _announce_fast(policy)
+        return policy
     path = Path(spec)
     if path.is_dir():
         from rsd.policy import load_policy
 
-        return load_policy(path, device=_default_device(device))
+        policy = load_policy(path, device=_default_device(device), fast=fast)
+        if fast:
+            _announce_fast(policy)
+        return policy
     listed = "; ".join(f"{name}: {what}" for name, what in POLICY_NAMES.items())
     raise ConfigError(f"unknown policy {spec!r} (not a name, and no directory of that name exists). Known: {listed}.")

@@ -121,7 +121,7 @@ class _LearnedPolicy:
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
         hidden = self.backbone.encode(observation, instruction)
-        check_hidden(hidden, self.config.hidden_dim)
+        hidden, hidden_norm = check_hidden(hidden, self.config.hidden_dim, return_norm=True)  # one host sync
         hidden = hidden.to(self.device, torch.float32)
         if hidden.shape[0] != 1:
             raise ShapeError(f"predict_chunk takes one observation; the backbone returned a batch of {hidden.shape[0]}.")
@@ -143,7 +143,7 @@ class _LearnedPolicy:
             "policy": self.kind,
             "timing_ms": timing,
             "hidden_shape": list(hidden.shape),
-            "hidden_norm": float(hidden.norm()),
+            "hidden_norm": hidden_norm,
             "action_min": float(actions.min()),
             "action_max": float(actions.max()),
             "first_action": actions[0].tolist(),
@@ -355,12 +355,38 @@ class L1Policy(_LearnedPolicy):
 _KINDS: dict[str, type[_LearnedPolicy]] = {cls.kind: cls for cls in (RSDPolicy, L1Policy)}
 
 
-def load_policy(directory: str | Path, *, device: str | torch.device = "cpu") -> _LearnedPolicy:
-    """Load any saved learned policy (RSD or L1) from ``directory`` by the kind in its ``policy.json``."""
+def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fast: bool = False) -> _LearnedPolicy:
+    """Load any saved learned policy (RSD or L1) from ``directory`` by the kind in its ``policy.json``.
+
+    ``fast`` (CUDA ``device`` only) puts what has one on rsd's fast path: a backbone with ``set_fast`` gets
+    ``set_fast(True, compile=True)``; an RSD policy that decodes greedily is built ``graphed=True,
+    compile_heads=True`` (one compiled CUDA graph; codes = eager's argmax up to float-rounding ties). A
+    speculative RSD policy keeps its speculative decoder (``graphed`` is greedy-only; ``fast`` never changes
+    the decoding mode). ConfigError for a non-CUDA device, and for a policy with nothing on a fast path
+    (a speculative or L1 policy whose backbone has no ``set_fast``).
+    """
     directory = Path(directory)
+    if fast and torch.device(device).type != "cuda":
+        raise ConfigError(f"fast=True runs the policy through CUDA graphs and needs a CUDA device, got {device}: "
+                          f"load it on cuda or pass fast=False (rsd eval: --device cuda, or drop --fast).")
     meta = read_json(directory / "policy.json", what="policy description",
                      hint="Expected a directory written by RSDPolicy/L1Policy.save_pretrained.")
     kind = meta.get("kind")
     if kind not in _KINDS:
         raise ConfigError(f"{directory}: unknown policy kind {kind!r}; known kinds: {sorted(_KINDS)}.")
-    return _KINDS[kind].from_pretrained(directory, device=device)
+    speculative = meta.get("speculative", {}).get("enabled")
+    if speculative is None:  # RSDPolicy's default: speculative when it has a draft head
+        speculative = bool(meta.get("speculative", {}).get("has_draft"))
+    greedy_rsd = kind == RSDPolicy.kind and not speculative
+    graph_heads = {"graphed": True, "compile_heads": True} if fast and greedy_rsd else {}
+    policy = _KINDS[kind].from_pretrained(directory, device=device, **graph_heads)
+    if fast:
+        set_fast = getattr(policy.backbone, "set_fast", None)
+        if set_fast is None and not graph_heads:
+            what = "decodes speculatively (kept: the graphed decoder is greedy-only)" if kind == RSDPolicy.kind \
+                else f"is a {kind!r} policy (its head is not graphed)"
+            raise ConfigError(f"fast=True has nothing to speed up in {directory}: the policy {what} and its "
+                              f"{type(policy.backbone).__name__} has no fast path (set_fast). Drop --fast / fast=True.")
+        if set_fast is not None:
+            set_fast(True, compile=True)
+    return policy

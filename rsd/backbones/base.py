@@ -98,8 +98,9 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
 # the shared hidden-state check
 
 
-def check_hidden(hidden: torch.Tensor, expected_dim: int) -> torch.Tensor:
-    """Validate a backbone output ``hidden`` [B, D]; return it unchanged.
+def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: bool = False) -> Any:
+    """Validate a backbone output ``hidden`` [B, D]; return it unchanged (``return_norm``: ``(hidden, its L2
+    norm as a float)``, read in the same host sync as the checks).
 
     Raises DTypeError (not a floating tensor), ShapeError (not [B, expected_dim] with B >= 1),
     DeadHiddenStateError (non-finite values, or a row that is exactly zero: the seed's
@@ -115,7 +116,8 @@ def check_hidden(hidden: torch.Tensor, expected_dim: int) -> torch.Tensor:
         )
     finite_rows = torch.isfinite(hidden).all(dim=1)  # [B]
     dead = (hidden == 0).all(dim=1)  # [B]
-    all_finite, any_dead = torch.stack([finite_rows.all(), dead.any()]).tolist()  # one host sync
+    read = [finite_rows.all().float(), dead.any().float()] + ([hidden.float().norm()] if return_norm else [])
+    all_finite, any_dead, *norm = torch.stack(read).tolist()  # one host sync
     if not all_finite:
         bad_rows = (~finite_rows).nonzero().flatten().tolist()
         raise DeadHiddenStateError(
@@ -128,7 +130,7 @@ def check_hidden(hidden: torch.Tensor, expected_dim: int) -> torch.Tensor:
             f"hidden state is all zero in batch rows {dead_rows}: the backbone (vision encoder or its "
             f"weights) is not producing features; check that the checkpoint loaded."
         )
-    return hidden
+    return (hidden, norm[0]) if return_norm else hidden
 
 
 # helpers shared by backbones

@@ -107,3 +107,8 @@ def test_rsd_eval_passes_its_suite_to_the_policy(checkpoint: Path, tmp_path: Pat
     assert spatial().backbone.suite == "libero_spatial"
     with pytest.raises(WrongBaseModelError, match="libero_object"):
         object_()
+
+
+def test_fast_openvla_oft_on_cpu_is_refused_before_loading(checkpoint: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--fast .*needs a CUDA device.*--device cuda"):
+        make_policy(f"openvla-oft:{checkpoint}", suite="libero_spatial", device="cpu", fast=True)

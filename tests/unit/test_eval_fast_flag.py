@@ -1,0 +1,154 @@
+"""``rsd eval --fast``: parsed, threaded through EvalConfig into run.json / summary.json and the policy factory,
+checked by ``--resume``, and refused loudly where it cannot apply (CPU device, scripted policy), on CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rsd import cli
+from rsd import eval as ev
+from rsd.errors import ConfigError
+from rsd.policies_registry import make_policy
+from rsd.policy import RSDPolicy, load_policy
+from tests.policy_factory import fake_observation, tiny_rsd_policy
+
+pytestmark = pytest.mark.unit
+
+SCRIPTED = ("expert", "expert-rfsq", "expert-rfsq:/some/tokenizer")
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny greedy RSD policy (TinyBackbone: no set_fast; its heads are what --fast would graph)."""
+    return tiny_rsd_policy(speculative=False).save_pretrained(tmp_path_factory.mktemp("policy") / "rsd")
+
+
+class _NoEpisodes:
+    def results(self, keys: Sequence[ev.EpisodeKey]) -> Iterator[ev.EpisodeResult]:
+        return iter(())
+
+
+def _config(out: Path, **kw: Any) -> ev.EvalConfig:
+    base: dict[str, Any] = {"suite": "libero_spatial", "policy": "learned", "out": out, "trials": 1,
+                            "render": False, "video": "none", "progress": False, "plot": False}
+    base.update(kw)
+    return ev.EvalConfig(**base)
+
+
+def test_cli_parses_fast() -> None:
+    parser = argparse.ArgumentParser()
+    ev.add_arguments(parser)
+    assert parser.parse_args(["--policy", "p", "--out", "o"]).fast is False
+    assert parser.parse_args(["--policy", "p", "--out", "o", "--fast", "--device", "cuda:0"]).fast is True
+    text = parser.format_help()
+    assert "--fast" in text and "speculative" in text and "CUDA" in text
+
+
+@pytest.mark.parametrize("spec", SCRIPTED)
+def test_fast_with_a_scripted_policy_is_refused(spec: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--fast .*scripted.*drop --fast"):
+        _config(tmp_path / "out", policy=spec, fast=True, device="cuda")
+    with pytest.raises(ConfigError, match="scripted"):
+        make_policy(spec, fast=True, device="cuda")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fast_with_a_cpu_device_is_refused(policy_dir: Path, tmp_path: Path) -> None:
+    for device in ("cpu", "meta"):
+        with pytest.raises(ConfigError, match=r"needs a CUDA device.*--device cuda"):
+            _config(tmp_path / "out", policy=str(policy_dir), fast=True, device=device)
+        with pytest.raises(ConfigError, match=r"needs a CUDA device.*--device cuda"):
+            make_policy(str(policy_dir), fast=True, device=device)
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        load_policy(policy_dir, device="cpu", fast=True)
+    with pytest.raises(ConfigError, match="needs a CUDA device"):  # before the checkpoint is looked for
+        make_policy(f"openvla-oft:{tmp_path / 'missing'}", suite="libero_spatial", fast=True, device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fast_with_the_default_device_on_a_machine_without_cuda_is_refused(policy_dir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        make_policy(str(policy_dir), fast=True)
+
+
+def test_without_fast_make_policy_is_unchanged(policy_dir: Path) -> None:
+    policy = make_policy(str(policy_dir), device="cpu")
+    assert isinstance(policy, RSDPolicy) and not policy.speculative
+    chunk = policy.predict_chunk(fake_observation(1), "put the bowl on the plate")
+    assert chunk.info["graphed"] is False and chunk.actions.shape == (policy.config.chunk_len, 7)
+
+
+def test_cli_fast_on_cpu_exits_1_with_the_fix_and_writes_nothing(policy_dir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    code = cli.main(["eval", "--policy", str(policy_dir), "--out", str(out), "--no-render", "--trials", "1",
+                     "--fast", "--device", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "--device cuda" in err and "drop --fast" in err
+    assert not out.exists()
+
+
+def test_run_json_and_summary_record_fast_and_resume_needs_the_same(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    factories: list[Callable[[], Any]] = []
+
+    def runner(config: ev.EvalConfig, policy_factory: Callable[[], Any]) -> _NoEpisodes:
+        factories.append(policy_factory)
+        return _NoEpisodes()
+
+    monkeypatch.setattr(ev, "_default_runner", runner)
+    out = tmp_path / "eval"
+    outcome = ev.evaluate(_config(out, fast=True, device="cuda"), [0])
+    assert json.loads((out / ev.RUN_NAME).read_text())["fast"] is True
+    assert outcome.summary["fast"] is True
+    assert json.loads((out / ev.SUMMARY_NAME).read_text())["fast"] is True
+    with pytest.raises(ConfigError, match=r"fast: recorded True vs now False"):
+        ev.evaluate(_config(out, resume=True, device="cuda"), [0])
+    ev.evaluate(_config(out, resume=True, fast=True, device="cuda"), [0])  # the same value resumes
+
+    plain = tmp_path / "plain"
+    ev.evaluate(_config(plain), [0])
+    assert json.loads((plain / ev.RUN_NAME).read_text())["fast"] is False
+    with pytest.raises(ConfigError, match=r"fast: recorded False vs now True"):
+        ev.evaluate(_config(plain, resume=True, fast=True, device="cuda"), [0])
+
+
+def test_a_run_json_from_before_fast_resumes_as_not_fast(tmp_path: Path) -> None:
+    out = tmp_path / "old"
+    ev.evaluate(_config(out), [0], runner=_NoEpisodes())
+    record = json.loads((out / ev.RUN_NAME).read_text())
+    del record["fast"]
+    (out / ev.RUN_NAME).write_text(json.dumps(record))
+    ev.evaluate(_config(out, resume=True), [0], runner=_NoEpisodes())
+    (out / ev.RUN_NAME).write_text(json.dumps(record))  # rewritten by the resume: absent again
+    with pytest.raises(ConfigError, match=r"fast: recorded False vs now True"):
+        ev.evaluate(_config(out, resume=True, fast=True, device="cuda"), [0], runner=_NoEpisodes())
+
+
+def test_the_policy_factory_of_a_fast_eval_is_fast(policy_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate's default factory passes fast=True on: with no CUDA it refuses instead of loading a slow policy."""
+    factories: list[Callable[[], Any]] = []
+
+    def runner(config: ev.EvalConfig, policy_factory: Callable[[], Any]) -> _NoEpisodes:
+        factories.append(policy_factory)
+        return _NoEpisodes()
+
+    monkeypatch.setattr(ev, "_default_runner", runner)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ev.evaluate(_config(tmp_path / "fast", policy=str(policy_dir), fast=True), [0])  # default device
+    ev.evaluate(_config(tmp_path / "plain", policy=str(policy_dir)), [0])
+    fast_factory, plain_factory = factories
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        fast_factory()
+    assert isinstance(plain_factory(), RSDPolicy)
