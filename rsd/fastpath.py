@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from einops import reduce
 
@@ -190,12 +191,15 @@ class GraphedRSDDecoder:
         actions and flags into one vector, which goes to pinned memory behind the replay; the one stream
         sync waits for it (``python -m rsd.gpu_bench --heads-only`` times it against three copies)."""
         self._check_hidden_layout(hidden)
-        packed = self._packed_graph.to_host(hidden)
+        packed = self._packed_graph.to_host(hidden).numpy()  # a fresh host copy; numpy from here (cheaper ops)
         cfg, batch = self.cfg, hidden.shape[0]
         n_codes, n_actions = batch * cfg.chunk_len * cfg.latent_dim * cfg.num_layers, batch * cfg.chunk_len * cfg.action_dim
-        self._raise_on_flags(packed[n_codes + n_actions:].bool().tolist())
-        codes = packed[:n_codes].to(torch.int64).view(batch, cfg.chunk_len, cfg.latent_dim, cfg.num_layers)
-        return codes, packed[n_codes: n_codes + n_actions].view(batch, cfg.chunk_len, cfg.action_dim)
+        flags = packed[n_codes + n_actions:]
+        if not flags.all():
+            self._raise_on_flags(flags.astype(bool).tolist())
+        codes = packed[:n_codes].astype(np.int64).reshape(batch, cfg.chunk_len, cfg.latent_dim, cfg.num_layers)
+        actions = packed[n_codes: n_codes + n_actions].reshape(batch, cfg.chunk_len, cfg.action_dim)
+        return torch.from_numpy(codes), torch.from_numpy(actions)
 
     def _raise_on_flags(self, flags: list[bool]) -> None:
         hidden_finite, actions_finite, codes_in_range = flags

@@ -60,7 +60,7 @@ def test_graphed_policy_equals_eager_greedy_policy(cuda, sizes: str) -> None:
         seen.append(got.actions)
     # the comparison means something only if the chunks depend on the observation
     assert len({a.tobytes() for a in seen}) > 1
-    assert graphed._graphed._graph.num_graphs == 1  # batch 1: one graph, replayed
+    assert graphed._graphed._packed_graph.num_graphs == 1  # batch 1: one graph (decode_to_host's), replayed
 
 
 def test_graphed_decoder_syncs_the_host_once(cuda) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from rsd import eval as ev
 from rsd.errors import ConfigError
 from rsd.policies_registry import make_policy
 from rsd.policy import RSDPolicy, load_policy
+from tests._eval_stubs import NoEpisodes, capture_policy_factories
 from tests.policy_factory import fake_observation, tiny_rsd_policy
 
 pytestmark = pytest.mark.unit
@@ -28,11 +28,6 @@ SCRIPTED = ("expert", "expert-rfsq", "expert-rfsq:/some/tokenizer")
 def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny greedy RSD policy (TinyBackbone: no set_fast; its heads are what --fast would graph)."""
     return tiny_rsd_policy(speculative=False).save_pretrained(tmp_path_factory.mktemp("policy") / "rsd")
-
-
-class _NoEpisodes:
-    def results(self, keys: Sequence[ev.EpisodeKey]) -> Iterator[ev.EpisodeResult]:
-        return iter(())
 
 
 def _config(out: Path, **kw: Any) -> ev.EvalConfig:
@@ -100,13 +95,7 @@ def test_cli_fast_on_cpu_exits_1_with_the_fix_and_writes_nothing(policy_dir: Pat
 
 def test_run_json_and_summary_record_fast_and_resume_needs_the_same(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    factories: list[Callable[[], Any]] = []
-
-    def runner(config: ev.EvalConfig, policy_factory: Callable[[], Any]) -> _NoEpisodes:
-        factories.append(policy_factory)
-        return _NoEpisodes()
-
-    monkeypatch.setattr(ev, "_default_runner", runner)
+    capture_policy_factories(monkeypatch)  # no episodes run
     out = tmp_path / "eval"
     outcome = ev.evaluate(_config(out, fast=True, device="cuda"), [0])
     assert json.loads((out / ev.RUN_NAME).read_text())["fast"] is True
@@ -125,26 +114,20 @@ def test_run_json_and_summary_record_fast_and_resume_needs_the_same(tmp_path: Pa
 
 def test_a_run_json_from_before_fast_resumes_as_not_fast(tmp_path: Path) -> None:
     out = tmp_path / "old"
-    ev.evaluate(_config(out), [0], runner=_NoEpisodes())
+    ev.evaluate(_config(out), [0], runner=NoEpisodes())
     record = json.loads((out / ev.RUN_NAME).read_text())
     del record["fast"]
     (out / ev.RUN_NAME).write_text(json.dumps(record))
-    ev.evaluate(_config(out, resume=True), [0], runner=_NoEpisodes())
+    ev.evaluate(_config(out, resume=True), [0], runner=NoEpisodes())
     (out / ev.RUN_NAME).write_text(json.dumps(record))  # rewritten by the resume: absent again
     with pytest.raises(ConfigError, match=r"fast: recorded False vs now True"):
-        ev.evaluate(_config(out, resume=True, fast=True, device="cuda"), [0], runner=_NoEpisodes())
+        ev.evaluate(_config(out, resume=True, fast=True, device="cuda"), [0], runner=NoEpisodes())
 
 
 def test_the_policy_factory_of_a_fast_eval_is_fast(policy_dir: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate's default factory passes fast=True on: with no CUDA it refuses instead of loading a slow policy."""
-    factories: list[Callable[[], Any]] = []
-
-    def runner(config: ev.EvalConfig, policy_factory: Callable[[], Any]) -> _NoEpisodes:
-        factories.append(policy_factory)
-        return _NoEpisodes()
-
-    monkeypatch.setattr(ev, "_default_runner", runner)
+    factories = capture_policy_factories(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ev.evaluate(_config(tmp_path / "fast", policy=str(policy_dir), fast=True), [0])  # default device
     ev.evaluate(_config(tmp_path / "plain", policy=str(policy_dir)), [0])

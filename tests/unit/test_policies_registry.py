@@ -4,16 +4,25 @@ built locally (tests/_openvla_tiny.py), and the suite it gets from ``rsd eval``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
 
 from rsd import eval as ev
 from rsd.backbones.openvla import OFTL1Policy, OpenVLAOFTBackbone
-from rsd.errors import CheckpointNotFoundError, ConfigError, UnknownUnnormKeyError, WrongBaseModelError
+from rsd.errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    UnknownUnnormKeyError,
+    WrongBaseModelError,
+)
 from rsd.policies_registry import POLICY_NAMES, make_policy
-from tests._openvla_tiny import INSTRUCTIONS, build_tiny_oft_checkpoint, tiny_observation
+from tests._eval_stubs import capture_policy_factories
+from tests._openvla_tiny import (
+    INSTRUCTIONS,
+    build_tiny_oft_checkpoint,
+    tiny_observation,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -85,20 +94,9 @@ def test_unknown_spec_lists_openvla_oft() -> None:
         make_policy("openvla", suite="libero_spatial")
 
 
-class _NoEpisodes:
-    def results(self, keys: Sequence[ev.EpisodeKey]) -> Iterator[ev.EpisodeResult]:
-        return iter(())
-
-
 def test_rsd_eval_passes_its_suite_to_the_policy(checkpoint: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    factories: list[Callable[[], Any]] = []
-
-    def runner(config: ev.EvalConfig, policy_factory: Callable[[], Any]) -> _NoEpisodes:
-        factories.append(policy_factory)
-        return _NoEpisodes()
-
-    monkeypatch.setattr(ev, "_default_runner", runner)
+    factories = capture_policy_factories(monkeypatch)
     for suite in ("libero_spatial", "libero_object"):
         config = ev.EvalConfig(suite=suite, policy=f"openvla-oft:{checkpoint}", out=tmp_path / suite, trials=1,
                                render=False, video="none", progress=False, plot=False, device="cpu")
