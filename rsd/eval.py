@@ -39,7 +39,6 @@ import dataclasses
 import datetime as _dt
 import fcntl
 import json
-import math
 import os
 import queue as _queue
 import random

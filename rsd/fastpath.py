@@ -10,7 +10,8 @@
   [B, C, A])``. The checks that the eager path runs between kernels (each one a host sync, which a
   graph cannot contain) are computed inside the graph as flags and read once, with one host sync, after
   the replay: finite ``hidden``, finite actions, codes in ``[0, G)``. Shape and dtype of ``hidden`` are
-  checked on the host before the replay (no sync).
+  checked on the host before the replay (no sync). ``decode_to_host`` returns the same on the host after
+  that one sync; ``compile=True`` fuses the graph's kernels (codes checked with :func:`argmax_regret`).
 
 Requirements of a captured function: no host synchronisation (``.item()``, ``bool(tensor)``, printing
 tensors), no data-dependent shapes or Python control flow on tensor values, no CPU tensors.
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import reduce
+from einops import rearrange, reduce
 
 from rsd.errors import CodeRangeError, ConfigError, DTypeError, NonFiniteError, ShapeError
 from rsd.heads import HeadState, RFSQHead
@@ -197,8 +198,9 @@ class GraphedRSDDecoder:
         flags = packed[n_codes + n_actions:]
         if not flags.all():
             self._raise_on_flags(flags.astype(bool).tolist())
-        codes = packed[:n_codes].astype(np.int64).reshape(batch, cfg.chunk_len, cfg.latent_dim, cfg.num_layers)
-        actions = packed[n_codes: n_codes + n_actions].reshape(batch, cfg.chunk_len, cfg.action_dim)
+        codes = rearrange(packed[:n_codes].astype(np.int64), "(b c h l) -> b c h l", b=batch, c=cfg.chunk_len,
+                          h=cfg.latent_dim)
+        actions = rearrange(packed[n_codes: n_codes + n_actions], "(b c a) -> b c a", b=batch, c=cfg.chunk_len)
         return torch.from_numpy(codes), torch.from_numpy(actions)
 
     def _raise_on_flags(self, flags: list[bool]) -> None:

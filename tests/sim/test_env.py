@@ -145,7 +145,7 @@ def test_unrendered_episode_and_validation(unrendered_env) -> None:
 def test_done_is_what_step_returns(unrendered_env) -> None:
     """Teleport the target bowl onto the plate: the step that sees it there returns done=True."""
     env = unrendered_env
-    obs = env.reset(0)
+    env.reset(0)
     _, done = env.step(protocol.dummy_action())
     assert done is False
     sim_env = env.raw_env.env
