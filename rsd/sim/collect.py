@@ -139,12 +139,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image size when rendering (LIBERO's own demo files use 128)")
     parser.add_argument("--seed", type=int, default=protocol.SEED)
     parser.add_argument("--out", type=Path, required=True, help="HDF5 file to write (must not exist)")
+    parser.add_argument("--device", default=None, help="device of learned policies (default: cuda if available)")
+    parser.add_argument("--fast", action="store_true",
+                        help="learned policies on rsd's CUDA fast path, as `rsd eval --fast` (CUDA only; refused for "
+                             "scripted policies)")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from rsd.eval import parse_task_ids
-    from rsd.policies_registry import make_policy
+    from rsd.policies_registry import check_fast, make_policy
+
+    if args.fast:  # before LIBERO is touched or anything is written
+        check_fast(args.policy, args.device)
     from rsd.sim.libero import list_tasks
 
     n_tasks = len(list_tasks(args.suite))
@@ -157,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.out} exists; choose another --out or delete it first.")
     t0 = time.perf_counter()
     report = collect(args.suite, task_ids, args.episodes_per_task, args.out,
-                     policy=make_policy(args.policy, suite=args.suite),
+                     policy=make_policy(args.policy, suite=args.suite, device=args.device, fast=args.fast),
                      policy_spec=args.policy, render=args.render, camera_size=args.camera_size, seed=args.seed,
                      command=shlex.join(["rsd", *sys.argv[1:]]), progress=not args.no_progress)
     wall = time.perf_counter() - t0

@@ -135,3 +135,15 @@ def test_the_policy_factory_of_a_fast_eval_is_fast(policy_dir: Path, tmp_path: P
     with pytest.raises(ConfigError, match="torch sees no CUDA device"):
         fast_factory()
     assert isinstance(plain_factory(), RSDPolicy)
+
+
+@pytest.mark.parametrize("extra", [["--policy", "expert"], ["--device", "cpu"]])
+def test_collect_fast_is_refused_before_anything_is_written(policy_dir: Path, tmp_path: Path, extra: list[str],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`rsd collect --fast` checks like `rsd eval --fast`: a scripted policy or a CPU device exits 1, no file."""
+    out = tmp_path / "demos.hdf5"
+    argv = ["collect", "--policy", str(policy_dir), "--episodes-per-task", "1", "--out", str(out), "--fast", *extra]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "--fast" in err
+    assert not out.exists()
