@@ -459,8 +459,8 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
                     f["rsd_decode_plain_graph_gpu"] = summarize(time_cuda(lambda: g_plain._graph(hidden),
                                                                           warmup=warmup, iters=iters))
                     gen = torch.Generator(dev).manual_seed(seed)
-                    # allowed: random probe inputs for the tie-aware check, at the scale of the real hidden state
-                    many = hidden.std() * torch.randn(regret_samples, hidden.shape[1], device=dev, generator=gen)
+                    many = hidden.std() * torch.randn(  # allowed: tie-check probes at the real hidden state's scale
+                        regret_samples, hidden.shape[1], device=dev, generator=gen)
                     many[0] = hidden[0]
                     many_codes = g_decode.decode(many)[0]
                     regret = argmax_regret(head, many, many_codes)
