@@ -30,7 +30,8 @@ from rsd.errors import CodeRangeError, ConfigError, DTypeError, NonFiniteError, 
 from rsd.heads import HeadState, RFSQHead
 from rsd.layout import codes_to_layers, layers_to_codes
 
-__all__ = ["CudaGraphFn", "GraphedRSDDecoder", "argmax_regret", "greedy_rollout", "greedy_decode_with_flags"]
+__all__ = ["CudaGraphFn", "GraphedRSDDecoder", "argmax_regret", "greedy_rollout", "greedy_decode_with_flags",
+           "greedy_decode_packed", "unpack_decoded"]
 
 
 def _signature(args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
@@ -63,16 +64,18 @@ class _Captured:
         outs = tuple(o.clone() for o in self.outputs)  # the next replay overwrites the static outputs
         return outs[0] if self.single else outs
 
-    def to_host(self, args: tuple[torch.Tensor, ...]) -> Any:
-        """Replay, copy every output into pinned host memory (asynchronously), one stream sync, host clones."""
+    def to_host(self, args: tuple[torch.Tensor, ...], output: int | None = None) -> Any:
+        """Replay, copy the outputs (or only output ``output``) into pinned host memory behind it, one stream
+        sync, host clones."""
         if self._host is None:
             self._host = tuple(torch.empty(o.shape, dtype=o.dtype, pin_memory=True) for o in self.outputs)
+        pick = range(len(self.outputs)) if output is None else [output]
         self._replay(args)
-        for host, out in zip(self._host, self.outputs):
-            host.copy_(out, non_blocking=True)
+        for i in pick:
+            self._host[i].copy_(self.outputs[i], non_blocking=True)
         torch.cuda.current_stream(self.outputs[0].device).synchronize()  # the one host sync
-        outs = tuple(h.clone() for h in self._host)  # the next call overwrites the pinned buffers
-        return outs[0] if self.single else outs
+        outs = tuple(self._host[i].clone() for i in pick)  # the next call overwrites the pinned buffers
+        return outs[0] if len(outs) == 1 else outs
 
     def _replay(self, args: tuple[torch.Tensor, ...]) -> None:
         for static, arg in zip(self.inputs, args):
@@ -109,11 +112,12 @@ class CudaGraphFn:
         with torch.inference_mode():
             return graph(args)
 
-    def to_host(self, *args: torch.Tensor) -> Any:
-        """``fn(*args)`` copied to the host: CPU tensors out, after one stream sync (the only one)."""
+    def to_host(self, *args: torch.Tensor, output: int | None = None) -> Any:
+        """``fn(*args)`` copied to the host (all outputs, or only output number ``output``): CPU tensors out,
+        after one stream sync (the only one)."""
         graph = self._graph_for(args)
         with torch.inference_mode():
-            return graph.to_host(args)
+            return graph.to_host(args, output)
 
     def _graph_for(self, args: tuple[torch.Tensor, ...]) -> _Captured:
         if not args or not all(isinstance(a, torch.Tensor) and a.device.type == "cuda" for a in args):
@@ -146,7 +150,7 @@ class GraphedRSDDecoder:
       Fused kernels round differently, so an argmax may differ from eager's where two logits tie to float
       rounding, and a later layer then follows the other (equally likely) prefix. What holds, and what is
       tested and benchmarked with :func:`argmax_regret`: every code it emits is eager's argmax, up to a
-      logit tie of ``tol``, given the codes it emitted for the layers before. ``compile_mode`` is
+      logit tie (the tests allow 1e-4), given the codes it emitted for the layers before. ``compile_mode`` is
       ``torch.compile``'s ``mode`` (e.g. ``"max-autotune-no-cudagraphs"``).
 
     Raises (after the replay, before anything is returned): :class:`NonFiniteError` (``hidden`` or the
@@ -161,46 +165,36 @@ class GraphedRSDDecoder:
             raise ConfigError(f"GraphedRSDDecoder needs an RFSQHead, got {type(head).__name__}.")
         cfg = head.cfg
         tok = tokenizer.config
-        if (tok["num_layers"], tok["num_levels"], tok["chunk_len"], tok["latent_dim"]) != (
-                cfg.num_layers, cfg.num_levels, cfg.chunk_len, cfg.latent_dim):
-            raise ConfigError(f"tokenizer {tok} and head config {cfg} disagree on L, G, C or H.")
+        if (tok["num_layers"], tok["num_levels"], tok["chunk_len"], tok["latent_dim"], tok["action_dim"]) != (
+                cfg.num_layers, cfg.num_levels, cfg.chunk_len, cfg.latent_dim, cfg.action_dim):
+            raise ConfigError(f"tokenizer {tok} and head config {cfg} disagree on L, G, C, H or A.")
+        if compile_mode is not None and not compile:
+            raise ConfigError(f"compile_mode={compile_mode!r} applies to the compiled graph: pass compile=True too.")
         self.head, self.tokenizer, self.cfg = head, tokenizer, cfg
         self.compiled = bool(compile)
-        self._decode_fn = (torch.compile(greedy_decode_with_flags, dynamic=False, mode=compile_mode) if compile
-                           else greedy_decode_with_flags)
+        self._decode_fn = (torch.compile(greedy_decode_packed, dynamic=False, mode=compile_mode) if compile
+                           else greedy_decode_packed)
         self._graph = CudaGraphFn(self._run, device=device)
-        self._packed_graph = CudaGraphFn(self._run_packed, device=device)
 
-    def _run(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _run(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._decode_fn(self.head, self.tokenizer, hidden)
-
-    def _run_packed(self, hidden: torch.Tensor) -> torch.Tensor:
-        """:meth:`_run`'s three outputs in one float32 vector ``[codes | actions | flags]`` (codes < G are
-        exact in float32), so :meth:`decode_to_host` needs one device->host copy instead of three."""
-        codes, actions, flags = self._run(hidden)
-        return torch.cat([codes.flatten().float(), actions.flatten().float(), flags.float()])
 
     def decode(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden`` [B, D] (CUDA) -> (codes ``[B, C, H, L]``, normalized actions ``[B, C, A]``), CUDA tensors."""
         self._check_hidden_layout(hidden)
-        codes, actions, flags = self._graph(hidden)
+        codes, actions, flags, _ = self._graph(hidden)
         self._raise_on_flags(flags.tolist())  # the one host sync
         return codes, actions
 
     def decode_to_host(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`decode` with CPU results (codes int64, actions float32): a second graph packs codes,
-        actions and flags into one vector, which goes to pinned memory behind the replay; the one stream
-        sync waits for it (``python -m rsd.gpu_bench --heads-only`` times it against three copies)."""
+        """:meth:`decode` with CPU results (codes int64, actions float32): the graph also packs codes,
+        actions and flags into one vector, and only that vector goes to pinned memory behind the replay;
+        the one stream sync waits for it."""
         self._check_hidden_layout(hidden)
-        packed = self._packed_graph.to_host(hidden).numpy()  # a fresh host copy; numpy from here (cheaper ops)
-        cfg, batch = self.cfg, hidden.shape[0]
-        n_codes, n_actions = batch * cfg.chunk_len * cfg.latent_dim * cfg.num_layers, batch * cfg.chunk_len * cfg.action_dim
-        flags = packed[n_codes + n_actions:]
+        packed = self._graph.to_host(hidden, output=3).numpy()  # a fresh host copy; numpy from here (cheaper ops)
+        codes, actions, flags = unpack_decoded(packed, hidden.shape[0], self.cfg)
         if not flags.all():
             self._raise_on_flags(flags.astype(bool).tolist())
-        codes = rearrange(packed[:n_codes].astype(np.int64), "(b c h l) -> b c h l", b=batch, c=cfg.chunk_len,
-                          h=cfg.latent_dim)
-        actions = rearrange(packed[n_codes: n_codes + n_actions], "(b c a) -> b c a", b=batch, c=cfg.chunk_len)
         return torch.from_numpy(codes), torch.from_numpy(actions)
 
     def _raise_on_flags(self, flags: list[bool]) -> None:
@@ -235,6 +229,32 @@ def greedy_decode_with_flags(head: torch.nn.Module, tokenizer: torch.nn.Module,
     in_range = ((codes >= 0) & (codes < head.cfg.num_levels)).all()
     flags = torch.stack([torch.isfinite(hidden).all(), torch.isfinite(actions).all(), in_range])
     return codes, actions, flags
+
+
+def greedy_decode_packed(head: torch.nn.Module, tokenizer: torch.nn.Module, hidden: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`greedy_decode_with_flags` plus its three outputs packed into one float32 vector
+    ``[codes | actions | flags]`` (codes < G are exact in float32; :func:`unpack_decoded` is the inverse), so
+    a copy to the host is one transfer; compiled, the packing fuses into the kernels that produce them."""
+    codes, actions, flags = greedy_decode_with_flags(head, tokenizer, hidden)
+    packed = torch.cat([rearrange(codes, "b c h l -> (b c h l)").float(), rearrange(actions, "b c a -> (b c a)").float(),
+                        flags.float()])
+    return codes, actions, flags, packed
+
+
+def unpack_decoded(packed: np.ndarray, batch: int, cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`greedy_decode_packed`'s packing on the host: float32 ``[n]`` -> (codes int64
+    ``[B, C, H, L]``, actions float32 ``[B, C, A]``, flags float32 ``[3]``). ``ShapeError`` if ``n`` does not
+    match ``batch`` and ``cfg``'s sizes."""
+    n_codes = batch * cfg.chunk_len * cfg.latent_dim * cfg.num_layers
+    n_actions = batch * cfg.chunk_len * cfg.action_dim
+    if packed.ndim != 1 or packed.size != n_codes + n_actions + 3:
+        raise ShapeError(f"packed decode output has shape {packed.shape}, expected [{n_codes + n_actions + 3}] "
+                         f"(B={batch}, C={cfg.chunk_len}, H={cfg.latent_dim}, L={cfg.num_layers}, A={cfg.action_dim}).")
+    codes = rearrange(packed[:n_codes].astype(np.int64), "(b c h l) -> b c h l", b=batch, c=cfg.chunk_len,
+                      h=cfg.latent_dim)
+    actions = rearrange(packed[n_codes: n_codes + n_actions], "(b c a) -> b c a", b=batch, c=cfg.chunk_len)
+    return codes, actions, packed[n_codes + n_actions:]
 
 
 def greedy_rollout(head: torch.nn.Module, tokenizer: torch.nn.Module, base: torch.Tensor,

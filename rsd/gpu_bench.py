@@ -12,7 +12,8 @@ prompt) or 1 (full image only, OFT's 1-image configuration: 289 tokens):
 - ``rsd_decode`` heads + argmax + layout + RFSQ decode: greedy, and speculative in its worst case
                  (the draft is rejected at layer 0) and best case (all k draft layers accepted)
 - ``predict_chunk`` ``RSDPolicy.predict_chunk`` end to end (wall clock) with ``_greedy`` eager heads,
-                 ``_graphed`` ``RSDPolicy(graphed=True)`` (one CUDA graph for heads..decode), ``_spec``
+                 ``_graphed`` ``RSDPolicy(graphed=True)`` (one CUDA graph for heads..decode),
+                 ``_graphed_compiled`` the same with ``compile_heads=True`` (compiled variants only), ``_spec``
                  speculative with the random draft (``exact``: rejected at layer 0, the worst case) and
                  ``_spec_full_accept`` speculative ``exact`` with a draft built to propose the main head's
                  greedy codes (:func:`full_accept_draft`: all k layers accepted, the best case)
@@ -21,7 +22,9 @@ prompt) or 1 (full image only, OFT's 1-image configuration: 289 tokens):
 
 Variants: ``eager`` (the plain module), ``graph`` (the same module in CUDA graphs), ``optimized_eager``
 (``OpenVLAModel.optimize_for_inference``, no graphs), ``fast`` (both: what ``set_fast(True)`` runs) and
-``fast_compiled`` (``set_fast(True, compile=True)``: also torch.compile'd layers and decode rollout).
+``fast_compiled`` (``set_fast(True, compile=True)``: also torch.compile'd layers and decode rollout) and, with
+``autotune=True``, ``fast_autotune`` (the layers compiled with ``max-autotune-no-cudagraphs``; its decode graphs
+keep inductor's default mode). :func:`heads_breakdown` (``--heads-only``) times the decode graphs alone.
 
 and the floors: weight bytes / measured copy bandwidth, FLOPs (counted by
 ``torch.utils.flop_counter``) / measured bf16 matmul rate. Each timing is p50/p90 over ``iters``
@@ -407,7 +410,6 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
                 o["vision"] = summarize(time_cuda(lambda: model.vision_embeds(images, proprio), warmup=warmup, iters=iters))
                 o["llm"] = summarize(time_cuda(lambda: model.llm_last_hidden(sequence), warmup=warmup, iters=iters))
                 o["backbone"] = summarize(time_cuda(lambda: model.rsd_hidden(images, ids, proprio), warmup=warmup, iters=iters))
-    if fast:
         # 3) the fast path = optimized module + CUDA graphs (what Backbone.set_fast(True) runs),
         # 4) then the same with torch.compile'd layers (set_fast(True, compile=True)), 5) optionally autotuned
         variants = [("fast", False, None), ("fast_compiled", True, None)]
@@ -473,7 +475,6 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
                 out["decode_kernels"][f"{variant}_plain"] = kernel_breakdown(lambda: g_plain._run(hidden), top=6)
                 del g_plain
             say(f"policies over the {variant} backbone")
-            # RSDPolicy(graphed=True) builds the uncompiled graph: time it over both backbones
             rows, policy_parity, policy_info = _policy_rows(eager_bb, head, draft, tok, stats, cfg, dev, obs,
                                                             instruction, warmup, iters, compiled_heads=compiled)
             f.update(rows)
@@ -513,8 +514,8 @@ def heads_breakdown(device: str = "cuda", iters: int = 200, *, warmup: int = 20,
     the compiled graph (each inductor ``mode`` in ``modes``), as GPU time of the replay (CUDA events) and
     wall time of ``decode`` (one sync) and ``decode_to_host`` (what ``RSDPolicy(graphed=True)`` calls),
     each measured twice: after an idle second and right after 2 s of large bf16 matmuls (a busy, hot GPU),
-    with the SM clock read (NVML) before each; plus the parts: the bare graph replay (GPU) and the
-    unpacked graph copied to the host as three tensors (wall). -> JSON-able dict."""
+    with the SM clock read (NVML) before each; plus the parts: the bare graph replay (GPU) and all four
+    graph outputs copied to the host (wall) instead of the one packed vector. -> JSON-able dict."""
     from rsd.config import RSDConfig
     from rsd.fastpath import GraphedRSDDecoder, argmax_regret
 
@@ -534,7 +535,8 @@ def heads_breakdown(device: str = "cuda", iters: int = 200, *, warmup: int = 20,
             pynvml.nvmlInit()
             index = dev.index if dev.index is not None else torch.cuda.current_device()
             return int(pynvml.nvmlDeviceGetClockInfo(pynvml.nvmlDeviceGetHandleByIndex(index), pynvml.NVML_CLOCK_SM))
-        except Exception as exc:  # noqa: BLE001 - a missing NVML only loses the clock column
+        except Exception as exc:  # noqa: BLE001 - a missing NVML loses the clock column, and says why in the JSON
+            out["sm_clock_error"] = f"{type(exc).__name__}: {exc}"
             say(f"no SM clock: {exc}")
             return None
 
@@ -546,7 +548,7 @@ def heads_breakdown(device: str = "cuda", iters: int = 200, *, warmup: int = 20,
             torch.cuda.synchronize(dev)
 
     out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "iters": iters,
-                           "config": cfg.to_dict(), "variants": {}}
+                           "warmup": warmup, "config": cfg.to_dict(), "variants": {}}
     decoders = {"plain": GraphedRSDDecoder(head, tok, device=dev)}
     for mode in modes:
         decoders[f"compiled_{mode}"] = GraphedRSDDecoder(head, tok, device=dev, compile=True,
@@ -569,11 +571,12 @@ def heads_breakdown(device: str = "cuda", iters: int = 200, *, warmup: int = 20,
                 row[f"{state}_decode_wall"] = summarize(time_wall(lambda: decoder.decode(hidden), warmup=warmup, iters=iters))
                 row[f"{state}_to_host_wall"] = summarize(time_wall(lambda: decoder.decode_to_host(hidden), warmup=warmup,
                                                                    iters=iters))
-                # the parts: the bare replay (GPU), and the unpacked graph's three copies to the host (wall)
+                # the parts: the bare replay (GPU), and all four outputs copied to the host (wall) instead of
+                # decode_to_host's one packed vector
                 graph = next(iter(decoder._graph._graphs.values()))
                 row[f"{state}_replay_only_gpu"] = summarize(time_cuda(graph.graph.replay, warmup=warmup, iters=iters))
-                row[f"{state}_three_copies_to_host_wall"] = summarize(time_wall(lambda: decoder._graph.to_host(hidden),
-                                                                                warmup=warmup, iters=iters))
+                row[f"{state}_all_outputs_to_host_wall"] = summarize(time_wall(lambda: decoder._graph.to_host(hidden),
+                                                                               warmup=warmup, iters=iters))
             row["kernels"] = kernel_breakdown(lambda: decoder._run(hidden), top=4)
             out["variants"][name] = row
     return out
@@ -601,7 +604,8 @@ def format_breakdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rsd.gpu_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=int, default=None,
+                        help="timed calls per measurement (default: 50; 200 with --heads-only)")
     parser.add_argument("--size", default="7b", choices=["7b", "tiny"])
     parser.add_argument("--num-images", type=int, default=2, choices=[1, 2],
                         help="2: full + wrist image (OFT on LIBERO, 545 tokens); 1: full image only (289 tokens)")
@@ -612,11 +616,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="add 'fast_autotune': layers compiled with mode=max-autotune-no-cudagraphs (minutes)")
     parser.add_argument("--profile", action="store_true", help="add a kernel-time breakdown (torch.profiler)")
     parser.add_argument("--heads-only", action="store_true",
-                        help="time only heads + argmax + layout + decode (plain and compiled graphs, idle and hot GPU)")
+                        help="time only heads + argmax + layout + decode (plain and compiled graphs, idle and hot GPU); "
+                             "reads --iters, --autotune (adds a max-autotune compiled graph) and --out only")
     parser.add_argument("--out", type=Path, help="write the JSON here")
     args = parser.parse_args(argv)
     if args.heads_only:
-        result = heads_breakdown(iters=max(args.iters, 20), log=lambda m: print(f"[bench] {m}", flush=True))
+        modes = ("default", "max-autotune-no-cudagraphs") if args.autotune else ("default",)
+        result = heads_breakdown(iters=args.iters or 200, modes=modes, log=lambda m: print(f"[bench] {m}", flush=True))
         text = json.dumps(result, indent=2, sort_keys=True)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -624,12 +630,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in result["variants"].items():
             print(f"{name:18s} " + "  ".join(f"{state}: clock {row[f'{state}_sm_clock_mhz']} replay {row[f'{state}_replay_only_gpu']['p50']:.3f} "
                                             f"gpu {row[f'{state}_graph_gpu']['p50']:.3f} decode {row[f'{state}_decode_wall']['p50']:.3f} "
-                                            f"3 copies {row[f'{state}_three_copies_to_host_wall']['p50']:.3f} to_host "
+                                            f"4 copies {row[f'{state}_all_outputs_to_host_wall']['p50']:.3f} to_host "
                                             f"{row[f'{state}_to_host_wall']['p50']:.3f} (p90 {row[f'{state}_to_host_wall']['p90']:.3f})"
                                             for state in ("idle", "after_load"))
                   + f"  regret {row['max_regret_256']:.2e}")
         return 0
-    result = run_breakdown(iters=args.iters, size=args.size, num_images=args.num_images, fast=not args.no_fast,
+    result = run_breakdown(iters=args.iters or 50, size=args.size, num_images=args.num_images, fast=not args.no_fast,
                            profile=args.profile, attribution=not args.no_attribution, autotune=args.autotune,
                            log=lambda m: print(f"[bench] {m}", flush=True))
     text = json.dumps(result, indent=2, sort_keys=True)

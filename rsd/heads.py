@@ -98,13 +98,13 @@ class RFSQHead(nn.Module):
       matmul runs once per sample (``base``) instead of once per layer;
     - code embeddings: one row per (layer, c, h, level) in a table ``Embedding(L*C*H*G, W)``;
       the codes of a layer embed as the sum over ``(c, h)`` of row ``l*C*H*G + (c*H + h)*G + code``
-      (a gather and a sum: on a GPU two short kernels, 4x faster than ``EmbeddingBag``'s bag kernel, and a
-      form ``torch.compile`` fuses into the next layer's norm);
+      (a gather and a sum, which ``torch.compile`` fuses into the next layer's norm; on an H200 the two
+      kernels take 5.8 us per layer against 15.8 us for ``EmbeddingBag``'s bag kernel, docs/gpu.md);
       ``context_l`` is the sum of the embeddings of layers ``< l`` (causal).
 
     Layer ``l``'s logits: ``out(relu(norm(base + layer_embedding[l] + context_l)))`` with
     ``base = mlp_in(trunk(hidden))``. Greedy decoding runs the trunk once, then per layer one
-    ``W -> C*H*G`` matmul and one embedding bag.
+    ``W -> C*H*G`` matmul and one gather + sum.
 
     :meth:`logits_given_prefix` is one call with no feedback between layers (all its inputs are known);
     it evaluates the layers one after another with exactly the ops of :meth:`step` / :meth:`advance`.

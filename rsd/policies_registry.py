@@ -133,36 +133,23 @@ def _is_scripted(spec: str) -> bool:
     return spec == "expert" or spec == "expert-rfsq" or spec.startswith("expert-rfsq:")
 
 
-def _check_fast_device(device: str | None) -> None:
-    """``--fast`` on ``device`` (None: the default, resolved without torch only when given): CUDA or ConfigError."""
-    if device is None:
-        return
-    if device.split(":", 1)[0] != "cuda":
-        raise ConfigError(f"--fast runs the policy through CUDA graphs and needs a CUDA device, got --device "
-                          f"{device}: pass --device cuda (on a GPU machine) or drop --fast.")
-
-
 def check_fast(spec: str, device: str | None) -> None:
-    """Raise :class:`ConfigError` when ``fast=True`` cannot apply to ``spec`` on ``device``, without loading it.
-
-    Checked here: a scripted policy (nothing to speed up) and an explicit ``device`` that is not CUDA. A
-    default device (None) is resolved, and a learned policy with nothing on a fast path is found, by
-    :func:`make_policy` when it loads the policy.
-    """
+    """Raise :class:`ConfigError` when ``fast=True`` cannot apply to ``spec`` on ``device``, without loading it:
+    a scripted policy (nothing to speed up), an explicit ``device`` that is not CUDA, or the default device
+    (None) on a machine where torch sees no CUDA. A learned policy with nothing on a fast path is found by
+    :func:`make_policy` when it loads the policy."""
     if _is_scripted(spec):
         raise ConfigError(f"--fast speeds up learned policies (their backbone and RSD heads on CUDA); {spec!r} is a "
                           f"scripted policy with no network to speed up: drop --fast.")
-    _check_fast_device(device)
+    if device is None:
+        import torch
 
-
-def _fast_device(spec: str, device: str | None) -> str:
-    """The device a ``fast=True`` policy is loaded on: ``device`` or the default, CUDA or ConfigError."""
-    check_fast(spec, device)
-    resolved = _default_device(device)
-    if device is None and resolved != "cuda":
-        raise ConfigError("--fast runs the policy through CUDA graphs, and torch sees no CUDA device (the default "
-                          "--device is cpu here): run on a GPU machine, or drop --fast.")
-    return resolved
+        if not torch.cuda.is_available():
+            raise ConfigError("--fast runs the policy through CUDA graphs, and torch sees no CUDA device (the default "
+                              "--device is cpu here): run on a GPU machine, or drop --fast.")
+    elif device.split(":", 1)[0] != "cuda":
+        raise ConfigError(f"--fast runs the policy through CUDA graphs and needs a CUDA device, got --device "
+                          f"{device}: pass --device cuda (on a GPU machine) or drop --fast.")
 
 
 def _announce_fast(policy: Any) -> None:
@@ -219,7 +206,8 @@ def make_policy(spec: str, *, suite: str | None = None, device: str | None = Non
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
     if fast:
-        device = _fast_device(spec, device)
+        check_fast(spec, device)
+        device = device or "cuda"
     if spec == "expert":
         return _expert()
     if spec == "expert-rfsq" or spec.startswith("expert-rfsq:"):

@@ -125,8 +125,7 @@ class _LearnedPolicy:
         hidden = hidden.to(self.device, torch.float32)
         if hidden.shape[0] != 1:
             raise ShapeError(f"predict_chunk takes one observation; the backbone returned a batch of {hidden.shape[0]}.")
-        _sync(self.device)
-        t1 = time.perf_counter()
+        t1 = time.perf_counter()  # check_hidden's read-back has waited for the backbone
         timing["backbone_ms"] = 1e3 * (t1 - t0)
 
         norm, info = self._normalized_chunk(hidden, timing)  # [1, C, A]
@@ -230,16 +229,21 @@ class RSDPolicy(_LearnedPolicy):
         self._graphed = None
         if compile_heads and not graphed:
             raise ConfigError("compile_heads=True compiles the graphed decoder: pass graphed=True as well.")
-        if graphed:
-            # greedy heads + argmax + layout + decode as one CUDA graph (rsd.fastpath): bit-equal to greedy_decode,
-            # or with compile_heads its codes are eager's argmax up to float-rounding ties (fastpath.argmax_regret)
-            if self.device.type != "cuda" or self.speculative:
-                raise ConfigError("graphed=True needs a CUDA device and speculative=False (the graph is greedy).")
-            from rsd.fastpath import GraphedRSDDecoder
-
-            self._graphed = GraphedRSDDecoder(self.head, self.tokenizer, device=self.device, compile=compile_heads)
         if self.speculative:
             self._decoder = SpeculativeDecoder(self.draft, self.head, mode=mode, threshold=threshold)
+        if graphed:
+            self.use_graphed_heads(compile=compile_heads)
+
+    def use_graphed_heads(self, *, compile: bool = False) -> None:
+        """From now on run greedy heads + argmax + layout + decode as one CUDA graph (rsd.fastpath): bit-equal
+        to greedy_decode, or with ``compile`` codes that are eager's argmax up to float-rounding ties
+        (``fastpath.argmax_regret``). ConfigError on a non-CUDA device or for a speculative policy."""
+        if self.device.type != "cuda" or self.speculative:
+            raise ConfigError("graphed heads need a CUDA device and speculative=False (the graph is greedy); this "
+                              f"policy is on {self.device}, speculative={self.speculative}.")
+        from rsd.fastpath import GraphedRSDDecoder
+
+        self._graphed = GraphedRSDDecoder(self.head, self.tokenizer, device=self.device, compile=compile)
 
     def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
         info: dict[str, Any] = {"used_rfsq": True, "speculative": self.speculative, "graphed": self._graphed is not None}
@@ -374,19 +378,17 @@ def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fa
     kind = meta.get("kind")
     if kind not in _KINDS:
         raise ConfigError(f"{directory}: unknown policy kind {kind!r}; known kinds: {sorted(_KINDS)}.")
-    speculative = meta.get("speculative", {}).get("enabled")
-    if speculative is None:  # RSDPolicy's default: speculative when it has a draft head
-        speculative = bool(meta.get("speculative", {}).get("has_draft"))
-    greedy_rsd = kind == RSDPolicy.kind and not speculative
-    graph_heads = {"graphed": True, "compile_heads": True} if fast and greedy_rsd else {}
-    policy = _KINDS[kind].from_pretrained(directory, device=device, **graph_heads)
+    policy = _KINDS[kind].from_pretrained(directory, device=device)
     if fast:
+        graph_heads = isinstance(policy, RSDPolicy) and not policy.speculative
         set_fast = getattr(policy.backbone, "set_fast", None)
         if set_fast is None and not graph_heads:
             what = "decodes speculatively (kept: the graphed decoder is greedy-only)" if kind == RSDPolicy.kind \
                 else f"is a {kind!r} policy (its head is not graphed)"
             raise ConfigError(f"fast=True has nothing to speed up in {directory}: the policy {what} and its "
                               f"{type(policy.backbone).__name__} has no fast path (set_fast). Drop --fast / fast=True.")
+        if graph_heads:
+            policy.use_graphed_heads(compile=True)
         if set_fast is not None:
             set_fast(True, compile=True)
     return policy

@@ -19,7 +19,7 @@ import difflib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ __all__ = [
     "save_backbone",
     "load_backbone",
     "instructions_for_batch",
+    "image_batch",
+    "state_batch",
 ]
 
 # main protocol
@@ -98,7 +100,16 @@ def build_backbone(name: str, **kwargs: Any) -> Backbone:
 # the shared hidden-state check
 
 
-def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: bool = False) -> Any:
+@overload
+def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: Literal[False] = ...) -> torch.Tensor: ...
+
+
+@overload
+def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: Literal[True]) -> tuple[torch.Tensor, float]: ...
+
+
+def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, float]:
     """Validate a backbone output ``hidden`` [B, D]; return it unchanged (``return_norm``: ``(hidden, its L2
     norm as a float)``, read in the same host sync as the checks).
 

@@ -305,10 +305,11 @@ class OpenVLAOFTBackbone:
         if enabled:
             from rsd.fastpath import CudaGraphFn
 
-            if enable_fast_path(self.model, self.device, compile, compile_mode) != self._graph_key:
+            key = enable_fast_path(self.model, self.device, compile, compile_mode)
+            if key != self._graph_key:
                 self._graphed = (CudaGraphFn(self.model.rsd_hidden, device=self.device),
                                  CudaGraphFn(self._l1_actions, device=self.device))
-                self._graph_key = self.model.fast_path_key
+                self._graph_key = key
         self.fast = bool(enabled)
         self._hidden_fn, self._actions_fn = self._graphed if enabled else (self.model.rsd_hidden, self._l1_actions)
 

@@ -61,6 +61,9 @@ __all__ = [
     "IMAGE_KEYS",
     "observation_tensors",
     "stand_in_token_ids",
+    "group_by_prompt",
+    "ungroup",
+    "enable_fast_path",
 ]
 
 PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"  # OpenVLA(-OFT), lowercased task
@@ -694,6 +697,8 @@ class OpenVLAModel(nn.Module):
         times Triton matmul templates against cuBLAS for each shape: minutes of compiling, once per shape).
         Calling again with another mode recompiles.
         """
+        if compile_mode is not None and not compile:
+            raise ConfigError(f"compile_mode={compile_mode!r} applies to compiled layers: pass compile=True too.")
         if not self.optimized:
             self.language_model.fuse()
             self.vision_backbone.concurrent = self.projector.fc1.weight.is_cuda
@@ -877,6 +882,7 @@ class OpenVLAShapedBackbone:
         self.model = random_openvla_model(self.shape, device=self.device, dtype=dtype, seed=seed)
         self.hidden_dim = self.shape.llm.hidden_size
         self._token_cache: dict[str, torch.Tensor] = {}
+        self._graph_key: tuple[bool, bool, str | None] | None = None  # what the CUDA graph was captured from
         self.set_fast(fast)
 
     def set_fast(self, enabled: bool, *, compile: bool = False, compile_mode: str | None = None) -> None:
@@ -886,9 +892,10 @@ class OpenVLAShapedBackbone:
         if enabled:
             from rsd.fastpath import CudaGraphFn
 
-            if enable_fast_path(self.model, self.device, compile, compile_mode) != getattr(self, "_graph_key", None):
+            key = enable_fast_path(self.model, self.device, compile, compile_mode)
+            if key != self._graph_key:
                 self._graphed = CudaGraphFn(self.model.rsd_hidden, device=self.device)
-                self._graph_key = self.model.fast_path_key
+                self._graph_key = key
         self.fast = bool(enabled)
         self._hidden_fn = self._graphed if enabled else self.model.rsd_hidden
 

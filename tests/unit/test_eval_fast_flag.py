@@ -128,9 +128,10 @@ def test_the_policy_factory_of_a_fast_eval_is_fast(policy_dir: Path, tmp_path: P
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate's default factory passes fast=True on: with no CUDA it refuses instead of loading a slow policy."""
     factories = capture_policy_factories(monkeypatch)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the config-time check sees a GPU ...
     ev.evaluate(_config(tmp_path / "fast", policy=str(policy_dir), fast=True), [0])  # default device
     ev.evaluate(_config(tmp_path / "plain", policy=str(policy_dir)), [0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # ... the worker that loads the policy does not
     fast_factory, plain_factory = factories
     with pytest.raises(ConfigError, match="torch sees no CUDA device"):
         fast_factory()
@@ -147,3 +148,11 @@ def test_collect_fast_is_refused_before_anything_is_written(policy_dir: Path, tm
     err = capsys.readouterr().err
     assert "ConfigError" in err and "--fast" in err
     assert not out.exists()
+
+
+def test_fast_with_the_default_device_and_no_cuda_is_refused_before_anything_is_written(
+        policy_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="torch sees no CUDA device"):
+        _config(tmp_path / "out", policy=str(policy_dir), fast=True)
+    assert not (tmp_path / "out").exists()
