@@ -135,9 +135,9 @@ def _is_scripted(spec: str) -> bool:
 
 def check_fast(spec: str, device: str | None) -> None:
     """Raise :class:`ConfigError` when ``fast=True`` cannot apply to ``spec`` on ``device``, without loading it:
-    a scripted policy (nothing to speed up), an explicit ``device`` that is not CUDA, or the default device
-    (None) on a machine where torch sees no CUDA. A learned policy with nothing on a fast path is found by
-    :func:`make_policy` when it loads the policy."""
+    a scripted policy (nothing to speed up), an explicit ``device`` that is not CUDA, the default device
+    (None) on a machine where torch sees no CUDA, or a saved policy directory with nothing on a fast path
+    (``rsd.policy.fast_plan`` reads its ``policy.json``)."""
     if _is_scripted(spec):
         raise ConfigError(f"--fast speeds up learned policies (their backbone and RSD heads on CUDA); {spec!r} is a "
                           f"scripted policy with no network to speed up: drop --fast.")
@@ -150,6 +150,10 @@ def check_fast(spec: str, device: str | None) -> None:
     elif device.split(":", 1)[0] != "cuda":
         raise ConfigError(f"--fast runs the policy through CUDA graphs and needs a CUDA device, got --device "
                           f"{device}: pass --device cuda (on a GPU machine) or drop --fast.")
+    if Path(spec).is_dir():
+        from rsd.policy import fast_plan
+
+        fast_plan(spec)
 
 
 def _announce_fast(policy: Any) -> None:

@@ -31,7 +31,7 @@ from rsd.errors import (ActionGenerationError, CheckpointNotFoundError, ConfigEr
 from rsd.normalize import BoundsQ99Normalizer, NormStats, model_to_env_gripper
 from rsd.speculative import SpeculativeDecoder, greedy_decode
 
-__all__ = ["ActionChunk", "Policy", "RSDPolicy", "L1Policy", "load_policy"]
+__all__ = ["ActionChunk", "Policy", "RSDPolicy", "L1Policy", "load_policy", "fast_plan", "FastPlan"]
 
 POLICY_FORMAT = 1
 
@@ -306,7 +306,7 @@ class RSDPolicy(_LearnedPolicy):
         tokenizer = RFSQTokenizer.from_pretrained(directory / "tokenizer")
         backbone = load_backbone(meta["backbone"], directory, device=device)
         return cls(backbone, head, tokenizer, NormStats.from_dict(meta["action_stats"]), config=config, draft=draft,
-                   speculative=spec.get("enabled") if speculative is None else speculative,
+                   speculative=_saved_speculative(meta) if speculative is None else speculative,
                    mode=mode or spec.get("mode", "exact"),
                    threshold=threshold if threshold is not None else spec.get("threshold"),
                    device=device, unnorm_key=meta.get("unnorm_key"), graphed=graphed, compile_heads=compile_heads)
@@ -359,36 +359,70 @@ class L1Policy(_LearnedPolicy):
 _KINDS: dict[str, type[_LearnedPolicy]] = {cls.kind: cls for cls in (RSDPolicy, L1Policy)}
 
 
+@dataclass(frozen=True)
+class FastPlan:
+    """What ``fast=True`` does to a saved policy: graph its RSD heads, and/or put its backbone on its fast path."""
+
+    graph_heads: bool
+    backbone: bool
+
+
+def _saved_speculative(meta: Mapping[str, Any]) -> bool:
+    """Whether a saved RSD policy decodes speculatively: as saved, else RSDPolicy's default (when it has a draft)."""
+    spec = meta.get("speculative", {})
+    enabled = spec.get("enabled")
+    return bool(spec.get("has_draft")) if enabled is None else bool(enabled)
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    meta = read_json(directory / "policy.json", what="policy description",
+                     hint="Expected a directory written by RSDPolicy/L1Policy.save_pretrained.")
+    if meta.get("kind") not in _KINDS:
+        raise ConfigError(f"{directory}: unknown policy kind {meta.get('kind')!r}; known kinds: {sorted(_KINDS)}.")
+    return meta
+
+
+def fast_plan(directory: str | Path) -> FastPlan:
+    """Read ``directory/policy.json`` and say what ``load_policy(directory, fast=True)`` will speed up, without
+    loading anything. ConfigError for an unknown kind, and for a policy with nothing on a fast path (a
+    speculative or L1 policy whose backbone has no ``set_fast``)."""
+    directory = Path(directory)
+    return _fast_plan(_read_meta(directory), directory)
+
+
+def _fast_plan(meta: Mapping[str, Any], directory: Path) -> FastPlan:
+    from rsd.backbones.base import backbone_class
+
+    kind = meta["kind"]
+    backbone_cls = backbone_class(meta.get("backbone", {}).get("name", ""))
+    plan = FastPlan(graph_heads=kind == RSDPolicy.kind and not _saved_speculative(meta),
+                    backbone=hasattr(backbone_cls, "set_fast"))
+    if not (plan.graph_heads or plan.backbone):
+        what = "decodes speculatively (kept: the graphed decoder is greedy-only)" if kind == RSDPolicy.kind \
+            else f"is a {kind!r} policy (its head is not graphed)"
+        raise ConfigError(f"fast=True has nothing to speed up in {directory}: the policy {what} and its "
+                          f"{backbone_cls.__name__} has no fast path (set_fast). Drop --fast / fast=True.")
+    return plan
+
+
 def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fast: bool = False) -> _LearnedPolicy:
     """Load any saved learned policy (RSD or L1) from ``directory`` by the kind in its ``policy.json``.
 
-    ``fast`` (CUDA ``device`` only) puts what has one on rsd's fast path: a backbone with ``set_fast`` gets
-    ``set_fast(True, compile=True)``; an RSD policy that decodes greedily is built ``graphed=True,
-    compile_heads=True`` (one compiled CUDA graph; codes = eager's argmax up to float-rounding ties). A
-    speculative RSD policy keeps its speculative decoder (``graphed`` is greedy-only; ``fast`` never changes
-    the decoding mode). ConfigError for a non-CUDA device, and for a policy with nothing on a fast path
-    (a speculative or L1 policy whose backbone has no ``set_fast``).
+    ``fast`` (CUDA ``device`` only) puts what has one on rsd's fast path (:func:`fast_plan`): a backbone with
+    ``set_fast`` gets ``set_fast(True, compile=True)``; an RSD policy that decodes greedily gets
+    ``use_graphed_heads(compile=True)`` (one compiled CUDA graph; codes = eager's argmax up to float-rounding
+    ties). A speculative RSD policy keeps its speculative decoder (``fast`` never changes the decoding mode).
+    ConfigError for a non-CUDA device, and for a policy with nothing on a fast path, before loading.
     """
     directory = Path(directory)
     if fast and torch.device(device).type != "cuda":
         raise ConfigError(f"fast=True runs the policy through CUDA graphs and needs a CUDA device, got {device}: "
                           f"load it on cuda or pass fast=False (rsd eval: --device cuda, or drop --fast).")
-    meta = read_json(directory / "policy.json", what="policy description",
-                     hint="Expected a directory written by RSDPolicy/L1Policy.save_pretrained.")
-    kind = meta.get("kind")
-    if kind not in _KINDS:
-        raise ConfigError(f"{directory}: unknown policy kind {kind!r}; known kinds: {sorted(_KINDS)}.")
-    policy = _KINDS[kind].from_pretrained(directory, device=device)
-    if fast:
-        graph_heads = isinstance(policy, RSDPolicy) and not policy.speculative
-        set_fast = getattr(policy.backbone, "set_fast", None)
-        if set_fast is None and not graph_heads:
-            what = "decodes speculatively (kept: the graphed decoder is greedy-only)" if kind == RSDPolicy.kind \
-                else f"is a {kind!r} policy (its head is not graphed)"
-            raise ConfigError(f"fast=True has nothing to speed up in {directory}: the policy {what} and its "
-                              f"{type(policy.backbone).__name__} has no fast path (set_fast). Drop --fast / fast=True.")
-        if graph_heads:
-            policy.use_graphed_heads(compile=True)
-        if set_fast is not None:
-            set_fast(True, compile=True)
+    meta = _read_meta(directory)
+    plan = _fast_plan(meta, directory) if fast else FastPlan(graph_heads=False, backbone=False)
+    policy = _KINDS[meta["kind"]].from_pretrained(directory, device=device)
+    if plan.graph_heads:
+        policy.use_graphed_heads(compile=True)
+    if plan.backbone:
+        policy.backbone.set_fast(True, compile=True)
     return policy

@@ -39,6 +39,8 @@ def png_raw_chunks(data: bytes) -> list[tuple[str, bytes]]:
             break
     if not out or out[0][0] != "IHDR":
         raise ValueError(f"PNG without IHDR first (chunks {[t for t, _ in out[:4]]})")
+    if out[-1][0] != "IEND":
+        raise ValueError(f"truncated PNG: it ends after chunk {out[-1][0]!r} without IEND")
     return out
 
 

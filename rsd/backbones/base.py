@@ -31,6 +31,7 @@ __all__ = [
     "register_backbone",
     "registered_backbones",
     "build_backbone",
+    "backbone_class",
     "check_hidden",
     "backbone_spec",
     "save_backbone",
@@ -88,6 +89,11 @@ def _lookup(name: str) -> type:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"Unknown backbone {name!r}.{hint} Known backbones: {registered_backbones()}.")
     return _REGISTRY[name]
+
+
+def backbone_class(name: str) -> type:
+    """The class registered as ``name`` (what a saved spec will build); ConfigError with the closest match."""
+    return _lookup(name)
 
 
 def build_backbone(name: str, **kwargs: Any) -> Backbone:

@@ -89,6 +89,9 @@ def test_raw_chunks_of_a_hand_built_png_and_what_is_not_one() -> None:
         png.png_chunks(data[:-20])
     with pytest.raises(ValueError, match="IHDR first"):
         png.png_chunks(png.SIGNATURE + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    without_iend = data[: -len(_chunk(b"IEND", b""))]  # ends exactly on a chunk boundary
+    with pytest.raises(ValueError, match="without IEND"):
+        png.png_chunks(without_iend)
 
 
 @pytest.mark.parametrize("script", ["device_bundle.sh", "device_eval.sh"])

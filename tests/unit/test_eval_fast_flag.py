@@ -15,9 +15,9 @@ from rsd import cli
 from rsd import eval as ev
 from rsd.errors import ConfigError
 from rsd.policies_registry import make_policy
-from rsd.policy import RSDPolicy, load_policy
+from rsd.policy import FastPlan, RSDPolicy, fast_plan, load_policy
 from tests._eval_stubs import NoEpisodes, capture_policy_factories
-from tests.policy_factory import fake_observation, tiny_rsd_policy
+from tests.policy_factory import fake_observation, tiny_l1_policy, tiny_rsd_policy
 
 pytestmark = pytest.mark.unit
 
@@ -155,4 +155,21 @@ def test_fast_with_the_default_device_and_no_cuda_is_refused_before_anything_is_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="torch sees no CUDA device"):
         _config(tmp_path / "out", policy=str(policy_dir), fast=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fast_plan_reads_what_fast_would_do_from_policy_json(policy_dir: Path, tmp_path: Path) -> None:
+    """Greedy RSD on TinyBackbone: heads graphed, backbone untouched (no set_fast). A speculative RSD or an L1
+    policy on TinyBackbone has nothing to speed up: refused from policy.json alone, and by `rsd eval --fast`
+    before anything is written."""
+    assert fast_plan(policy_dir) == FastPlan(graph_heads=True, backbone=False)
+    speculative = tiny_rsd_policy(speculative=True).save_pretrained(tmp_path / "spec")
+    l1 = tiny_l1_policy().save_pretrained(tmp_path / "l1")
+    for directory, what in ((speculative, "decodes speculatively"), (l1, "'l1' policy")):
+        with pytest.raises(ConfigError, match=f"nothing to speed up.*{what}.*TinyBackbone"):
+            fast_plan(directory)
+        with pytest.raises(ConfigError, match="nothing to speed up"):
+            _config(tmp_path / "out", policy=str(directory), fast=True, device="cuda")
+        with pytest.raises(ConfigError, match="nothing to speed up"):
+            load_policy(directory, device="cuda", fast=True)  # refused before any weight is loaded onto cuda
     assert not (tmp_path / "out").exists()
