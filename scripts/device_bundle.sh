@@ -51,7 +51,7 @@ git check-ignore -q .bundle/x || die ".bundle/ is not git-ignored: add the line 
 # The image already has numpy, torch, scipy, numba, opencv, h5py, imageio, matplotlib, pillow, pyyaml, tqdm,
 # cloudpickle, typing-extensions, absl-py, etils, networkx (KINDS.md). hf-libero and robosuite travel as trimmed trees.
 WHEELS=(mujoco==3.3.7 gymnasium==1.4.0 farama-notifications==0.0.6 easydict==1.14 termcolor==3.3.0 future==1.0.0
-        PyOpenGL==3.1.10 glfw==2.11.0)
+        PyOpenGL==3.1.10 glfw==2.11.0 simplejpeg==1.9.0)
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 have_wheel() {  # have_wheel NAME==VERSION

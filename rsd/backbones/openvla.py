@@ -14,7 +14,14 @@ Guard rails (:class:`~rsd.errors.WrongBaseModelError` unless ``allow_suite_misma
 ``openvla/openvla-7b`` (never trained on LIBERO), a checkpoint whose name names other LIBERO suites
 than the requested one (``...-libero-spatial`` for ``libero_object``), or one whose
 ``dataset_statistics.json`` has no key for the suite. The unnorm key is ``<suite>`` or
-``<suite>_no_noops`` (``rsd.normalize.resolve_unnorm_key``), or the one passed explicitly.
+``<suite>_no_noops`` (``rsd.normalize.resolve_unnorm_key``); an explicit ``unnorm_key`` naming other
+statistics (``libero_object_no_noops`` for ``libero_spatial``, ``bridge_orig``) is refused the same way.
+
+Pixels: the observation carries OFT's uncropped 224 px images (``rsd.sim.protocol.preprocess_image``);
+the backbone applies OFT's 0.9-area centre crop to every view before the model sees it
+(``center_crop=True``, OFT's default: its LIBERO checkpoints were trained with random-crop augmentation), so
+the model input is ``rsd.images.oft_model_input(frame)`` for each camera. ``center_crop=False`` is for a
+checkpoint trained without crop augmentation; it is part of the backbone's spec (saved with a policy).
 
 What :meth:`OpenVLAOFTBackbone.encode` returns: see :meth:`OpenVLAModel.rsd_hidden` (final layer,
 post-norm, last prompt token, ``[B, 4096]``, float32). :class:`OFTL1Policy` is OFT's own pipeline
@@ -35,6 +42,7 @@ import torch
 
 from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
 from rsd.backbones.openvla_shaped import (
+    IMAGE_KEYS,
     PROMPT_TEMPLATE,
     TOWERS,
     LlamaSpec,
@@ -53,6 +61,7 @@ from rsd.errors import (
     UnknownUnnormKeyError,
     WrongBaseModelError,
 )
+from rsd.images import center_crop_image
 
 __all__ = [
     "OpenVLAOFTBackbone",
@@ -198,9 +207,23 @@ def _component_file(directory: Path, pattern: str) -> Path:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of the checkpoint: the shards its index names, or ``model.safetensors``. A shard
+    name that is not a plain file name inside ``directory`` (``../x.safetensors``, an absolute path, a symlink
+    leading out) is refused: an index must never make rsd read weights from elsewhere."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointMismatchError(f"{index} is not a safetensors index (a JSON object whose 'weight_map' "
+                                          f"maps tensor names to shard files): {type(exc).__name__}: {exc}. "
+                                          f"Download the checkpoint again.") from exc
+        root = directory.resolve()
+        outside = [s for s in shards if not isinstance(s, str) or not (root / s).resolve().is_relative_to(root)]
+        if outside:
+            raise CheckpointMismatchError(f"{index} names weight shards outside {directory}: {outside}. A checkpoint's "
+                                          f"shards live in its own folder; download the checkpoint again.")
         return [directory / s for s in shards]
     single = directory / "model.safetensors"
     if single.is_file():
@@ -273,12 +296,16 @@ class OpenVLAOFTBackbone:
     backbone_name: str  # set by @register_backbone
 
     def __init__(self, model: OpenVLAModel, tokenizer: Any, stats: dict[str, dict[str, Any]], *, source: str,
-                 suite: str, unnorm_key: str, allow_suite_mismatch: bool, device: torch.device, fast: bool) -> None:
+                 suite: str, unnorm_key: str, allow_suite_mismatch: bool, device: torch.device, fast: bool,
+                 center_crop: bool = True) -> None:
         from rsd.normalize import BoundsQ99Normalizer
 
         self.model, self.tokenizer, self.stats = model, tokenizer, stats
         self.source, self.suite, self.unnorm_key = source, suite, unnorm_key
         self.allow_suite_mismatch, self.device = allow_suite_mismatch, device
+        if not isinstance(center_crop, bool):
+            raise ConfigError(f"center_crop must be True or False, got {center_crop!r}.")
+        self.center_crop = center_crop
         self.shape = model.shape
         self.hidden_dim = self.shape.llm.hidden_size
         entry = stats[unnorm_key]
@@ -319,10 +346,11 @@ class OpenVLAOFTBackbone:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, suite: str, *, unnorm_key: str | None = None,
                         allow_suite_mismatch: bool = False, num_images: int = 2, device: str | torch.device = "cuda",
-                        dtype: str = "bfloat16", fast: bool = False, local_files_only: bool = False
-                        ) -> "OpenVLAOFTBackbone":
+                        dtype: str = "bfloat16", fast: bool = False, local_files_only: bool = False,
+                        center_crop: bool = True) -> "OpenVLAOFTBackbone":
         """Load a local directory or hub id; see the module docstring for the checks. ``dtype`` is the
-        compute dtype (OFT runs bf16); ``fast`` uses CUDA graphs (``rsd.fastpath``)."""
+        compute dtype (OFT runs bf16); ``fast`` uses CUDA graphs (``rsd.fastpath``); ``center_crop`` applies
+        OFT's centre crop to every view (keep it unless the checkpoint was trained without crop augmentation)."""
         from transformers import AutoTokenizer
 
         from rsd.normalize import load_dataset_statistics, resolve_unnorm_key
@@ -342,6 +370,12 @@ class OpenVLAOFTBackbone:
         elif unnorm_key not in stats:
             raise UnknownUnnormKeyError(f"unnorm_key {unnorm_key!r} is not in {label}'s dataset_statistics.json; "
                                         f"keys: {sorted(stats)}.")
+        elif unnorm_key not in (suite, f"{suite}_no_noops") and not allow_suite_mismatch:
+            raise WrongBaseModelError(
+                f"unnorm_key {unnorm_key!r} names statistics of another dataset than {suite!r}: the actions would be "
+                f"un-normalized with the wrong ranges. Leave unnorm_key unset (it resolves to {suite!r} or "
+                f"{suite + '_no_noops'!r}), or pass allow_suite_mismatch=True to run these statistics on {suite} on "
+                f"purpose.")
         shape = shape_from_config(config, num_images=num_images)
         _check_preprocessor(directory, shape)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
@@ -354,7 +388,7 @@ class OpenVLAOFTBackbone:
         if on_meta:
             raise CheckpointMismatchError(f"tensors left without checkpoint data: {on_meta[:6]}.")
         return cls(model, tokenizer, stats, source=name, suite=suite, unnorm_key=unnorm_key,
-                   allow_suite_mismatch=allow_suite_mismatch, device=device, fast=fast)
+                   allow_suite_mismatch=allow_suite_mismatch, device=device, fast=fast, center_crop=center_crop)
 
     # inputs
 
@@ -370,8 +404,26 @@ class OpenVLAOFTBackbone:
             self._token_cache[instruction] = torch.tensor(ids, dtype=torch.int64, device=self.device)
         return self._token_cache[instruction]
 
+    def model_images(self, observation: Mapping[str, Any]) -> dict[str, Any]:
+        """``observation`` with each view the model reads replaced by the pixels it sees: OFT's centre crop
+        of the (uncropped, 224 px) observation image when ``center_crop``, else the image itself.
+        uint8 ``[S, S, 3]`` or ``[B, S, S, 3]`` per view; the input is never modified."""
+        out = dict(observation)
+        if not self.center_crop:
+            return out
+        for key in IMAGE_KEYS[: self.shape.num_images]:
+            if key not in out:
+                continue  # observation_tensors names the missing key
+            image = out[key]
+            image = image.numpy(force=True) if isinstance(image, torch.Tensor) else np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim not in (3, 4):
+                continue  # observation_tensors names the dtype / shape problem
+            out[key] = (center_crop_image(image) if image.ndim == 3 else
+                        np.stack([center_crop_image(view) for view in image]))
+        return out
+
     def _groups(self, observation: dict, instruction: str | list[str]) -> list[tuple[Any, ...]]:
-        images, state, batch = observation_tensors(observation, self.shape)
+        images, state, batch = observation_tensors(self.model_images(observation), self.shape)
         proprio = torch.from_numpy(self._proprio_normalizer.normalize(state.numpy()))
         texts = instructions_for_batch(instruction, batch)
         return group_by_prompt(images.to(self.device), [self.prompt_ids(t) for t in texts], proprio.to(self.device))
@@ -398,7 +450,7 @@ class OpenVLAOFTBackbone:
         dtype = next(k for k, v in _DTYPES.items() if v == self.model.dtype)
         return dict(path_or_id=self.source, suite=self.suite, unnorm_key=self.unnorm_key,
                     allow_suite_mismatch=self.allow_suite_mismatch, num_images=self.shape.num_images,
-                    dtype=dtype, fast=self.fast)
+                    dtype=dtype, fast=self.fast, center_crop=self.center_crop)
 
     def save_weights(self, directory: Path) -> None:
         """Nothing to write: the policy refers to the checkpoint by ``path_or_id``."""

@@ -8,15 +8,21 @@ gripper post-processing. ``rsd.sim.libero`` (the env) and ``rsd.eval`` (the loop
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image
 
 from rsd.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 from rsd.normalize import model_to_env_gripper
+from rsd.images import (  # re-exported: the protocol's image constants and steps
+    CENTER_CROP_AREA,
+    IMAGE_SIZE,
+    JPEG_QUALITY,
+    center_crop_image,
+    oft_model_input,
+    rotate_180,
+)
 
 # ---------------------------------------------------------------- protocol constants
 
@@ -39,9 +45,6 @@ NUM_TRIALS_PER_TASK = 50  # trial i uses init state i
 SEED = 7  # random / numpy / torch seed of the eval run
 ENV_SEED = 0  # env.seed(0) once per task env
 CAMERA_SIZE = 256  # env render resolution (OFT's env_img_res)
-IMAGE_SIZE = 224  # model input resolution
-JPEG_QUALITY = 95  # tf.image.encode_jpeg's default, used by OFT's resize_image_for_policy
-CENTER_CROP_AREA = 0.9  # OFT's crop_scale: the crop keeps 0.9 of the area (side sqrt(0.9))
 VIDEO_FPS = 30
 AGENTVIEW_KEY = "agentview_image"
 WRIST_KEY = "robot0_eye_in_hand_image"
@@ -74,64 +77,21 @@ def prompt_for(instruction: str) -> str:
 
 
 # ---------------------------------------------------------------- images
-
-def _check_rgb_uint8(img: Any, name: str) -> np.ndarray:
-    if not isinstance(img, np.ndarray):
-        raise DTypeError(f"{name} must be a numpy array, got {type(img).__name__}")
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ShapeError(f"{name} must be [H, W, 3] RGB, got shape {img.shape}")
-    if img.dtype != np.uint8:
-        raise DTypeError(f"{name} must be uint8, got {img.dtype}")
-    return img
-
-
-def rotate_180(img: np.ndarray) -> np.ndarray:
-    """LIBERO renders upside down (OpenGL convention): ``img[::-1, ::-1]`` as a contiguous copy. [H, W, 3]"""
-    _check_rgb_uint8(img, "image")
-    return np.ascontiguousarray(img[::-1, ::-1])
-
-
-def center_crop_image(img: np.ndarray, area: float = CENTER_CROP_AREA) -> np.ndarray:
-    """Central crop keeping ``area`` of the image area (side ``sqrt(area)``), resized back to the input size.
-
-    OFT does this with ``tf.image.crop_and_resize`` (bilinear) for models trained with random-crop
-    augmentation; here PIL's bilinear resize of the same (sub-pixel) box. uint8 [H, W, 3] -> same shape.
-    """
-    _check_rgb_uint8(img, "image")
-    if not 0.0 < area <= 1.0:
-        raise ConfigError(f"center-crop area must be in (0, 1], got {area}")
-    h, w = img.shape[:2]
-    side = math.sqrt(area)
-    ch, cw = h * side, w * side
-    top, left = (h - ch) / 2.0, (w - cw) / 2.0
-    box = (left, top, left + cw, top + ch)
-    out = Image.fromarray(img).resize((w, h), resample=Image.Resampling.BILINEAR, box=box)
-    return np.asarray(out, dtype=np.uint8)
+# The pixel pipeline lives in rsd.images (one step per function, each matched to OFT's TensorFlow op).
 
 
 def preprocess_image(img: np.ndarray, size: int = IMAGE_SIZE, center_crop: bool = False,
                      rotate: bool = True) -> np.ndarray:
-    """Raw LIBERO camera image -> policy input, as OFT does it.
+    """Raw LIBERO camera image -> policy input, exactly as OFT makes it (``rsd.images.oft_model_input``).
 
-    uint8 [H, W, 3] -> rotate 180° (``img[::-1, ::-1]``, skip with ``rotate=False`` for an already
-    rotated frame) -> JPEG encode/decode round trip (quality 95, like ``tf.image.encode_jpeg``) ->
-    Lanczos-3 antialiased resize to ``size`` -> optional 0.9-area center crop resized back.
+    uint8 [H, W, 3] -> rotate 180° (skip with ``rotate=False`` for an already rotated frame) -> JPEG q95 round
+    trip decoded as TensorFlow does -> Lanczos-3 antialiased resize to ``size`` -> with ``center_crop`` the
+    0.9-area centre crop resized back with OFT's rounding. The observation's images stop before the crop
+    (OFT's ``prepare_observation``); a model trained with crop augmentation, as OFT's LIBERO checkpoints were,
+    applies it (OFT's ``prepare_images_for_vla``): ``preprocess_image(img, center_crop=True)`` is that model's input.
     Returns a new uint8 [size, size, 3] array.
     """
-    _check_rgb_uint8(img, "image")
-    if size <= 0:
-        raise ConfigError(f"size must be positive, got {size}")
-    if rotate:
-        img = rotate_180(img)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=JPEG_QUALITY)
-    buf.seek(0)
-    pil = Image.open(buf).convert("RGB")
-    pil = pil.resize((size, size), resample=Image.Resampling.LANCZOS)
-    out = np.asarray(pil, dtype=np.uint8)
-    if center_crop:
-        out = center_crop_image(out)
-    return np.array(out, dtype=np.uint8, copy=True)
+    return oft_model_input(img, center_crop=center_crop, size=size, rotate=rotate)
 
 
 # ---------------------------------------------------------------- proprio

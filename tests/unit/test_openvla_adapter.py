@@ -19,6 +19,8 @@ from rsd.backbones.openvla_shaped import (LlamaDecoder, LlamaSpec, OpenVLAShape,
                                           stand_in_token_ids)
 from rsd.errors import (ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError,
                         ShapeError, UnknownUnnormKeyError, WrongBaseModelError)
+from rsd.images import center_crop_image, oft_model_input
+from rsd.sim.protocol import preprocess_image
 from tests._openvla_tiny import INSTRUCTIONS, build_tiny_oft_checkpoint, tiny_observation
 
 pytestmark = pytest.mark.unit
@@ -156,6 +158,20 @@ def test_loader_refuses_a_spatial_checkpoint_for_object_unless_overridden(checkp
     assert bb.unnorm_key == "libero_spatial_no_noops"
 
 
+@pytest.mark.parametrize("key", ["libero_object_no_noops", "bridge_orig"])
+def test_an_explicit_unnorm_key_of_another_dataset_is_refused_unless_overridden(tmp_path: Path, key: str) -> None:
+    ckpt = build_tiny_oft_checkpoint(tmp_path / SPATIAL,
+                                     stats_keys=("libero_spatial_no_noops", "libero_object_no_noops", "bridge_orig"))
+    with pytest.raises(WrongBaseModelError, match=key):
+        OpenVLAOFTBackbone.from_pretrained(ckpt, "libero_spatial", unnorm_key=key, device="cpu", dtype="float32")
+    bb = OpenVLAOFTBackbone.from_pretrained(ckpt, "libero_spatial", unnorm_key=key, allow_suite_mismatch=True,
+                                            device="cpu", dtype="float32")
+    assert bb.unnorm_key == key
+    # the suite's own keys stay accepted when named explicitly
+    assert OpenVLAOFTBackbone.from_pretrained(ckpt, "libero_spatial", unnorm_key="libero_spatial_no_noops",
+                                              device="cpu", dtype="float32").unnorm_key == "libero_spatial_no_noops"
+
+
 def test_base_model_directory_is_refused(tmp_path: Path) -> None:
     base = build_tiny_oft_checkpoint(tmp_path / "openvla-7b", stats_keys=("bridge_orig",))
     with pytest.raises(WrongBaseModelError, match="base model"):
@@ -193,7 +209,7 @@ def test_encode_is_the_last_prompt_token_of_oft_layout(backbone: OpenVLAOFTBackb
     hidden = backbone.encode(obs, INSTRUCTIONS[0])
     assert hidden.shape == (1, 32) and hidden.dtype == torch.float32
     m = backbone.model
-    images = torch.from_numpy(np.stack([obs["full_image"], obs["wrist_image"]]))[None]
+    images = torch.from_numpy(np.stack([center_crop_image(obs["full_image"]), center_crop_image(obs["wrist_image"])]))[None]
     proprio = torch.from_numpy(backbone._proprio_normalizer.normalize(obs["state"][None]))
     ids = backbone.prompt_ids(INSTRUCTIONS[0])[None]
     with torch.inference_mode():
@@ -210,7 +226,7 @@ def test_l1_actions_read_oft_action_slice(backbone: OpenVLAOFTBackbone) -> None:
     obs = tiny_observation(2)
     m = backbone.model
     ids = backbone.prompt_ids(INSTRUCTIONS[2])[None]  # <s> + prompt + "▁"
-    images = torch.from_numpy(np.stack([obs["full_image"], obs["wrist_image"]]))[None]
+    images = torch.from_numpy(np.stack([center_crop_image(obs["full_image"]), center_crop_image(obs["wrist_image"])]))[None]
     proprio = torch.from_numpy(backbone._proprio_normalizer.normalize(obs["state"][None]))
     with torch.inference_mode():
         text = m.language_model.model.embed_tokens(ids)
@@ -223,6 +239,54 @@ def test_l1_actions_read_oft_action_slice(backbone: OpenVLAOFTBackbone) -> None:
     actions = backbone.predict_actions(obs, INSTRUCTIONS[2])
     assert actions.shape == (1, 8, 7)
     torch.testing.assert_close(actions, expected, rtol=0, atol=0)
+
+
+def _camera_frames(seed: int, batch: int | None = None) -> dict[str, np.ndarray]:
+    """Raw camera frames (upside down, 40 px) with smooth structure, as LIBERO renders them."""
+    rng = np.random.default_rng(seed)
+    lead = () if batch is None else (batch,)
+    yy, xx = np.mgrid[0:40, 0:40]
+    base = np.stack([4 * yy, 5 * xx, 3 * (xx + yy)], axis=-1)
+    return {k: np.clip(base + rng.integers(0, 60, (*lead, 40, 40, 3)), 0, 255).astype(np.uint8)
+            for k in ("agentview", "wrist")}
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_the_model_sees_oft_cropped_pixels_for_both_views(backbone: OpenVLAOFTBackbone, batch: int | None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """observation (OFT's uncropped 28 px images) -> the pixels fed to the model are oft_model_input(frame)."""
+    frames = _camera_frames(7, batch)
+    prep = (lambda f, **kw: preprocess_image(f, size=28, **kw)) if batch is None else \
+        (lambda f, **kw: np.stack([preprocess_image(x, size=28, **kw) for x in f]))
+    obs = {"full_image": prep(frames["agentview"]), "wrist_image": prep(frames["wrist"]),
+           "state": np.zeros((8,) if batch is None else (batch, 8), np.float32)}
+    seen = []
+    real = backbone._hidden_fn
+    monkeypatch.setattr(backbone, "_hidden_fn", lambda images, ids, state: seen.append(images.clone()) or real(images, ids, state))
+    backbone.encode(obs, INSTRUCTIONS[0] if batch is None else [INSTRUCTIONS[0]] * batch)
+    fed = torch.cat(seen).numpy()  # [B, views, 28, 28, 3] uint8, as the vision towers receive them
+    for view, key in enumerate(("agentview", "wrist")):
+        want = frames[key][None] if batch is None else frames[key]
+        expected = np.stack([oft_model_input(f, size=28) for f in want])
+        np.testing.assert_array_equal(fed[:, view], expected)
+        assert not np.array_equal(fed[:, view], np.stack([oft_model_input(f, size=28, center_crop=False) for f in want]))
+    assert obs["full_image"].shape[-3:] == (28, 28, 3)  # the observation itself is untouched (uncropped)
+    np.testing.assert_array_equal(obs["full_image"], prep(frames["agentview"]))
+
+
+def test_center_crop_false_feeds_the_uncropped_images_and_is_part_of_the_spec(
+        checkpoint: Path, tmp_path: Path) -> None:
+    bb = OpenVLAOFTBackbone.from_pretrained(checkpoint, "libero_spatial", device="cpu", dtype="float32",
+                                            center_crop=False)
+    obs = tiny_observation(6)
+    for key in ("full_image", "wrist_image"):
+        np.testing.assert_array_equal(bb.model_images(obs)[key], obs[key])
+    spec = save_backbone(bb, tmp_path / "policy")
+    assert spec["kwargs"]["center_crop"] is False
+    again = load_backbone(spec, tmp_path / "policy", device="cpu")
+    assert again.center_crop is False
+    with pytest.raises(ConfigError, match="center_crop"):
+        OpenVLAOFTBackbone.from_pretrained(checkpoint, "libero_spatial", device="cpu", dtype="float32", center_crop="yes")
 
 
 def test_batched_encode_with_different_prompt_lengths(backbone: OpenVLAOFTBackbone) -> None:

@@ -66,18 +66,15 @@ def test_preprocess_shape_dtype_and_rotation() -> None:
     np.testing.assert_allclose(_mean_colour(kept, *inner_tl), (255, 0, 0), atol=6)
 
 
-def test_preprocess_is_jpeg_round_trip_then_lanczos() -> None:
-    """Pins the pipeline order against PIL directly (same encoder, same filter)."""
-    import io
-
-    from PIL import Image
+def test_preprocess_is_oft_model_input() -> None:
+    """The step order (rotate, JPEG as TensorFlow decodes it, Lanczos-3, optional crop); each step is pinned
+    against OpenVLA-OFT's own functions in tests/unit/test_oft_images.py."""
+    from rsd.images import center_crop_image, jpeg_round_trip, lanczos3_resize, rotate_180
 
     img = np.random.default_rng(0).integers(0, 256, size=(256, 256, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(img[::-1, ::-1])).save(buf, format="JPEG", quality=95)
-    expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-                          .resize((224, 224), resample=Image.Resampling.LANCZOS))
-    np.testing.assert_array_equal(protocol.preprocess_image(img), expected)
+    uncropped = lanczos3_resize(jpeg_round_trip(rotate_180(img)), 224)
+    np.testing.assert_array_equal(protocol.preprocess_image(img), uncropped)
+    np.testing.assert_array_equal(protocol.preprocess_image(img, center_crop=True), center_crop_image(uncropped))
 
 
 def test_center_crop_keeps_the_central_09_area() -> None:
