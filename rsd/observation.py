@@ -1,0 +1,104 @@
+"""The observation contract between the simulator and every policy, as data.
+
+An observation is a plain dict (what crosses process boundaries and what LIBERO users expect):
+
+    full_image   uint8 [S, S, 3]  agentview camera, OFT's model input before the crop (rsd.sim.protocol.preprocess_image)
+    wrist_image  uint8 [S, S, 3]  wrist camera, same preprocessing
+    state        float32 [P]      proprio: eef_pos 3 + axis-angle(eef_quat) 3 + gripper_qpos 2 (P = 8)
+    raw          dict             the simulator's own observation (privileged policies only; learned ones never read it)
+
+Batched observations carry a leading ``B`` on every array. Unrendered episodes have no image keys.
+``ObservationSpec`` says which keys a consumer needs; ``validate`` checks an observation against it and
+``fake`` makes valid ones for tests and benchmarks (one generator, so every test speaks the same contract).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from rsd.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
+
+__all__ = ["FULL_IMAGE", "WRIST_IMAGE", "STATE", "RAW", "IMAGE_KEYS", "ObservationSpec"]
+
+FULL_IMAGE = "full_image"
+WRIST_IMAGE = "wrist_image"
+STATE = "state"
+RAW = "raw"
+IMAGE_KEYS = (FULL_IMAGE, WRIST_IMAGE)  # OpenVLA-OFT's order on LIBERO: third-person camera first, then wrist
+PROPRIO_DIM = 8
+
+
+@dataclass(frozen=True)
+class ObservationSpec:
+    """What an observation must hold. ``images``: the image keys required (``()`` for unrendered runs);
+    ``image_size``: their side S; ``proprio_dim``: P; ``raw``: whether the simulator's raw dict is required."""
+
+    images: tuple[str, ...] = IMAGE_KEYS
+    image_size: int = 224
+    proprio_dim: int = PROPRIO_DIM
+    raw: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.images if k not in IMAGE_KEYS]
+        if unknown:
+            raise ConfigError(f"ObservationSpec images {unknown} are not observation keys; known: {IMAGE_KEYS}.")
+        if self.image_size <= 0 or self.proprio_dim <= 0:
+            raise ConfigError(f"ObservationSpec sizes must be positive, got image_size={self.image_size}, "
+                              f"proprio_dim={self.proprio_dim}.")
+
+    def validate(self, observation: Any) -> Mapping[str, Any]:
+        """``observation`` itself if it meets the spec (unbatched or with one leading batch size on every
+        array); ShapeError / DTypeError / NonFiniteError naming the key and the expected form otherwise."""
+        if not isinstance(observation, Mapping):
+            raise DTypeError(f"an observation is a dict with keys {(*self.images, STATE)}, got {type(observation).__name__}.")
+        missing = [k for k in (*self.images, STATE) if k not in observation]
+        if self.raw and RAW not in observation:
+            missing.append(RAW)
+        if missing:
+            hint = " (render the episode: images are only present in rendered runs)" if set(missing) & set(IMAGE_KEYS) else ""
+            raise ShapeError(f"observation lacks {missing}; it has {sorted(observation)}{hint}.")
+        lead: dict[str, tuple[int, ...]] = {}
+        for key in self.images:
+            image = np.asarray(observation[key])
+            if image.dtype != np.uint8:
+                raise DTypeError(f"observation[{key!r}] must be uint8 (0..255), got {image.dtype}.")
+            if image.ndim not in (3, 4) or image.shape[-3:] != (self.image_size, self.image_size, 3):
+                raise ShapeError(f"observation[{key!r}] must be [{self.image_size}, {self.image_size}, 3] or "
+                                 f"[B, {self.image_size}, {self.image_size}, 3], got {list(image.shape)}.")
+            lead[key] = image.shape[:-3]
+        state = np.asarray(observation[STATE])
+        if not np.issubdtype(state.dtype, np.floating):
+            raise DTypeError(f"observation['state'] must be float32 [{self.proprio_dim}], got {state.dtype}.")
+        if state.ndim not in (1, 2) or state.shape[-1] != self.proprio_dim:
+            raise ShapeError(f"observation['state'] must be [{self.proprio_dim}] or [B, {self.proprio_dim}], "
+                             f"got {list(state.shape)}.")
+        if not np.all(np.isfinite(state)):
+            raise NonFiniteError("observation['state'] contains NaN/inf.")
+        lead[STATE] = state.shape[:-1]
+        if len(set(lead.values())) != 1:
+            raise ShapeError(f"observation keys disagree on the batch: leading shapes {lead}; batch all keys or none.")
+        if self.raw and not isinstance(observation[RAW], Mapping):
+            raise DTypeError(f"observation['raw'] must be the simulator's observation dict, got "
+                             f"{type(observation[RAW]).__name__}.")
+        return observation
+
+    def fake(self, seed: int = 0, *, batch: int | None = None) -> dict[str, Any]:
+        """A valid observation with smooth, seeded images (gradients plus noise, like a rendered scene) and
+        a proprio vector in a LIBERO-like range. ``raw`` (when the spec wants it) holds the proprio keys."""
+        rng = np.random.default_rng(seed)
+        lead = () if batch is None else (batch,)
+        s = self.image_size
+        yy, xx = np.mgrid[0:s, 0:s] * (255.0 / max(s - 1, 1))
+        base = np.stack([yy, xx, 0.5 * (xx + yy)], axis=-1)  # [S, S, 3]
+        obs: dict[str, Any] = {}
+        for key in self.images:
+            noise = rng.integers(-40, 41, (*lead, s, s, 3))
+            obs[key] = np.clip(base + noise, 0, 255).astype(np.uint8)
+        obs[STATE] = rng.uniform(-0.5, 0.5, (*lead, self.proprio_dim)).astype(np.float32)
+        if self.raw:
+            obs[RAW] = {"robot0_eef_pos": rng.uniform(-0.3, 0.3, 3), "robot0_eef_quat": np.array([1.0, 0.0, 0.0, 0.0]),
+                        "robot0_gripper_qpos": np.array([0.04, -0.04])}
+        return obs
