@@ -1,47 +1,12 @@
-"""CUDA latency breakdown of the RSD pipeline over an OpenVLA-shaped backbone, with floors.
-
-``run_breakdown(backbone="openvla-shaped", device="cuda", iters=50, num_images=2) -> dict`` (what ``rsd
-bench --device cuda`` calls) measures, at batch 1, for the eager path and the fast path (CUDA graphs,
-``rsd.fastpath``), with ``num_images`` 2 (OFT on LIBERO: full + wrist image, 545 tokens with the LIBERO
-prompt) or 1 (full image only, OFT's 1-image configuration: 289 tokens):
-
-- ``vision``     both towers on both images + projector + proprio token (GPU time, CUDA events)
-- ``llm``        the 7B decoder over the whole sequence -> last hidden state (GPU time)
-- ``backbone``   the two above as one call, ``OpenVLAModel.rsd_hidden`` (GPU time)
-- ``encode``     ``Backbone.encode``: host preprocessing + the above + checks (wall clock)
-- ``rsd_decode`` heads + argmax + layout + RFSQ decode: greedy, and speculative in its worst case
-                 (the draft is rejected at layer 0) and best case (all k draft layers accepted)
-- ``predict_chunk`` ``RSDPolicy.predict_chunk`` end to end (wall clock) with ``_greedy`` eager heads,
-                 ``_graphed`` ``RSDPolicy(graphed=True)`` (one CUDA graph for heads..decode),
-                 ``_graphed_compiled`` the same with ``compile_heads=True`` (compiled variants only), ``_spec``
-                 speculative with the random draft (``exact``: rejected at layer 0, the worst case) and
-                 ``_spec_full_accept`` speculative ``exact`` with a draft built to propose the main head's
-                 greedy codes (:func:`full_accept_draft`: all k layers accepted, the best case)
-- ``pipeline_graphed_decode`` fast encode + :class:`rsd.fastpath.GraphedRSDDecoder` + the policy's
-                 post-processing (what ``predict_chunk`` costs once the policy uses the graphed decode)
-
-Variants: ``eager`` (the plain module), ``graph`` (the same module in CUDA graphs), ``optimized_eager``
-(``OpenVLAModel.optimize_for_inference``, no graphs), ``fast`` (both: what ``set_fast(True)`` runs) and
-``fast_compiled`` (``set_fast(True, compile=True)``: also torch.compile'd layers and decode rollout) and, with
-``autotune=True``, ``fast_autotune`` (the layers compiled with ``max-autotune-no-cudagraphs``; its decode graphs
-keep inductor's default mode). :func:`heads_breakdown` (``--heads-only``) times the decode graphs alone.
-
-and the floors: weight bytes / measured copy bandwidth, FLOPs (counted by
-``torch.utils.flop_counter``) / measured bf16 matmul rate. Each timing is p50/p90 over ``iters``
-runs after warm-up. Run ``python -m rsd.gpu_bench --num-images 1 --out results/gpu/<name>.json`` on a
-CUDA machine.
-"""
+"""``run_breakdown``: the per-part latency of the RSD pipeline over an OpenVLA-shaped backbone, eager and
+fast, with the physical floors (see the package docstring)."""
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import platform
-import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,109 +14,8 @@ import torch
 
 from rsd.errors import ConfigError
 
-__all__ = ["measure_ceilings", "time_cuda", "time_wall", "summarize", "count_flops", "kernel_breakdown",
-           "full_accept_draft", "run_breakdown", "heads_breakdown", "format_breakdown", "main"]
-
-GOAL_MS = 12.0  # the issue's goal: full RSD predict_chunk on the OpenVLA-shaped model, batch 1
-
-LIBERO_INSTRUCTION = "pick up the black bowl between the plate and the ramekin and place it on the plate"
-
-
-# timing helpers
-
-
-def summarize(ms: list[float]) -> dict[str, float | int]:
-    """``{"p50", "p90", "min", "mean", "n"}`` of a list of milliseconds."""
-    arr = np.asarray(ms, dtype=np.float64)
-    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)), "min": float(arr.min()),
-            "mean": float(arr.mean()), "n": int(arr.size)}
-
-
-def time_cuda(fn: Callable[[], Any], *, warmup: int = 5, iters: int = 50) -> list[float]:
-    """GPU time of ``fn()`` per call in ms (a CUDA event pair around each call), after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in pairs]
-
-
-def time_wall(fn: Callable[[], Any], *, warmup: int = 5, iters: int = 50) -> list[float]:
-    """Wall-clock ms per call of ``fn()`` (which must synchronize itself, e.g. return host data)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        out.append(1e3 * (time.perf_counter() - t0))
-    return out
-
-
-def count_flops(fn: Callable[..., Any], *args: Any) -> int:
-    """FLOPs of ``fn(*args)`` as counted by ``torch.utils.flop_counter`` (matmuls, convs, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        fn(*args)
-    return int(counter.get_total_flops())
-
-
-def measure_ceilings(device: str | torch.device = "cuda", *, copy_gib: float = 2.0, mm: int = 8192,
-                     iters: int = 10) -> dict[str, float]:
-    """Measured ceilings: device-to-device copy bandwidth (bytes read + written per s) and the bf16
-    matmul rate on random data (``mm``^3 product), each the median of ``iters`` timed runs."""
-    device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    n = int(copy_gib * 2**30) // 2
-    src = torch.empty(n, dtype=torch.bfloat16, device=device).uniform_(-1, 1, generator=gen)  # allowed: ceiling input
-    dst = torch.empty_like(src)
-    copy_ms = statistics.median(time_cuda(lambda: dst.copy_(src), warmup=3, iters=iters))
-    del src, dst
-    # allowed: ceiling inputs (random, not zeros: zeros run faster than real data)
-    a = torch.empty(mm, mm, dtype=torch.bfloat16, device=device).uniform_(-1, 1, generator=gen)
-    b = torch.empty(mm, mm, dtype=torch.bfloat16, device=device).uniform_(-1, 1, generator=gen)
-    mm_ms = statistics.median(time_cuda(lambda: a @ b, warmup=3, iters=iters))
-    return {"copy_bytes_per_s": 2 * 2 * n / (copy_ms * 1e-3), "bf16_matmul_flop_per_s": 2 * mm**3 / (mm_ms * 1e-3),
-            "copy_gib": copy_gib, "matmul_n": mm}
-
-
-def kernel_breakdown(fn: Callable[[], Any], *, iters: int = 3, top: int = 12) -> dict[str, Any]:
-    """GPU kernel time of ``fn()`` by category (matmul / attention / other) and the top kernels, per call,
-    from ``torch.profiler`` (run eagerly: kernel times are those a graph replays, minus launch gaps)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode():
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fn()
-            torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            kernels.setdefault(event.name, []).append(event.device_time)  # microseconds
-    def category(name: str) -> str:
-        low = name.lower()
-        if any(k in low for k in ("gemm", "nvjet", "cutlass", "sm90_xmma", "gemv", "splitk")):
-            return "matmul"
-        if any(k in low for k in ("flash", "fmha", "attention")):
-            return "attention"
-        return "other"
-    totals: dict[str, float] = {}
-    for name, times in kernels.items():
-        totals[category(name)] = totals.get(category(name), 0.0) + sum(times) / 1e3 / iters
-    ranked = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:top]
-    return {"ms_per_call": totals, "kernels_per_call": sum(len(t) for t in kernels.values()) / iters,
-            "top": [{"name": n[:120], "ms_per_call": sum(t) / 1e3 / iters, "calls": len(t) / iters} for n, t in ranked]}
+from rsd.gpu_bench.timing import (GOAL_MS, LIBERO_INSTRUCTION, count_flops, kernel_breakdown, measure_ceilings,
+                                  summarize, time_cuda, time_wall)
 
 
 # the pipeline pieces
@@ -184,7 +48,7 @@ def _fake_observation(shape: Any, seed: int = 0) -> dict[str, np.ndarray]:
             "state": rng.uniform(-1, 1, shape.proprio_dim).astype(np.float32)}
 
 
-def _rsd_parts(cfg: Any, device: torch.device, seed: int) -> tuple[Any, Any, Any, Any]:
+def random_rsd_parts(cfg: Any, device: torch.device, seed: int) -> tuple[Any, Any, Any, Any]:
     """Random RSD heads + tokenizer at ``cfg`` sizes on ``device`` (weights are irrelevant for timing)."""
     from rsd.heads import DraftHead, RFSQHead
     from rsd.normalize import NormStats
@@ -339,7 +203,7 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
             out["floors_ms"][part]["floor"] = max(out["floors_ms"][part].values())
 
     cfg = RSDConfig(hidden_dim=eager_bb.hidden_dim)  # the seed's sizes: C=8 H=16 L=8 G=7 k=3 (D=4096 for 7b)
-    head, draft, tok, stats = _rsd_parts(cfg, dev, seed)
+    head, draft, tok, stats = random_rsd_parts(cfg, dev, seed)
     with torch.inference_mode():
         hidden = eager_bb.encode(obs, instruction)  # float32 [1, D]
 
@@ -505,146 +369,3 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
         if part.startswith("predict_chunk") or part == "pipeline_graphed_decode"}
     out["memory_gib"] = {"max_allocated": torch.cuda.max_memory_allocated(dev) / 2**30}
     return out
-
-
-def heads_breakdown(device: str = "cuda", iters: int = 200, *, warmup: int = 20, seed: int = 0,
-                    modes: tuple[str, ...] = ("default",),
-                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Heads + argmax + layout + decode alone, at the default sizes (D=4096), batch 1: the plain graph and
-    the compiled graph (each inductor ``mode`` in ``modes``), as GPU time of the replay (CUDA events) and
-    wall time of ``decode`` (one sync) and ``decode_to_host`` (what ``RSDPolicy(graphed=True)`` calls),
-    each measured twice: after an idle second and right after 2 s of large bf16 matmuls (a busy, hot GPU),
-    with the SM clock read (NVML) before each; plus the parts: the bare graph replay (GPU) and all four
-    graph outputs copied to the host (wall) instead of the one packed vector. -> JSON-able dict."""
-    from rsd.config import RSDConfig
-    from rsd.fastpath import GraphedRSDDecoder, argmax_regret
-
-    say = log or (lambda _msg: None)
-    dev = torch.device(device)
-    cfg = RSDConfig()
-    head, _, tok, _ = _rsd_parts(cfg, dev, seed)
-    gen = torch.Generator(dev).manual_seed(seed)
-    hidden = torch.randn(1, cfg.hidden_dim, device=dev, generator=gen)  # allowed: timing input
-    probe = torch.randn(256, cfg.hidden_dim, device=dev, generator=gen)  # allowed: tie-check input
-    a = torch.empty(8192, 8192, dtype=torch.bfloat16, device=dev).uniform_(-1, 1, generator=gen)  # allowed: load
-
-    def sm_clock_mhz() -> int | None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = dev.index if dev.index is not None else torch.cuda.current_device()
-            return int(pynvml.nvmlDeviceGetClockInfo(pynvml.nvmlDeviceGetHandleByIndex(index), pynvml.NVML_CLOCK_SM))
-        except Exception as exc:  # noqa: BLE001 - a missing NVML loses the clock column, and says why in the JSON
-            out["sm_clock_error"] = f"{type(exc).__name__}: {exc}"
-            say(f"no SM clock: {exc}")
-            return None
-
-    def load(seconds: float) -> None:
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            for _ in range(10):
-                a @ a
-            torch.cuda.synchronize(dev)
-
-    out: dict[str, Any] = {"gpu": torch.cuda.get_device_name(dev), "torch": torch.__version__, "iters": iters,
-                           "warmup": warmup, "config": cfg.to_dict(), "variants": {}}
-    decoders = {"plain": GraphedRSDDecoder(head, tok, device=dev)}
-    for mode in modes:
-        decoders[f"compiled_{mode}"] = GraphedRSDDecoder(head, tok, device=dev, compile=True,
-                                                         compile_mode=None if mode == "default" else mode)
-    with torch.inference_mode():
-        for name, decoder in decoders.items():
-            say(f"heads: {name}")
-            t0 = time.perf_counter()
-            decoder.decode(hidden)
-            decoder.decode_to_host(hidden)
-            row: dict[str, Any] = {"setup_s": time.perf_counter() - t0,
-                                   "max_regret_256": float(argmax_regret(head, probe, decoder.decode(probe)[0]).max())}
-            for state in ("idle", "after_load"):
-                if state == "after_load":
-                    load(2.0)
-                else:
-                    time.sleep(1.0)
-                row[f"{state}_sm_clock_mhz"] = sm_clock_mhz()
-                row[f"{state}_graph_gpu"] = summarize(time_cuda(lambda: decoder._graph(hidden), warmup=warmup, iters=iters))
-                row[f"{state}_decode_wall"] = summarize(time_wall(lambda: decoder.decode(hidden), warmup=warmup, iters=iters))
-                row[f"{state}_to_host_wall"] = summarize(time_wall(lambda: decoder.decode_to_host(hidden), warmup=warmup,
-                                                                   iters=iters))
-                # the parts: the bare replay (GPU), and all four outputs copied to the host (wall) instead of
-                # decode_to_host's one packed vector
-                graph = next(iter(decoder._graph._graphs.values()))
-                row[f"{state}_replay_only_gpu"] = summarize(time_cuda(graph.graph.replay, warmup=warmup, iters=iters))
-                row[f"{state}_all_outputs_to_host_wall"] = summarize(time_wall(lambda: decoder._graph.to_host(hidden),
-                                                                               warmup=warmup, iters=iters))
-            row["kernels"] = kernel_breakdown(lambda: decoder._run(hidden), top=4)
-            out["variants"][name] = row
-    return out
-
-
-def format_breakdown(result: dict[str, Any]) -> str:
-    """The breakdown as a text table: p50 (p90) ms per part and variant, and the floor."""
-    variants = [v for v in ("eager", "graph", "optimized_eager", "fast", "fast_compiled", "fast_autotune")
-                if result["timings_ms"].get(v)]
-    lines = [f"{result['gpu']}  torch {result['torch']}  images {result.get('num_images', 2)}  "
-             f"tokens {result['sequence']['total_tokens']}  p50 (p90) ms",
-             f"{'part':26s}" + "".join(f"{v:>22s}" for v in variants) + f"{'floor':>8s}"]
-    floors = result.get("floors_ms", {})
-    parts = sorted({p for v in variants for p in result["timings_ms"][v]})
-    for part in parts:
-        cells = []
-        for variant in variants:
-            t = result["timings_ms"][variant].get(part)
-            cells.append(f"{t['p50']:10.3f} ({t['p90']:8.3f})" if t else f"{'-':>21s}")
-        floor = f"{floors[part]['floor']:8.2f}" if part in floors else ""
-        lines.append(f"{part:26s}" + " ".join(cells) + floor)
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rsd.gpu_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=None,
-                        help="timed calls per measurement (default: 50; 200 with --heads-only)")
-    parser.add_argument("--size", default="7b", choices=["7b", "tiny"])
-    parser.add_argument("--num-images", type=int, default=2, choices=[1, 2],
-                        help="2: full + wrist image (OFT on LIBERO, 545 tokens); 1: full image only (289 tokens)")
-    parser.add_argument("--no-fast", action="store_true")
-    parser.add_argument("--no-attribution", action="store_true",
-                        help="skip the attribution variants 'graph' and 'optimized_eager'")
-    parser.add_argument("--autotune", action="store_true",
-                        help="add 'fast_autotune': layers compiled with mode=max-autotune-no-cudagraphs (minutes)")
-    parser.add_argument("--profile", action="store_true", help="add a kernel-time breakdown (torch.profiler)")
-    parser.add_argument("--heads-only", action="store_true",
-                        help="time only heads + argmax + layout + decode (plain and compiled graphs, idle and hot GPU); "
-                             "reads --iters, --autotune (adds a max-autotune compiled graph) and --out only")
-    parser.add_argument("--out", type=Path, help="write the JSON here")
-    args = parser.parse_args(argv)
-    if args.heads_only:
-        modes = ("default", "max-autotune-no-cudagraphs") if args.autotune else ("default",)
-        result = heads_breakdown(iters=args.iters or 200, modes=modes, log=lambda m: print(f"[bench] {m}", flush=True))
-        text = json.dumps(result, indent=2, sort_keys=True)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
-        for name, row in result["variants"].items():
-            print(f"{name:18s} " + "  ".join(f"{state}: clock {row[f'{state}_sm_clock_mhz']} replay {row[f'{state}_replay_only_gpu']['p50']:.3f} "
-                                            f"gpu {row[f'{state}_graph_gpu']['p50']:.3f} decode {row[f'{state}_decode_wall']['p50']:.3f} "
-                                            f"4 copies {row[f'{state}_all_outputs_to_host_wall']['p50']:.3f} to_host "
-                                            f"{row[f'{state}_to_host_wall']['p50']:.3f} (p90 {row[f'{state}_to_host_wall']['p90']:.3f})"
-                                            for state in ("idle", "after_load"))
-                  + f"  regret {row['max_regret_256']:.2e}")
-        return 0
-    result = run_breakdown(iters=args.iters or 50, size=args.size, num_images=args.num_images, fast=not args.no_fast,
-                           profile=args.profile, attribution=not args.no_attribution, autotune=args.autotune,
-                           log=lambda m: print(f"[bench] {m}", flush=True))
-    text = json.dumps(result, indent=2, sort_keys=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(format_breakdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
