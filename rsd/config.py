@@ -13,6 +13,25 @@ from typing import Any
 
 from rsd.errors import ConfigError
 
+# Upper bound of every size (inclusive; the lower bound is 1). Far above any real model (OpenVLA-7B: D = 4096),
+# far below what would make a hostile config allocate or loop without end (e.g. hidden_dim 10**9).
+SIZE_LIMITS: dict[str, int] = {
+    "chunk_len": 1024, "action_dim": 256, "latent_dim": 1024, "num_layers": 64, "num_levels": 255,
+    "hidden_dim": 65536, "draft_layers": 64, "head_width": 65536, "tokenizer_width": 65536, "proprio_dim": 1024,
+}
+
+
+def check_size(owner: str, name: str, value: Any, limit: int) -> None:
+    """ConfigError naming ``owner``'s field ``name`` unless ``value`` is an int (not a bool) in ``[1, limit]``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise ConfigError(f"{owner} `{name}` must be an int in [1, {limit}], got {value!r}.")
+
+
+def check_levels(owner: str, num_levels: int) -> None:
+    """ConfigError unless ``num_levels`` is odd and >= 3 (so that 0 is a level)."""
+    if num_levels < 3 or num_levels % 2 == 0:
+        raise ConfigError(f"{owner} `num_levels` must be odd and >= 3 so that 0 is a level, got {num_levels}.")
+
 
 @dataclass(frozen=True)
 class RSDConfig:
@@ -29,13 +48,8 @@ class RSDConfig:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"`{field.name}` must be a positive int, got {value!r}.")
-        if self.num_levels < 3 or self.num_levels % 2 == 0:
-            raise ConfigError(
-                f"`num_levels` must be odd and >= 3 so that 0 is a level, got {self.num_levels}."
-            )
+            check_size("RSDConfig", field.name, getattr(self, field.name), SIZE_LIMITS[field.name])
+        check_levels("RSDConfig", self.num_levels)
         if self.draft_layers > self.num_layers:
             raise ConfigError(
                 f"`draft_layers` ({self.draft_layers}) cannot exceed `num_layers` ({self.num_layers})."
@@ -59,6 +73,8 @@ class RSDConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RSDConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"an RSDConfig is a JSON object of sizes, got a {type(data).__name__}: {data!r:.200}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -66,3 +66,23 @@ class RendererUnavailableError(RSDError, RuntimeError):
 
 class SimSetupError(RSDError, RuntimeError):
     """LIBERO (or its assets/config) is not installed or set up; the message says how to fix it."""
+
+
+class CorruptCheckpointError(CheckpointMismatchError):
+    """A checkpoint file exists but cannot be read (empty, truncated, not the format its name says)."""
+
+
+class RemoteCodeNotAllowedError(ConfigError):
+    """A checkpoint or policy asks to run its own Python code and the caller did not opt in."""
+
+
+class ResumeMismatchError(ConfigError):
+    """``--resume`` with a policy, device or setting that differs from the recorded run."""
+
+
+class OutputLockedError(ConfigError):
+    """Another process is writing the same output (it holds the output's lock); the message names it."""
+
+
+class EnvResetError(SimSetupError):
+    """A LIBERO env failed to reset (``__cause__`` holds LIBERO's error)."""

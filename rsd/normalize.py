@@ -45,6 +45,18 @@ def _vector(values: Any, name: str) -> np.ndarray:
     return arr
 
 
+def _bool_vector(values: Any) -> np.ndarray:
+    """``mask`` as a bool vector; only real booleans (JSON true/false) are accepted: ``"false"`` or ``0`` would
+    silently become True / False by numpy's casting."""
+    arr = np.asarray(values)
+    if arr.dtype != np.bool_:
+        raise ConfigError(f"`mask` must hold booleans (JSON true / false), got {values!r:.200}: fix the statistics "
+                          f"file (e.g. \"mask\": [true, true, true, true, true, true, false]).")
+    if arr.ndim != 1:
+        raise ShapeError(f"`mask` must be a 1-D vector, got shape {arr.shape}.")
+    return arr
+
+
 @dataclass(frozen=True)
 class NormStats:
     """Per-dimension statistics of one quantity (actions or proprio)."""
@@ -58,7 +70,7 @@ class NormStats:
     def __post_init__(self) -> None:
         q01 = _vector(self.q01, "q01")
         q99 = _vector(self.q99, "q99")
-        mask = np.asarray(self.mask, dtype=bool) if self.mask is not None else np.ones_like(q01, dtype=bool)
+        mask = _bool_vector(self.mask) if self.mask is not None else np.ones_like(q01, dtype=bool)
         if not (q01.shape == q99.shape == mask.shape):
             raise ShapeError(f"q01 {q01.shape}, q99 {q99.shape} and mask {mask.shape} must have the same shape.")
         if np.any(q99[mask] < q01[mask]):
@@ -77,6 +89,9 @@ class NormStats:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "NormStats":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"normalization stats must be a JSON object with q01, q99 (and mask, mean, std), got "
+                              f"a {type(data).__name__}.")
         missing = [k for k in ("q01", "q99") if k not in data]
         if missing:
             raise ConfigError(f"normalization stats lack {missing}; present keys: {sorted(data)}.")

@@ -19,6 +19,12 @@
 Anything else raises :class:`ConfigError` listing the names. Model code is imported only when the spec
 needs it, so the simulator never depends on model internals.
 
+``policy_identity(spec)`` says what stands behind a spec, for ``rsd eval``'s ``run.json``: its kind, the
+statistics key of ``openvla-oft:PATH@KEY``, and a content hash (``rsd.fingerprint``) of the files it loads, so
+that ``--resume`` compares policies by content, never by how their path was written. ``trust_remote_code``
+(``rsd eval/collect --trust-remote-code``) is the only way a saved policy's backbone may run a checkpoint's own
+Python code (``rsd.policy.load_policy``).
+
 ``fast=True`` (``rsd eval --fast``) runs a learned policy on rsd's CUDA fast path:
 
 - a backbone with a fast path (``set_fast``: ``OpenVLAOFTBackbone``, ``OpenVLAShapedBackbone``) gets
@@ -47,11 +53,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from rsd.errors import ActionGenerationError, CheckpointNotFoundError, ConfigError, ShapeError, WrongBaseModelError
+from rsd.errors import (ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError,
+                        ShapeError, WrongBaseModelError)
 
-__all__ = ["POLICY_NAMES", "DEFAULT_TOKENIZER_DIR", "make_policy", "check_fast", "RFSQRoundTripPolicy"]
+__all__ = ["POLICY_NAMES", "DEFAULT_TOKENIZER_DIR", "make_policy", "check_fast", "check_device", "policy_identity",
+           "policy_device", "RFSQRoundTripPolicy"]
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer_libero"
+_SIM_DIR = Path(__file__).resolve().parent / "sim"
+_EXPERT_SOURCES = ("experts.py", "task_plans.py")  # the scripted expert is its code: state machine + task table
+_LIBERO_ACTION_DIM = 7  # LIBERO's env actions: [dx, dy, dz, droll, dpitch, dyaw, gripper]
 POLICY_NAMES: dict[str, str] = {
     "expert": "scripted privileged expert (reads object poses from the raw LIBERO obs)",
     "expert-rfsq": "the expert's chunks round-tripped through the RFSQ tokenizer (expert-rfsq:DIR for another one)",
@@ -80,7 +91,13 @@ class RFSQRoundTripPolicy:
         from rsd.action_space import ActionSpace
         from rsd.tokenizer import RFSQTokenizer
 
-        return cls(inner, RFSQTokenizer.from_pretrained(directory), ActionSpace.load(directory))
+        tokenizer = RFSQTokenizer.from_pretrained(directory)
+        if tokenizer.action_dim != _LIBERO_ACTION_DIM:
+            raise CheckpointMismatchError(
+                f"the tokenizer in {directory} encodes action_dim {tokenizer.action_dim}, but LIBERO actions have "
+                f"action_dim {_LIBERO_ACTION_DIM} (xyz, rpy, gripper): train it on LIBERO demos with "
+                f"`rsd train-tokenizer` and pass that directory.")
+        return cls(inner, tokenizer, ActionSpace.load(directory))
 
     def reset(self) -> None:
         self.inner.reset()
@@ -133,6 +150,109 @@ def _is_scripted(spec: str) -> bool:
     return spec == "expert" or spec == "expert-rfsq" or spec.startswith("expert-rfsq:")
 
 
+def check_device(device: str | None) -> None:
+    """ConfigError, before anything loads, for a ``--device`` torch cannot parse or cannot use here (a CUDA
+    device on a machine where torch sees no CUDA, or a CUDA index that does not exist). None (the default) is
+    always fine."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device: pass e.g. cpu, cuda or cuda:1.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch sees no CUDA device on this machine: run on a GPU machine, "
+                              f"or pass --device cpu (or leave --device out).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0.")
+
+
+def policy_device(spec: str, device: str | None) -> str | None:
+    """The device a policy spec runs on (what ``make_policy`` resolves; None for scripted policies, which run
+    no network): ``device``, or cuda when torch sees one, else cpu."""
+    if _is_scripted(spec):
+        return None
+    import torch
+
+    return str(torch.device(_default_device(device)))
+
+
+def _split_oft(body: str) -> tuple[str, str | None]:
+    """``PATH`` or ``PATH@UNNORM_KEY`` (the text after ``openvla-oft:``) -> (path, key or None)."""
+    path, at, key = body.rpartition("@")
+    if not at or not key or "/" in key or Path(body).is_dir():  # a directory whose name holds an '@' is a path
+        return body, None
+    return path, key
+
+
+def _checkpoint_file(relative: Path) -> bool:
+    """What a checkpoint folder's hash covers: every file but hidden ones (``hf download``'s ``.cache/``,
+    ``.gitattributes``) and documentation (``*.md``)."""
+    return not any(part.startswith(".") for part in relative.parts) and relative.suffix != ".md"
+
+
+def _hf_checkpoint_of(directory: Path) -> Path | None:
+    """The local checkpoint folder a saved policy's backbone references (``HFBackbone``'s ``path_or_id``)."""
+    import json
+
+    try:
+        meta = json.loads((directory / "policy.json").read_text())
+        ref = meta["backbone"]["kwargs"]["path_or_id"]
+    except (OSError, ValueError, KeyError, TypeError):  # not that layout: the load says what is wrong
+        return None
+    return Path(ref) if isinstance(ref, str) and Path(ref).is_dir() else None
+
+
+def policy_identity(spec: str) -> dict[str, Any]:
+    """What stands behind ``spec`` (see the module docstring): ``{"kind", "unnorm_key", "content"}`` where
+    ``content`` hashes the files the policy loads (``rsd.fingerprint``):
+
+    - ``expert``: the scripted expert's source; ``expert-rfsq[:DIR]``: that and the tokenizer directory (the
+      packaged one by default), every file;
+    - ``openvla-oft:PATH[@KEY]``: every file of the checkpoint folder but hidden ones and ``*.md`` (the
+      safetensors shards included, read in full), and ``KEY``;
+    - a saved policy directory: every file below it, and the local checkpoint folder its backbone references.
+
+    The same files reached by a relative or an absolute path give the same identity. ConfigError for an unknown
+    spec, CheckpointNotFoundError for a folder that does not exist."""
+    from rsd.fingerprint import hash_file_list, hash_tree
+
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
+    expert = hash_file_list(_SIM_DIR, [Path(name) for name in _EXPERT_SOURCES])
+    if spec == "expert":
+        return {"kind": "expert", "unnorm_key": None, "content": expert}
+    if spec == "expert-rfsq" or spec.startswith("expert-rfsq:"):
+        directory = Path(spec.split(":", 1)[1]).expanduser() if ":" in spec else DEFAULT_TOKENIZER_DIR
+        if not directory.is_dir():
+            raise CheckpointNotFoundError(f"tokenizer directory {directory} of --policy {spec} does not exist.")
+        return {"kind": "expert-rfsq", "unnorm_key": None, "content": f"{expert} {hash_tree(directory)}"}
+    if spec == "openvla-oft" or spec.startswith("openvla-oft:"):
+        path, key = _split_oft(spec.removeprefix("openvla-oft").removeprefix(":"))
+        directory = Path(path).expanduser()
+        if not path or not directory.is_dir():
+            raise CheckpointNotFoundError(f"OpenVLA-OFT checkpoint directory {directory} of --policy {spec} does "
+                                          f"not exist.")
+        return {"kind": "openvla-oft", "unnorm_key": key, "content": hash_tree(directory, keep=_checkpoint_file)}
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        content = hash_tree(path)
+        checkpoint = _hf_checkpoint_of(path)
+        if checkpoint is not None:
+            content += " backbone " + hash_tree(checkpoint, keep=_checkpoint_file)
+        return {"kind": "saved", "unnorm_key": None, "content": content}
+    raise _unknown_policy(spec)
+
+
+def _unknown_policy(spec: str) -> ConfigError:
+    listed = "; ".join(f"{name}: {what}" for name, what in POLICY_NAMES.items())
+    return ConfigError(f"unknown policy {spec!r} (not a name, and no directory of that name exists). Known: {listed}.")
+
+
 def check_fast(spec: str, device: str | None) -> None:
     """Raise :class:`ConfigError` when ``fast=True`` cannot apply to ``spec`` on ``device``, without loading it:
     a scripted policy (nothing to speed up), an explicit ``device`` that is not CUDA, the default device
@@ -173,9 +293,7 @@ def _announce_fast(policy: Any) -> None:
 
 def _openvla_oft(body: str, suite: str | None, device: str | None) -> Any:
     """``PATH`` or ``PATH@UNNORM_KEY`` (the text after ``openvla-oft:``) -> ``OFTL1Policy`` for ``suite``."""
-    path, at, key = body.rpartition("@")
-    if not at or not key or "/" in key or Path(body).is_dir():  # a directory whose name holds an '@' is a path
-        path, key = body, None
+    path, key = _split_oft(body)
     if not path:
         raise ConfigError("openvla-oft needs a checkpoint directory: --policy openvla-oft:PATH.")
     if suite is None:
@@ -200,12 +318,15 @@ def _openvla_oft(body: str, suite: str | None, device: str | None) -> Any:
     return OFTL1Policy(backbone)
 
 
-def make_policy(spec: str, *, suite: str | None = None, device: str | None = None, fast: bool = False) -> Any:
+def make_policy(spec: str, *, suite: str | None = None, device: str | None = None, fast: bool = False,
+                trust_remote_code: bool = False) -> Any:
     """Resolve a ``--policy`` value to a Policy (see the module docstring).
 
     ``suite`` is the LIBERO suite the policy will run on (needed by ``openvla-oft:``; the others ignore it).
     ``device`` applies to learned policies (default: ``cuda`` when available, else ``cpu``).
     ``fast``: the CUDA fast path (module docstring); ConfigError where it cannot apply.
+    ``trust_remote_code``: a saved policy whose backbone asks to run its checkpoint's own code loads only with
+    True (``rsd.policy.load_policy``); otherwise it raises RemoteCodeNotAllowedError.
     """
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
@@ -227,9 +348,8 @@ def make_policy(spec: str, *, suite: str | None = None, device: str | None = Non
     if path.is_dir():
         from rsd.policy import load_policy
 
-        policy = load_policy(path, device=_default_device(device), fast=fast)
+        policy = load_policy(path, device=_default_device(device), fast=fast, trust_remote_code=trust_remote_code)
         if fast:
             _announce_fast(policy)
         return policy
-    listed = "; ".join(f"{name}: {what}" for name, what in POLICY_NAMES.items())
-    raise ConfigError(f"unknown policy {spec!r} (not a name, and no directory of that name exists). Known: {listed}.")
+    raise _unknown_policy(spec)

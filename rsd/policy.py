@@ -26,8 +26,8 @@ from einops import rearrange
 
 from rsd.checkpoint import load_module, read_json, save_module, write_json
 from rsd.config import RSDConfig
-from rsd.errors import (ActionGenerationError, CheckpointNotFoundError, ConfigError, DTypeError, NonFiniteError,
-                        ShapeError)
+from rsd.errors import (ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError,
+                        DTypeError, NonFiniteError, ShapeError)
 from rsd.normalize import BoundsQ99Normalizer, NormStats, model_to_env_gripper
 from rsd.speculative import SpeculativeDecoder, greedy_decode
 
@@ -180,8 +180,7 @@ class _LearnedPolicy:
 
     @staticmethod
     def _load_meta(directory: Path, kind: str) -> dict[str, Any]:
-        meta = read_json(directory / "policy.json", what="policy description",
-                         hint="A policy directory is written by `save_pretrained(dir)`.")
+        meta = _policy_json(directory, hint="A policy directory is written by `save_pretrained(dir)`.")
         if meta.get("kind") != kind:
             raise ConfigError(f"{directory} holds a {meta.get('kind')!r} policy, not {kind!r}; use rsd.policy.load_policy.")
         if meta.get("format") != POLICY_FORMAT:
@@ -286,7 +285,7 @@ class RSDPolicy(_LearnedPolicy):
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
                         speculative: bool | None = None, mode: str | None = None,
                         threshold: float | None = None, graphed: bool = False,
-                        compile_heads: bool = False) -> "RSDPolicy":
+                        compile_heads: bool = False, trust_remote_code: bool = False) -> "RSDPolicy":
         from rsd.backbones import load_backbone
         from rsd.heads import DraftHead, RFSQHead
         from rsd.tokenizer import RFSQTokenizer
@@ -304,7 +303,7 @@ class RSDPolicy(_LearnedPolicy):
             draft = load_module(DraftHead(config), directory / "draft.safetensors", what="draft head weights",
                                 hint="policy.json says this policy has a draft head, but its weights are missing.")
         tokenizer = RFSQTokenizer.from_pretrained(directory / "tokenizer")
-        backbone = load_backbone(meta["backbone"], directory, device=device)
+        backbone = load_backbone(meta["backbone"], directory, device=device, trust_remote_code=trust_remote_code)
         return cls(backbone, head, tokenizer, NormStats.from_dict(meta["action_stats"]), config=config, draft=draft,
                    speculative=_saved_speculative(meta) if speculative is None else speculative,
                    mode=mode or spec.get("mode", "exact"),
@@ -340,7 +339,8 @@ class L1Policy(_LearnedPolicy):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu") -> "L1Policy":
+    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
+                        trust_remote_code: bool = False) -> "L1Policy":
         from rsd.backbones import load_backbone
         from rsd.heads import L1ActionHead
 
@@ -351,7 +351,7 @@ class L1Policy(_LearnedPolicy):
         config = RSDConfig.from_dict(meta["config"])
         head = load_module(L1ActionHead(config), directory / "head.safetensors", what="L1 action head weights",
                            hint="Cannot run the L1 baseline without its trained action head.")
-        backbone = load_backbone(meta["backbone"], directory, device=device)
+        backbone = load_backbone(meta["backbone"], directory, device=device, trust_remote_code=trust_remote_code)
         return cls(backbone, head, NormStats.from_dict(meta["action_stats"]), config=config, device=device,
                    unnorm_key=meta.get("unnorm_key"))
 
@@ -374,9 +374,22 @@ def _saved_speculative(meta: Mapping[str, Any]) -> bool:
     return bool(spec.get("has_draft")) if enabled is None else bool(enabled)
 
 
+_META_KEYS = ("format", "kind", "config", "backbone", "action_stats")  # what save_pretrained always writes
+
+
+def _policy_json(directory: Path, *, hint: str) -> dict[str, Any]:
+    """``directory/policy.json`` as a dict holding every key ``save_pretrained`` writes (CheckpointMismatchError
+    naming the file and the missing keys otherwise; ``read_json`` refuses invalid JSON and non-objects)."""
+    meta = read_json(directory / "policy.json", what="policy description", hint=hint)
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointMismatchError(f"{directory / 'policy.json'} lacks {missing}: it was not written by "
+                                      f"save_pretrained, or it was edited. {hint}")
+    return meta
+
+
 def _read_meta(directory: Path) -> dict[str, Any]:
-    meta = read_json(directory / "policy.json", what="policy description",
-                     hint="Expected a directory written by RSDPolicy/L1Policy.save_pretrained.")
+    meta = _policy_json(directory, hint="Expected a directory written by RSDPolicy/L1Policy.save_pretrained.")
     if meta.get("kind") not in _KINDS:
         raise ConfigError(f"{directory}: unknown policy kind {meta.get('kind')!r}; known kinds: {sorted(_KINDS)}.")
     return meta
@@ -405,7 +418,8 @@ def _fast_plan(meta: Mapping[str, Any], directory: Path) -> FastPlan:
     return plan
 
 
-def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fast: bool = False) -> _LearnedPolicy:
+def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fast: bool = False,
+                trust_remote_code: bool = False) -> _LearnedPolicy:
     """Load any saved learned policy (RSD or L1) from ``directory`` by the kind in its ``policy.json``.
 
     ``fast`` (CUDA ``device`` only) puts what has one on rsd's fast path (:func:`fast_plan`): a backbone with
@@ -413,6 +427,9 @@ def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fa
     ``use_graphed_heads(compile=True)`` (one compiled CUDA graph; codes = eager's argmax up to float-rounding
     ties). A speculative RSD policy keeps its speculative decoder (``fast`` never changes the decoding mode).
     ConfigError for a non-CUDA device, and for a policy with nothing on a fast path, before loading.
+
+    ``trust_remote_code`` is the only switch that lets a backbone run its checkpoint's own Python code: a
+    ``policy.json`` asking for it raises RemoteCodeNotAllowedError unless it is True.
     """
     directory = Path(directory)
     if fast and torch.device(device).type != "cuda":
@@ -420,7 +437,7 @@ def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fa
                           f"load it on cuda or pass fast=False (rsd eval: --device cuda, or drop --fast).")
     meta = _read_meta(directory)
     plan = _fast_plan(meta, directory) if fast else FastPlan(graph_heads=False, backbone=False)
-    policy = _KINDS[meta["kind"]].from_pretrained(directory, device=device)
+    policy = _KINDS[meta["kind"]].from_pretrained(directory, device=device, trust_remote_code=trust_remote_code)
     if plan.graph_heads:
         policy.use_graphed_heads(compile=True)
     if plan.backbone:

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from rsd.config import RSDConfig
+from rsd.checkpoint import load_safetensors
+from rsd.config import SIZE_LIMITS, RSDConfig, check_levels, check_size
 from rsd.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -128,10 +129,8 @@ class RFSQTokenizer(nn.Module):
         super().__init__()
         kwargs = dict(zip(CONFIG_KEYS, (chunk_len, action_dim, latent_dim, num_layers, num_levels, width)))
         for key, value in kwargs.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"RFSQTokenizer `{key}` must be a positive int, got {value!r}.")
-        if num_levels < 3 or num_levels % 2 == 0:
-            raise ConfigError(f"RFSQTokenizer `num_levels` must be odd and >= 3 so that 0 is a level, got {num_levels}.")
+            check_size("RFSQTokenizer", key, value, SIZE_LIMITS["tokenizer_width" if key == "width" else key])
+        check_levels("RFSQTokenizer", num_levels)
         self._config = kwargs
         self.chunk_len, self.action_dim, self.latent_dim = chunk_len, action_dim, latent_dim
         self.num_layers, self.num_levels, self.width = num_layers, num_levels, width
@@ -371,7 +370,7 @@ class RFSQTokenizer(nn.Module):
             tokenizer = cls(**saved)
         except ConfigError as err:
             raise CheckpointMismatchError(f"{str(directory / CONFIG_NAME)!r} holds an invalid config: {err}") from err
-        state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+        state = load_safetensors(directory / WEIGHTS_NAME, what="tokenizer weights", hint=f"Or {how}.")
         _load_strict(tokenizer, state, str(directory / WEIGHTS_NAME))
         return tokenizer.eval()
 

@@ -24,7 +24,8 @@ from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 import numpy as np
 import torch
 
-from rsd.errors import ConfigError, DeadHiddenStateError, DTypeError, NonFiniteError, ShapeError
+from rsd.errors import (ConfigError, DeadHiddenStateError, DTypeError, NonFiniteError, RemoteCodeNotAllowedError,
+                        ShapeError)
 
 __all__ = [
     "Backbone",
@@ -246,11 +247,24 @@ def save_backbone(backbone: Backbone, directory: str | Path) -> dict[str, Any]:
     return spec
 
 
-def load_backbone(spec: dict[str, Any], directory: str | Path, *, device: str | torch.device = "cpu") -> Backbone:
-    """Inverse of ``save_backbone``: rebuild the backbone named in ``spec`` from the files in ``directory``."""
+def load_backbone(spec: dict[str, Any], directory: str | Path, *, device: str | torch.device = "cpu",
+                  trust_remote_code: bool = False) -> Backbone:
+    """Inverse of ``save_backbone``: rebuild the backbone named in ``spec`` from the files in ``directory``.
+
+    A spec whose kwargs ask for ``trust_remote_code`` (anything but absent or false) runs a checkpoint's own
+    Python code; it loads only when the caller passes ``trust_remote_code=True`` (``rsd eval
+    --trust-remote-code``), else RemoteCodeNotAllowedError. The saved file alone never switches it on.
+    """
     if not isinstance(spec, dict) or set(spec) != {"name", "kwargs"} or not isinstance(spec["kwargs"], dict):
         raise ConfigError(
             f"backbone spec must be a dict with exactly the keys 'name' and 'kwargs' (a dict), got {spec!r}."
         )
     cls = _lookup(spec["name"])
     return cls.load_spec(dict(spec["kwargs"]), Path(directory), device=device)
+    if spec["kwargs"].get("trust_remote_code", False) is not False and trust_remote_code is not True:
+        raise RemoteCodeNotAllowedError(
+            f"the backbone spec saved in {directory} asks for trust_remote_code="
+            f"{spec['kwargs']['trust_remote_code']!r}: loading it runs the checkpoint's own Python code "
+            f"({spec['kwargs'].get('path_or_id', spec['name'])!r}). If you trust that code, pass --trust-remote-code "
+            f"(rsd eval / rsd collect) or trust_remote_code=True (load_policy); otherwise do not load this policy."
+        )

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from rsd.backbones.base import (
@@ -31,6 +31,7 @@ from rsd.backbones.base import (
     register_backbone,
     state_batch,
 )
+from rsd.checkpoint import load_safetensors
 from rsd.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -206,7 +207,7 @@ class TinyBackbone(nn.Module):
                                           f"(save_backbone writes {WEIGHTS_FILE}).")
         _check_spec_kwargs(cls.__init__, kwargs, "TinyBackbone")
         model = cls(**kwargs)
-        state = load_file(str(path))
+        state = load_safetensors(path, what="TinyBackbone weights", hint="Save the policy again.")
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
