@@ -208,8 +208,9 @@ def _component_file(directory: Path, pattern: str) -> Path:
 
 def _weight_files(directory: Path) -> list[Path]:
     """The safetensors files of the checkpoint: the shards its index names, or ``model.safetensors``. A shard
-    name that is not a plain file name inside ``directory`` (``../x.safetensors``, an absolute path, a symlink
-    leading out) is refused: an index must never make rsd read weights from elsewhere."""
+    name whose path leaves ``directory`` once normalized (``../x.safetensors``, ``a/../../x``, an absolute path)
+    is refused: an index must never make rsd read weights from elsewhere. The check is on the names, not on
+    resolved links: a Hugging Face cache snapshot folder holds its files as links into the cache's ``blobs/``."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -219,8 +220,8 @@ def _weight_files(directory: Path) -> list[Path]:
             raise CheckpointMismatchError(f"{index} is not a safetensors index (a JSON object whose 'weight_map' "
                                           f"maps tensor names to shard files): {type(exc).__name__}: {exc}. "
                                           f"Download the checkpoint again.") from exc
-        root = directory.resolve()
-        outside = [s for s in shards if not isinstance(s, str) or not (root / s).resolve().is_relative_to(root)]
+        outside = [s for s in shards if not isinstance(s, str) or os.path.isabs(s)
+                   or os.path.normpath(s).split(os.sep)[0] in ("..", ".")]
         if outside:
             raise CheckpointMismatchError(f"{index} names weight shards outside {directory}: {outside}. A checkpoint's "
                                           f"shards live in its own folder; download the checkpoint again.")
