@@ -8,7 +8,7 @@ Before LIBERO is imported (lazily, on first use) this module
 
 Public surface: ``make_env``, ``LiberoEnv``, ``TaskSpec``, ``list_tasks``, ``task_spec``, ``load_init_states``,
 ``load_init_state_file``, ``make_observation``, ``setup_libero``, ``ensure_libero_config``, ``select_renderer``,
-``probe_renderer``, ``RendererInfo``, ``rsd_home``, ``libero_package_root``.
+``probe_renderer``, ``RendererInfo``, ``rsd_home``, ``libero_package_root``, ``reset_inner_env``.
 
 Measured on the 2-core CPU box (Mesa llvmpipe EGL, load ~3.5 from other jobs, 2026-11-26, /tmp/timing.py in the
 report): env creation 11 s rendered / 0.7 s unrendered; reset 6.8 s / 1.1 s; step 740 ms / 24 ms (medians).
@@ -37,7 +37,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rsd.errors import ConfigError, NonFiniteError, RendererUnavailableError, ShapeError, SimSetupError
+from rsd.errors import (ConfigError, EnvResetError, NonFiniteError, RendererUnavailableError, ShapeError,
+                        SimSetupError)
 from rsd.sim import protocol
 
 SETUP_HINT = "run `bash scripts/setup.sh` from the rsd checkout (installs hf-libero, the assets and the GL libraries)"
@@ -71,9 +72,20 @@ def _check_assets(root: Path) -> Path:
     return assets
 
 
+def _shared_dir(directory: Path) -> None:
+    """Create ``directory`` (and missing parents) readable by every user (0755), so that a second user
+    sharing ``RSD_HOME`` can read rsd's files there."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
+    directory.mkdir(parents=True, exist_ok=True)
+    for d in reversed(missing):
+        os.chmod(d, 0o755)
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace ``path`` by ``text`` atomically, world-readable (0644: ``mkstemp`` alone would leave it 0600)."""
+    _shared_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -240,21 +252,26 @@ def setup_libero() -> Path:
         return root
     ensure_libero_config()
     select_renderer()
-    if "robosuite" not in sys.modules:
-        # robosuite warns at import that no private macro file exists (harmless); keep its errors.
-        # (robosuite 1.4 also calls the deprecated Logger.warn for it, a DeprecationWarning).
-        rs_logger = logging.getLogger("robosuite_logs")
-        rs_logger.setLevel(logging.ERROR)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
-                import robosuite  # noqa: F401
-        except ImportError as exc:
-            raise SimSetupError(f"robosuite is not importable ({exc}): {SETUP_HINT}") from exc
-        finally:
-            rs_logger.setLevel(logging.WARNING)
+    _import_robosuite()
     _READY = True
     return root
+
+
+def _import_robosuite() -> None:
+    """Import robosuite without its harmless import-time warning (no private macro file); keep its errors.
+    (robosuite 1.4 also calls the deprecated Logger.warn for it, a DeprecationWarning.)"""
+    if "robosuite" in sys.modules:
+        return
+    rs_logger = logging.getLogger("robosuite_logs")
+    rs_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
+            import robosuite  # noqa: F401
+    except ImportError as exc:
+        raise SimSetupError(f"robosuite is not importable ({exc}): {SETUP_HINT}") from exc
+    finally:
+        rs_logger.setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -366,6 +383,42 @@ def make_observation(raw: dict[str, Any], *, with_images: bool) -> dict[str, Any
 
 # ---------------------------------------------------------------- the env
 
+RESET_ATTEMPTS = 10  # resets tried while LIBERO's placement sampler cannot place the objects
+
+
+def _randomization_error() -> type[BaseException]:
+    """robosuite's ``RandomizationError``: what LIBERO's object placement samplers raise when they cannot place
+    every object (``libero/libero/envs/regions/base_region_sampler.py``)."""
+    _import_robosuite()
+    from robosuite.utils.errors import RandomizationError
+
+    return RandomizationError
+
+
+def reset_inner_env(inner: Any, what: str, attempts: int = RESET_ATTEMPTS) -> Any:
+    """What LIBERO's ``ControlEnv.reset`` does (``return self.env.reset()``, retried), on ``inner`` = that
+    ``ControlEnv``'s ``.env``, with the retry bounded and loud.
+
+    LIBERO retries in ``while True: try ... except RandomizationError ... finally: continue``; the ``continue``
+    in ``finally`` discards every exception, so a persistent error spins forever, a one-off error vanishes and
+    Ctrl-C is ignored. Here only ``RandomizationError`` is retried, at most ``attempts`` times, then
+    :class:`EnvResetError`; any other exception becomes :class:`EnvResetError` at once, with the cause chained;
+    KeyboardInterrupt and SystemExit propagate untouched.
+    """
+    randomization_error = _randomization_error()
+    for _attempt in range(attempts):
+        try:
+            return inner.reset()
+        except randomization_error as exc:
+            last = exc
+        except Exception as exc:
+            raise EnvResetError(f"LIBERO could not reset {what}: {type(exc).__name__}: {exc}. This is not a "
+                                f"placement retry; see the chained cause (an asset, BDDL or MuJoCo problem: "
+                                f"{SETUP_HINT}).") from exc
+    raise EnvResetError(f"LIBERO could not place the objects of {what} in {attempts} resets (robosuite "
+                        f"RandomizationError: {last}); the task's placement regions are too tight for its "
+                        f"objects: check its BDDL file.") from last
+
 class LiberoEnv:
     """One LIBERO task env. ``reset(i)`` starts from init state i; ``step(a)`` returns ``(obs, done)``.
 
@@ -415,12 +468,14 @@ class LiberoEnv:
         return self._steps
 
     def reset(self, init_state_index: int) -> dict[str, Any]:
-        """``env.reset()`` then ``obs = env.set_init_state(init_states[i])``, as the protocol does."""
+        """``env.reset()`` then ``obs = env.set_init_state(init_states[i])``, as the protocol does; the reset
+        is LIBERO's ``ControlEnv.reset`` done here on the inner env (:func:`reset_inner_env`) so that its errors
+        surface instead of looping."""
         self._check_open()
         if not isinstance(init_state_index, (int, np.integer)) or not 0 <= init_state_index < self.num_init_states:
             raise ConfigError(f"init_state_index must be an int in [0, {self.num_init_states}), "
                               f"got {init_state_index!r}")
-        self.raw_env.reset()
+        reset_inner_env(self.raw_env.env, f"{self.task.suite} task {self.task.task_id}")
         raw = self.raw_env.set_init_state(self._init_states[int(init_state_index)])
         self._raw_obs = raw
         self._steps = 0
