@@ -4,7 +4,9 @@ Episodes run under the evaluation protocol (``rsd.eval.run_episode``: seed, 10 s
 chunks, success = ``done``); for each task, init states 0, 1, 2, ... are tried in order until
 ``--episodes-per-task`` successes are recorded. Only successful episodes are written; each step stores the
 observation *before* its action, the action and the flattened MuJoCo state (layout: ``rsd.sim.demos``).
-An error inside an episode stops the recording (the partial file is deleted) and is raised.
+An error inside an episode stops the recording (the partial file is deleted) and is raised. One writer per
+``--out``: a second ``rsd collect`` of the same file is refused, naming the first (``DemoWriter``'s lock); the
+file appears, complete and fsynced, only at the end (written as ``<out>.partial``, then renamed).
 
     rsd collect --suite libero_spatial --policy expert --episodes-per-task 20 --out runs/demos/spatial.hdf5
 """
@@ -76,11 +78,13 @@ def collect(suite: str, task_ids: list[int], episodes_per_task: int, out: Path, 
     from tqdm import tqdm
 
     from rsd.eval import run_episode
+    from rsd.limits import check_seed
     from rsd.sim.demos import DemoWriter
     from rsd.sim.libero import make_env
 
     if episodes_per_task < 1:
         raise ConfigError(f"--episodes-per-task must be >= 1, got {episodes_per_task}.")
+    check_seed(seed)
     report: dict[int, dict[str, Any]] = {}
     max_steps = protocol.max_steps_for(suite)
     import robosuite.macros as macros  # LIBERO depends on robosuite: its image convention goes into the file
@@ -143,15 +147,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true",
                         help="learned policies on rsd's CUDA fast path, as `rsd eval --fast` (CUDA only; refused for "
                              "scripted policies)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a saved policy's backbone run its checkpoint's own Python code when its "
+                             "policy.json asks for it (refused without this flag)")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from rsd.eval import parse_task_ids
-    from rsd.policies_registry import check_fast, make_policy
+    from rsd.limits import check_seed
+    from rsd.policies_registry import check_device, check_fast, make_policy
 
     if args.fast:  # before LIBERO is touched or anything is written
         check_fast(args.policy, args.device)
+    check_device(args.device)
+    check_seed(args.seed)
+    if args.episodes_per_task < 1:
+        raise ConfigError(f"--episodes-per-task must be >= 1, got {args.episodes_per_task}.")
     from rsd.sim.libero import list_tasks
 
     n_tasks = len(list_tasks(args.suite))
@@ -164,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.out} exists; choose another --out or delete it first.")
     t0 = time.perf_counter()
     report = collect(args.suite, task_ids, args.episodes_per_task, args.out,
-                     policy=make_policy(args.policy, suite=args.suite, device=args.device, fast=args.fast),
+                     policy=make_policy(args.policy, suite=args.suite, device=args.device, fast=args.fast,
+                                        trust_remote_code=args.trust_remote_code),
                      policy_spec=args.policy, render=args.render, camera_size=args.camera_size, seed=args.seed,
                      command=shlex.join(["rsd", *sys.argv[1:]]), progress=not args.no_progress)
     wall = time.perf_counter() - t0

@@ -30,7 +30,9 @@ Differences of files written by ``rsd collect`` (documented, not silent):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -38,6 +40,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from rsd.errors import CheckpointNotFoundError, ConfigError, NonFiniteError, ShapeError
+from rsd.filelock import exclusive_lock
 
 __all__ = ["Demo", "DemoWriter", "read_demos", "action_chunks", "IMAGE_KEYS", "DEMO_FORMAT"]
 
@@ -169,28 +172,54 @@ def read_demos(path: str | Path, *, images: bool = False) -> list[Demo]:
 
 
 class DemoWriter:
-    """Append demos to a new LIBERO-layout HDF5 file. Use as a context manager; ``close()`` writes the totals.
+    """Add demos to a new LIBERO-layout HDF5 file. Use as a context manager; ``close()`` writes the totals.
 
     ``file_attrs`` go on the ``data`` group (the recorder adds ``macros_image_convention`` there).
 
-    The file is written under ``<path>.partial`` and renamed on a clean ``close()``, so an interrupted
-    recording never leaves a file that looks complete.
+    One writer per file: from construction to ``close()`` / ``abort()`` the writer holds an exclusive lock on
+    ``<path>.lock`` (``rsd.filelock``), so a second writer of the same path is refused with
+    :class:`OutputLockedError` naming the holder, whether or not HDF5's own file locking works (it is often
+    off on NFS / Lustre, where two writers would silently lose demos).
+
+    The file is written under ``<path>.partial`` (same directory, only this writer touches it under the lock),
+    fsynced, and renamed over ``path`` on a clean ``close()``; so an interrupted recording never leaves a file
+    that looks complete. A writer never appends to an existing file: ``overwrite=True`` replaces it whole.
     """
 
     def __init__(self, path: str | Path, *, env_name: str = "rsd_collect", overwrite: bool = False,
                  file_attrs: Mapping[str, Any] | None = None) -> None:
         h5py = _h5py()
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise ConfigError(f"{self.path} exists; choose another --out or delete it first.")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._overwrite = overwrite
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the folder of {self.path} ({exc.strerror}): choose an --out you can "
+                              f"write to.") from exc
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(exclusive_lock(
+            self.path.with_name(self.path.name + ".lock"), what=f"rsd collect is to write {self.path}",
+            fix="wait for that writer to finish, or choose another --out."))
         self._partial = self.path.with_name(self.path.name + ".partial")
-        self._file = h5py.File(self._partial, "w")
-        self._data = self._file.create_group("data")
-        self._data.attrs["env_name"] = env_name
-        self._data.attrs["rsd_format"] = DEMO_FORMAT
-        for key, value in (file_attrs or {}).items():
-            self._data.attrs[key] = value
+        self._file = None
+        try:
+            if self.path.exists() and not overwrite:
+                raise ConfigError(f"{self.path} exists; choose another --out or delete it first.")
+            try:
+                self._file = h5py.File(self._partial, "w")
+            except OSError as exc:
+                raise ConfigError(f"cannot write {self._partial} ({exc}): choose an --out you can write to.") from exc
+            self._data = self._file.create_group("data")
+            self._data.attrs["env_name"] = env_name
+            self._data.attrs["rsd_format"] = DEMO_FORMAT
+            for key, value in (file_attrs or {}).items():
+                self._data.attrs[key] = value
+        except BaseException:
+            if self._file is not None:
+                self.abort()  # deletes the partial file, releases the lock
+            else:
+                self._lock.close()
+            raise
         self._problem_infos: set[str] = set()
         self._count = 0
         self._total = 0
@@ -244,10 +273,18 @@ class DemoWriter:
             self._data.attrs["problem_info"] = next(iter(self._problem_infos))
         self._file.close()
         self._file = None
-        if self._count == 0:
-            self._partial.unlink()
-            raise ConfigError(f"no demo was recorded, so {self.path} was not written.")
-        self._partial.replace(self.path)
+        try:
+            if self._count == 0:
+                self._partial.unlink()
+                raise ConfigError(f"no demo was recorded, so {self.path} was not written.")
+            _fsync(self._partial)
+            if self.path.exists() and not self._overwrite:  # cannot happen under the lock unless written by hand
+                raise ConfigError(f"{self.path} appeared while recording (written by a program that does not take "
+                                  f"{self.path.name}.lock); the demos are kept in {self._partial}.")
+            os.replace(self._partial, self.path)
+            _fsync(self.path.parent)
+        finally:
+            self._lock.close()
         return self.path
 
     def abort(self) -> None:
@@ -255,7 +292,10 @@ class DemoWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._partial.unlink(missing_ok=True)
+        try:
+            self._partial.unlink(missing_ok=True)
+        finally:
+            self._lock.close()
 
     def __enter__(self) -> "DemoWriter":
         return self
@@ -265,6 +305,15 @@ class DemoWriter:
             self.close()
         else:
             self.abort()
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory after a rename in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------- chunks
