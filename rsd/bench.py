@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from rsd.config import RSDConfig
+from rsd.errors import ConfigError
 from rsd.stats import percentiles
 
 HELP = "latency table for the pipeline parts"
@@ -122,6 +123,11 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    for name, value, low in (("--iters", args.iters, 1), ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}.")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.backbone == "openvla-shaped":

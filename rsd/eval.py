@@ -8,13 +8,20 @@ steps, the policy queried only when the open-loop action queue is empty; success
 before it or in which worker process (OpenVLA-OFT seeds once per run; per-episode seeding is what makes
 ``--workers`` and ``--resume`` reproduce a serial, uninterrupted run).
 
-Files in ``--out DIR``:
+Files in ``--out DIR`` (a new or empty directory, or one holding rsd eval's ``run.json``: any other existing
+directory, whose ``summary.json`` etc. would be overwritten, is refused; so is an empty ``--out``):
 - ``episodes.jsonl``: one JSON line per finished episode, appended by the parent process only, each as a
-  single ``write`` of the whole line + flush + fsync, under an exclusive lock on ``DIR/.lock``. A killed
-  eval loses at most the episodes in flight; ``--resume`` skips every (task, trial) already recorded.
-- ``run.json``: what the episodes depend on (suite, policy, seed, render, camera size, protocol, ``fast``);
-  ``--resume`` refuses a different one (a ``run.json`` written before ``--fast`` existed reads as
-  ``fast: false``).
+  single ``write`` of the whole line + flush + fsync, under an exclusive lock on ``DIR/.lock`` (``rsd.filelock``:
+  a second eval of the same DIR is refused, naming the holder). A killed eval loses at most the episodes in
+  flight; ``--resume`` skips every (task, trial) already recorded.
+- ``run.json``: what the episodes depend on (suite, seed, render, camera size, protocol, ``fast``, the device,
+  and what stands behind ``--policy``: its kind, statistics key and a content hash of its files,
+  ``rsd.policies_registry.policy_identity``; the ``--policy`` text itself is kept for reading only, so the same
+  policy named by a relative or an absolute path resumes). ``--resume`` refuses a difference with
+  :class:`ResumeMismatchError` naming it (a ``run.json`` written before ``--fast`` existed reads as
+  ``fast: false``; one without the policy hash or device cannot be resumed). It is written once the start
+  succeeded (the policy loaded in this process, or the first worker is ready) and before the first episode is
+  recorded, so a failed start leaves none; a ``run.json`` with no episode recorded binds nothing.
 - ``summary.json`` / ``summary.png``: per-task and overall success with Wilson 95 % intervals, mean steps,
   policy latency per chunk (p50/p90), versions, renderer, seed, date, command; the same table is printed.
 - ``videos/``: one mp4 per episode (rotated 256 px agentview, 30 fps), all or failures only.
@@ -37,7 +44,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as _dt
-import fcntl
+import functools
 import json
 import os
 import queue as _queue
@@ -54,29 +61,27 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from rsd import limits
 from rsd.errors import ConfigError, ShapeError
+from rsd.filelock import exclusive_lock
+from rsd.limits import check_seed
+from rsd.rundir import (LOCK_NAME, PLOT_NAME, RESULTS_NAME, RUN_NAME, SUMMARY_NAME, RunRecordWriter, check_out_dir,
+                        check_run_record, is_run_dir)
+from rsd.rundir import write_json_atomic as _write_json_atomic
 from rsd.sim import protocol
 from rsd.stats import percentiles, rate_estimate
 
 __all__ = [
     "HELP", "add_arguments", "run",
     "EvalConfig", "EpisodeKey", "EpisodeResult", "EpisodeOutcome", "ResultsFile",
-    "evaluate", "run_episode", "seed_everything", "summarize", "format_table", "parse_task_ids",
+    "evaluate", "run_episode", "seed_everything", "summarize", "format_table", "parse_task_ids", "check_seed",
+    "is_run_dir",
 ]
 
 HELP = "evaluate a policy on LIBERO with the OpenVLA-OFT protocol"
 
-RESULTS_NAME = "episodes.jsonl"
-RUN_NAME = "run.json"
-SUMMARY_NAME = "summary.json"
-PLOT_NAME = "summary.png"
 VIDEO_DIR = "videos"
-LOCK_NAME = ".lock"
 VIDEO_MODES = ("all", "failures", "none")
-# run.json keys the recorded episodes depend on (their outcome; for fast, their latencies): --resume matches them all
-_RUN_KEYS = ("suite", "policy", "seed", "render", "camera_size", "max_steps", "num_steps_wait", "fast")
-# what a run.json written before a key existed meant by its absence
-_RUN_KEY_DEFAULTS: dict[str, Any] = {"fast": False}
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -103,14 +108,18 @@ class EvalConfig:
     device: str | None = None  # learned policies: default cuda when available
     plot: bool = True  # summary.png (matplotlib)
     fast: bool = False  # learned policies on the CUDA fast path (rsd.policies_registry); recorded in run.json
+    trust_remote_code: bool = False  # --trust-remote-code: a saved policy's backbone may run its checkpoint's code
 
     def __post_init__(self) -> None:
         protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
+        if not str(self.out).strip():
+            raise ConfigError("--out is empty: pass the results directory (a new or empty one, or the directory of "
+                              "an earlier rsd eval with --resume).")
         object.__setattr__(self, "out", Path(self.out))
+        limits.check_seed(self.seed)
         if self.trials < 1:
             raise ConfigError(f"--trials must be >= 1, got {self.trials}.")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {self.workers}.")
+        limits.check_workers(self.workers)
         if self.video not in VIDEO_MODES:
             raise ConfigError(f"--video must be one of {VIDEO_MODES}, got {self.video!r}.")
         if self.video != "none" and not self.render:
@@ -127,16 +136,36 @@ class EvalConfig:
             from rsd.policies_registry import check_fast
 
             check_fast(self.policy, self.device)
+        if self.device is not None:  # a CUDA device on a machine without one: refused before anything is written
+            from rsd.policies_registry import check_device
+
+            check_device(self.device)
 
     @property
     def max_steps(self) -> int:
         return protocol.max_steps_for(self.suite)
 
+    @functools.cached_property
+    def policy_identity(self) -> dict[str, Any]:
+        """What stands behind ``policy`` (``rsd.policies_registry.policy_identity``: kind, statistics key, content
+        hash of its files), computed once: hashing a checkpoint reads all of it."""
+        from rsd.policies_registry import policy_identity
+
+        return policy_identity(self.policy)
+
     def run_record(self) -> dict[str, Any]:
-        """What every recorded episode depends on (written to ``run.json``)."""
-        return {"suite": self.suite, "policy": self.policy, "seed": self.seed, "render": self.render,
+        """What every recorded episode depends on (written to ``run.json``). ``policy`` is the ``--policy`` text
+        as given (for reading); ``--resume`` compares the ``policy_*`` keys, which do not depend on how a path
+        was written."""
+        from rsd.policies_registry import policy_device
+
+        identity = self.policy_identity
+        return {"suite": self.suite, "policy": self.policy, "policy_kind": identity["kind"],
+                "policy_unnorm_key": identity["unnorm_key"], "policy_content": identity["content"],
+                "device": policy_device(self.policy, self.device), "seed": self.seed, "render": self.render,
                 "camera_size": self.camera_size, "max_steps": self.max_steps,
                 "num_steps_wait": protocol.NUM_STEPS_WAIT, "fast": self.fast}
+
 
 
 @dataclass(frozen=True, order=True)
@@ -227,12 +256,12 @@ class ResultsFile:
                     f.flush()
                     os.fsync(f.fileno())
         records = []
-        for lineno, line in enumerate(raw[:complete_len].decode().splitlines(), start=1):
-            if not line.strip():
+        for lineno, raw_line in enumerate(raw[:complete_len].split(b"\n")[:-1], start=1):
+            if not raw_line.strip():
                 continue
             try:
-                records.append(EpisodeResult.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, ConfigError, TypeError) as exc:
+                records.append(EpisodeResult.from_dict(json.loads(raw_line.decode("utf-8"))))
+            except (UnicodeDecodeError, json.JSONDecodeError, ConfigError, TypeError) as exc:
                 raise ConfigError(f"{self.path}:{lineno} is not a valid episode record ({exc}); the file was edited "
                                   f"or written by another program. Fix or remove that line, or use another --out."
                                   ) from exc
@@ -256,20 +285,6 @@ def latest_by_key(records: Sequence[EpisodeResult]) -> dict[EpisodeKey, EpisodeR
     for r in records:
         out[r.key] = r
     return out
-
-
-@contextlib.contextmanager
-def _exclusive_lock(directory: Path) -> Iterator[None]:
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise ConfigError(f"another `rsd eval` is writing {directory} (it holds {directory / LOCK_NAME}); "
-                              f"wait for it or choose another --out.") from exc
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 # ---------------------------------------------------------------------------------------------------- one episode
@@ -529,6 +544,7 @@ class ParallelRunner:
 
     def __init__(self, settings: WorkerSettings, policy_factory: Callable[[], Any], workers: int) -> None:
         self.settings, self.policy_factory, self.workers = settings, policy_factory, workers
+        self.on_ready: Callable[[], None] | None = None  # called when the first worker has made its policy
 
     def results(self, keys: Sequence[EpisodeKey]) -> Iterator[EpisodeResult]:
         import multiprocessing as mp
@@ -575,6 +591,8 @@ class ParallelRunner:
                     continue
                 kind, wid = msg[0], msg[1]
                 if kind == "ready":
+                    if self.on_ready is not None:
+                        self.on_ready()
                     if stopping or not pending:
                         jobs[wid].put(None)
                     else:
@@ -730,10 +748,6 @@ def _renderer(render: bool) -> dict[str, Any]:
     return {"backend": info.backend, "renderer": info.renderer, "vendor": info.vendor, "source": info.source}
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -759,19 +773,6 @@ def _default_runner(config: EvalConfig, policy_factory: Callable[[], Any]) -> Ru
     return SerialRunner(settings, policy_factory)
 
 
-def _check_run_record(path: Path, config: EvalConfig) -> None:
-    wanted = config.run_record()
-    if config.resume and path.is_file():
-        saved = json.loads(path.read_text())
-        recorded = {k: saved.get(k, _RUN_KEY_DEFAULTS.get(k)) for k in _RUN_KEYS}
-        diffs = {k: (recorded[k], wanted[k]) for k in _RUN_KEYS if recorded[k] != wanted[k]}
-        if diffs:
-            listed = ", ".join(f"{k}: recorded {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
-            raise ConfigError(f"--resume with settings that differ from the recorded run in {config.out} ({listed}); "
-                              f"use the same settings or another --out.")
-    _write_json_atomic(path, wanted)
-
-
 def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Callable[[], Any] | None = None,
              runner: Runner | None = None) -> EvalOutcome:
     """Run the requested episodes not yet recorded, append each result, write and print the summary.
@@ -780,14 +781,26 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
     ``workers > 1``). ``runner`` replaces the LIBERO runner (tests). Exit code 1 when an episode errored.
     """
     out = config.out
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out {out} ({exc.strerror}): pass a directory you can write to.") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to --out {out} (permission denied): pass a directory you can write to.")
+    if runner is None and config.workers > 1:
+        limits.warn_worker_memory(config.workers)
     t_start = time.perf_counter()
-    with _exclusive_lock(out):
+    with exclusive_lock(out / LOCK_NAME, what=f"rsd eval is to write {out}",
+                        fix="wait for that eval to finish, or choose another --out."):
         results_file = ResultsFile(out / RESULTS_NAME)
-        if results_file.exists_nonempty() and not config.resume:
+        has_records = results_file.exists_nonempty()
+        if has_records and not config.resume:
             raise ConfigError(f"{results_file.path} already holds results: pass --resume to continue that eval, "
                               f"or choose another --out.")
-        _check_run_record(out / RUN_NAME, config)
+        wanted = config.run_record()  # hashes the files behind --policy (once)
+        check_run_record(out / RUN_NAME, wanted, resume=config.resume, has_records=has_records)
+        started = RunRecordWriter(out / RUN_NAME, wanted)
         records = results_file.load(repair=True)
         keys = episode_keys(config, task_ids)
         latest = latest_by_key(records)
@@ -802,8 +815,12 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
                 from rsd.policies_registry import make_policy
 
                 policy_factory = partial(make_policy, config.policy, suite=config.suite, device=config.device,
-                                         fast=config.fast)
+                                         fast=config.fast, trust_remote_code=config.trust_remote_code)
             runner = _default_runner(config, policy_factory) if todo else None
+            if isinstance(runner, SerialRunner):  # its constructor made the policy: the start succeeded
+                started()
+            elif isinstance(runner, ParallelRunner):
+                runner.on_ready = started
 
         bar = _progress(total=len(keys), initial=len(done), enabled=config.progress)
         new, errored, interrupted = 0, 0, False
@@ -811,6 +828,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
         try:
             if runner is not None and todo:
                 for result in runner.results(todo):
+                    started()  # no episode is recorded without its run.json
                     results_file.append(result)
                     records.append(result)
                     new += 1
@@ -841,6 +859,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             "episodes_this_run": new,
             "episode_wall_s_total": float(sum(r.wall_s for r in latest_by_key(records).values())),
         })
+        started()  # the runner did not raise: the run started (episodes may be cut by Ctrl-C)
         _write_json_atomic(out / SUMMARY_NAME, summary)
         if config.plot:
             _plot(summary, out / PLOT_NAME, f"{config.suite} · {config.policy}{' · fast' if config.fast else ''} "
@@ -917,7 +936,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mp4 per episode: all, failures (default when rendering) or none")
     parser.add_argument("--render", action=argparse.BooleanOptionalAction, default=True,
                         help="render camera images (policies that see images need it; --no-render is ~10x faster)")
-    parser.add_argument("--out", type=Path, required=True, help="results directory")
+    parser.add_argument("--out", required=True,
+                        help="results directory: a new or empty one, or an earlier rsd eval's (with --resume)")
     parser.add_argument("--resume", action="store_true", help="continue the eval recorded in --out")
     parser.add_argument("--seed", type=int, default=protocol.SEED)
     parser.add_argument("--camera-size", type=int, default=protocol.CAMERA_SIZE)
@@ -929,6 +949,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "graph (codes = eager argmax up to float ties); a speculative RSD policy keeps its "
                              "decoder, only its backbone is sped up. Needs a CUDA --device and a learned policy "
                              "(error otherwise); recorded in run.json, --resume needs the same value")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a saved policy's backbone run its checkpoint's own Python code when its "
+                             "policy.json asks for it (refused without this flag)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -953,7 +976,9 @@ def run(args: argparse.Namespace) -> int:
                         tasks=parse_task_ids(args.tasks), workers=args.workers, video=video, render=args.render,
                         resume=args.resume, seed=args.seed, camera_size=args.camera_size,
                         max_episodes=args.max_episodes, command=shlex.join(["rsd", *sys.argv[1:]]),
-                        progress=not args.no_progress, device=args.device, fast=args.fast)
+                        progress=not args.no_progress, device=args.device, fast=args.fast,
+                        trust_remote_code=args.trust_remote_code)
+    check_out_dir(config.out)  # before LIBERO is imported to resolve the tasks
     task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)
     return evaluate(config, task_ids).exit_code
 

@@ -10,6 +10,21 @@ import pytest
 from rsd import eval as ev
 
 
+class Succeeds:
+    """Records every requested episode as a success at once (a one-step episode); ``ran`` lists the keys."""
+
+    def __init__(self) -> None:
+        self.ran: list[ev.EpisodeKey] = []
+
+    def results(self, keys: Sequence[ev.EpisodeKey]) -> Iterator[ev.EpisodeResult]:
+        for key in keys:
+            self.ran.append(key)
+            yield ev.EpisodeResult(suite=key.suite, task_id=key.task_id, task_name="t", instruction="i",
+                                   trial=key.trial, init_state_index=key.trial, success=True, steps=1, error=None,
+                                   latency_p50_ms=None, latency_p90_ms=None, chunk_latencies_ms=(), wall_s=0.0,
+                                   video=None, seed=7)
+
+
 class NoEpisodes:
     """A runner with nothing to run: `evaluate` writes its records and summary from zero episodes."""
 

@@ -78,6 +78,8 @@ def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000,
     from rsd.tokenizer import RFSQTokenizer
     from rsd.train.tokenizer import fit_tokenizer
 
+    # sizes first: a bad --chunk-len etc. is refused before any demo is read (None = RSDConfig's default)
+    cfg = RSDConfig(**({"chunk_len": chunk_len} if chunk_len is not None else {}), **(sizes or {}))
     demos, origin = [], []
     for path in demo_files:
         for d in read_demos(path):
@@ -87,7 +89,6 @@ def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000,
     train_demos = [demos[i] for i in train_idx]
     val_demos = [demos[i] for i in val_idx]
 
-    cfg = RSDConfig(**({"chunk_len": chunk_len} if chunk_len else {}), **(sizes or {}))
     space = ActionSpace.fit(np.concatenate([d.actions for d in train_demos]),
                             source={"demos": [str(p) for p in demo_files], "train_episodes": len(train_demos),
                                     "train_steps": int(sum(d.num_steps for d in train_demos))})

@@ -32,7 +32,9 @@ def test_unknown_command_fails(capsys):
 
 
 def test_typed_error_prints_fix_and_exits_1(tmp_path, capsys):
-    (tmp_path / "episodes.jsonl").write_text('{"x": 1}\n')
+    (tmp_path / "run.json").write_text('{"suite": "libero_spatial", "policy": "expert", "seed": 7, "max_steps": 220, '
+                                       '"num_steps_wait": 10}\n')  # an rsd eval run dir ...
+    (tmp_path / "episodes.jsonl").write_text('{"x": 1}\n')  # ... with results
     code = cli.main(["eval", "--policy", "expert", "--out", str(tmp_path), "--no-render", "--trials", "1"])
     assert code == 1
     assert "--resume" in capsys.readouterr().err

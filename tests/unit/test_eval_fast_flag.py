@@ -16,7 +16,7 @@ from rsd import eval as ev
 from rsd.errors import ConfigError
 from rsd.policies_registry import make_policy
 from rsd.policy import FastPlan, RSDPolicy, fast_plan, load_policy
-from tests._eval_stubs import NoEpisodes, capture_policy_factories
+from tests._eval_stubs import NoEpisodes, Succeeds, capture_policy_factories
 from tests.policy_factory import fake_observation, tiny_l1_policy, tiny_rsd_policy
 
 pytestmark = pytest.mark.unit
@@ -93,35 +93,39 @@ def test_cli_fast_on_cpu_exits_1_with_the_fix_and_writes_nothing(policy_dir: Pat
     assert not out.exists()
 
 
-def test_run_json_and_summary_record_fast_and_resume_needs_the_same(tmp_path: Path,
+def test_run_json_and_summary_record_fast_and_resume_needs_the_same(policy_dir: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    capture_policy_factories(monkeypatch)  # no episodes run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is checked at config time
     out = tmp_path / "eval"
-    outcome = ev.evaluate(_config(out, fast=True, device="cuda"), [0])
+    learned = {"policy": str(policy_dir), "device": "cuda", "trials": 2}
+    outcome = ev.evaluate(_config(out, fast=True, max_episodes=1, **learned), [0], runner=Succeeds())
     assert json.loads((out / ev.RUN_NAME).read_text())["fast"] is True
     assert outcome.summary["fast"] is True
     assert json.loads((out / ev.SUMMARY_NAME).read_text())["fast"] is True
     with pytest.raises(ConfigError, match=r"fast: recorded True vs now False"):
-        ev.evaluate(_config(out, resume=True, device="cuda"), [0])
-    ev.evaluate(_config(out, resume=True, fast=True, device="cuda"), [0])  # the same value resumes
+        ev.evaluate(_config(out, resume=True, **learned), [0], runner=NoEpisodes())
+    ev.evaluate(_config(out, resume=True, fast=True, **learned), [0], runner=NoEpisodes())  # the same value resumes
 
     plain = tmp_path / "plain"
-    ev.evaluate(_config(plain), [0])
+    ev.evaluate(_config(plain, max_episodes=1, **learned), [0], runner=Succeeds())
     assert json.loads((plain / ev.RUN_NAME).read_text())["fast"] is False
     with pytest.raises(ConfigError, match=r"fast: recorded False vs now True"):
-        ev.evaluate(_config(plain, resume=True, fast=True, device="cuda"), [0])
+        ev.evaluate(_config(plain, resume=True, fast=True, **learned), [0], runner=NoEpisodes())
 
 
-def test_a_run_json_from_before_fast_resumes_as_not_fast(tmp_path: Path) -> None:
+def test_a_run_json_from_before_fast_resumes_as_not_fast(policy_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = tmp_path / "old"
-    ev.evaluate(_config(out), [0], runner=NoEpisodes())
+    learned = {"policy": str(policy_dir), "device": "cuda", "trials": 2}
+    ev.evaluate(_config(out, max_episodes=1, **learned), [0], runner=Succeeds())
     record = json.loads((out / ev.RUN_NAME).read_text())
     del record["fast"]
     (out / ev.RUN_NAME).write_text(json.dumps(record))
-    ev.evaluate(_config(out, resume=True), [0], runner=NoEpisodes())
+    ev.evaluate(_config(out, resume=True, **learned), [0], runner=NoEpisodes())
     (out / ev.RUN_NAME).write_text(json.dumps(record))  # rewritten by the resume: absent again
     with pytest.raises(ConfigError, match=r"fast: recorded False vs now True"):
-        ev.evaluate(_config(out, resume=True, fast=True, device="cuda"), [0], runner=NoEpisodes())
+        ev.evaluate(_config(out, resume=True, fast=True, **learned), [0], runner=NoEpisodes())
 
 
 def test_the_policy_factory_of_a_fast_eval_is_fast(policy_dir: Path, tmp_path: Path,

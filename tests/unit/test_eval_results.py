@@ -46,7 +46,7 @@ class FakeRunner:
 
 
 def _config(tmp_path: Path, **kw) -> ev.EvalConfig:
-    base = dict(suite="libero_spatial", policy="fake", out=tmp_path / "eval", trials=4, render=False,
+    base = dict(suite="libero_spatial", policy="expert", out=tmp_path / "eval", trials=4, render=False,
                 video="none", progress=False, plot=False)  # summary.png is checked in tests/sim (matplotlib: slow import)
     base.update(kw)
     return ev.EvalConfig(**base)

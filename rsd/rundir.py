@@ -1,0 +1,116 @@
+"""The results directory of ``rsd eval``: which directories it may write, and its ``run.json``.
+
+An ``--out`` is accepted when it does not exist, is empty (rsd's ``.lock`` aside) or holds the ``run.json`` of an
+earlier rsd eval (:func:`is_run_dir`); any other directory is refused before anything is written into it
+(:func:`check_out_dir`), so a user's own ``summary.json`` & co. are never overwritten.
+
+``run.json`` records what the episodes depend on (``rsd.eval.EvalConfig.run_record``). :func:`check_run_record`
+refuses a ``--resume`` whose record differs (:class:`ResumeMismatchError`, naming each difference), once an episode
+is recorded; :class:`RunRecordWriter` writes the record once the run has started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from rsd.errors import ConfigError, ResumeMismatchError
+
+__all__ = ["RESULTS_NAME", "RUN_NAME", "SUMMARY_NAME", "PLOT_NAME", "LOCK_NAME", "RUN_KEYS", "is_run_dir",
+           "check_out_dir", "check_run_record", "RunRecordWriter", "write_json_atomic"]
+
+RESULTS_NAME = "episodes.jsonl"
+RUN_NAME = "run.json"
+SUMMARY_NAME = "summary.json"
+PLOT_NAME = "summary.png"
+LOCK_NAME = ".lock"
+# run.json keys the recorded episodes depend on (their outcome; for fast, their latencies): --resume matches them all
+RUN_KEYS = ("suite", "policy_kind", "policy_unnorm_key", "policy_content", "device", "seed", "render", "camera_size",
+            "max_steps", "num_steps_wait", "fast")
+# what a run.json written before a key existed meant by its absence
+RUN_KEY_DEFAULTS: dict[str, Any] = {"fast": False}
+# how a --resume refusal names a key
+RUN_KEY_LABELS = {"policy_kind": "policy kind", "policy_unnorm_key": "policy statistics key (@KEY)",
+                  "policy_content": "policy content (hash of the files behind --policy)", "device": "device (--device)"}
+# keys every run.json of rsd eval has held: what makes a directory an rsd eval run (is_run_dir)
+RUN_MARKERS = ("suite", "policy", "seed", "max_steps", "num_steps_wait")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace ``path`` by ``data`` as indented JSON, through ``<path>.partial`` and a rename."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_run_record(path: Path) -> dict[str, Any] | None:
+    """``run.json`` as a dict, or None when it does not exist; ConfigError when it is not one rsd wrote."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}): it was edited or cut; remove it to start over, or "
+                          f"choose another --out.") from exc
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not an rsd eval run record (a JSON object); choose another --out.")
+    return saved
+
+
+def is_run_dir(directory: Path) -> bool:
+    """Whether ``directory`` holds the ``run.json`` of an rsd eval (a JSON object with rsd's marker keys)."""
+    try:
+        saved = _read_run_record(Path(directory) / RUN_NAME)
+    except ConfigError:
+        return False
+    return saved is not None and all(k in saved for k in RUN_MARKERS)
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that exists but is not a directory, or is a directory that is neither empty (rsd's
+    ``.lock`` aside) nor an rsd eval run: rsd would overwrite its ``summary.json``, ``run.json``, ..."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory: pass a new directory for the results.")
+    if not out.is_dir():
+        return
+    entries = sorted(set(os.listdir(out)) - {LOCK_NAME})
+    if entries and not is_run_dir(out):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ConfigError(f"--out {out} is an existing directory that is not an rsd eval run (it holds {shown} and "
+                          f"no {RUN_NAME} of rsd eval): rsd eval would overwrite its {SUMMARY_NAME}, {RUN_NAME}, "
+                          f"{PLOT_NAME} and {RESULTS_NAME}. Pass a new or empty directory.")
+
+
+def check_run_record(path: Path, wanted: Mapping[str, Any], *, resume: bool, has_records: bool) -> None:
+    """On ``--resume`` of a run with recorded episodes: ResumeMismatchError naming every key of ``wanted`` that
+    differs from ``run.json``. A run.json with no episode recorded binds nothing (its start failed or was cut)."""
+    saved = _read_run_record(path)
+    if not (resume and has_records and saved is not None):
+        return
+    recorded = {k: saved.get(k, RUN_KEY_DEFAULTS.get(k)) for k in RUN_KEYS}
+    absent = [k for k in RUN_KEYS if k not in saved and k not in RUN_KEY_DEFAULTS]
+    if absent:
+        raise ResumeMismatchError(
+            f"{path} records no {', '.join(RUN_KEY_LABELS.get(k, k) for k in absent)} (written by an older rsd), "
+            f"so --resume cannot prove that the recorded episodes ran the same policy on the same device; run the "
+            f"eval again in another --out.")
+    diffs = {k: (recorded[k], wanted[k]) for k in RUN_KEYS if recorded[k] != wanted[k]}
+    if diffs:
+        listed = "; ".join(f"{RUN_KEY_LABELS.get(k, k)}: recorded {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+        raise ResumeMismatchError(
+            f"--resume with a policy or settings that differ from the run recorded in {path.parent} ({listed}); "
+            f"resume with the same policy files, device and settings, or choose another --out.")
+
+
+class RunRecordWriter:
+    """Writes ``run.json`` once, when the eval's start succeeded (or its first episode is recorded)."""
+
+    def __init__(self, path: Path, record: Mapping[str, Any]) -> None:
+        self.path, self.record, self.written = path, dict(record), False
+
+    def __call__(self) -> None:
+        if not self.written:
+            write_json_atomic(self.path, self.record)
+            self.written = True
