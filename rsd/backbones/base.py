@@ -259,8 +259,6 @@ def load_backbone(spec: dict[str, Any], directory: str | Path, *, device: str | 
         raise ConfigError(
             f"backbone spec must be a dict with exactly the keys 'name' and 'kwargs' (a dict), got {spec!r}."
         )
-    cls = _lookup(spec["name"])
-    return cls.load_spec(dict(spec["kwargs"]), Path(directory), device=device)
     if spec["kwargs"].get("trust_remote_code", False) is not False and trust_remote_code is not True:
         raise RemoteCodeNotAllowedError(
             f"the backbone spec saved in {directory} asks for trust_remote_code="
@@ -268,3 +266,5 @@ def load_backbone(spec: dict[str, Any], directory: str | Path, *, device: str | 
             f"({spec['kwargs'].get('path_or_id', spec['name'])!r}). If you trust that code, pass --trust-remote-code "
             f"(rsd eval / rsd collect) or trust_remote_code=True (load_policy); otherwise do not load this policy."
         )
+    cls = _lookup(spec["name"])
+    return cls.load_spec(dict(spec["kwargs"]), Path(directory), device=device)
