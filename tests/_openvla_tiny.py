@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from rsd.backbones.openvla_shaped import PROMPT_TEMPLATE, OpenVLAShape, random_openvla_model
+from rsd.backbones.openvla_arch import OpenVLAShape
+from rsd.backbones.openvla_inputs import PROMPT_TEMPLATE
+from rsd.backbones.openvla_shaped import random_openvla_model
 
 INSTRUCTIONS = ("pick up the black bowl between the plate and the ramekin and place it on the plate",
                 "put the bowl on the stove", "open the drawer")

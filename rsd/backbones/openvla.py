@@ -41,18 +41,10 @@ import numpy as np
 import torch
 
 from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
-from rsd.backbones.openvla_shaped import (
-    IMAGE_KEYS,
-    PROMPT_TEMPLATE,
-    TOWERS,
-    LlamaSpec,
-    OpenVLAModel,
-    OpenVLAShape,
-    enable_fast_path,
-    group_by_prompt,
-    ungroup,
-    observation_tensors,
-)
+from rsd.backbones.openvla_arch import OpenVLAModel, OpenVLAShape, enable_fast_path
+from rsd.backbones.openvla_inputs import IMAGE_KEYS, PROMPT_TEMPLATE, group_by_prompt, observation_tensors, ungroup
+from rsd.backbones.openvla_llama import LlamaSpec
+from rsd.backbones.openvla_towers import TOWERS
 from rsd.errors import (
     ActionGenerationError,
     CheckpointMismatchError,

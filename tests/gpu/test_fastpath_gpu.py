@@ -86,7 +86,8 @@ def test_compiled_fast_path_is_as_accurate_as_eager(cuda) -> None:
     widths with 4 decoder layers: its bf16 error against the same weights in float32 stays at eager's."""
     from dataclasses import replace
 
-    from rsd.backbones.openvla_shaped import OpenVLAShape, random_openvla_model
+    from rsd.backbones.openvla_arch import OpenVLAShape
+    from rsd.backbones.openvla_shaped import random_openvla_model
 
     shape = OpenVLAShape.openvla_7b()
     shape = replace(shape, llm=replace(shape.llm, num_layers=4))

@@ -106,7 +106,8 @@ def test_greedy_and_speculative_decoding_on_cuda(rsd_parts_cpu, hidden_cpu, cuda
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 6e-2)])
 def test_openvla_architecture_cuda_vs_cpu(cuda, dtype: torch.dtype, tol: float) -> None:
-    from rsd.backbones.openvla_shaped import OpenVLAShape, random_openvla_model, stand_in_token_ids
+    from rsd.backbones.openvla_arch import OpenVLAShape
+    from rsd.backbones.openvla_shaped import random_openvla_model, stand_in_token_ids
 
     shape = OpenVLAShape.tiny()
     cpu_model = random_openvla_model(shape, device="cpu", dtype=torch.float32, seed=3)

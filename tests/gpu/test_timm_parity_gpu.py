@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rsd.backbones.openvla_shaped import DINOV2_L14_REG4, SIGLIP_SO400M_14, TimmViT
+from rsd.backbones.openvla_towers import DINOV2_L14_REG4, SIGLIP_SO400M_14, TimmViT
 
 pytestmark = pytest.mark.gpu
 timm = pytest.importorskip("timm", reason="timm is not installed (the GPU image has timm 1.0)")

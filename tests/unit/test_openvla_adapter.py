@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 from rsd.backbones import build_backbone, load_backbone, save_backbone
 from rsd.backbones.openvla import (OFTL1Policy, OpenVLAOFTBackbone, check_suite, load_oft_state_dict,
                                    suites_named_in)
-from rsd.backbones.openvla_shaped import (LlamaDecoder, LlamaSpec, OpenVLAShape, OpenVLAShapedBackbone,
-                                          stand_in_token_ids)
+from rsd.backbones.openvla_arch import OpenVLAShape
+from rsd.backbones.openvla_llama import LlamaDecoder, LlamaSpec
+from rsd.backbones.openvla_shaped import OpenVLAShapedBackbone, stand_in_token_ids
 from rsd.errors import (ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError,
                         ShapeError, UnknownUnnormKeyError, WrongBaseModelError)
 from rsd.images import center_crop_image, oft_model_input
@@ -397,7 +398,8 @@ def test_optimize_for_inference_keeps_the_function_and_the_state_dict() -> None:
     attn = model.language_model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == attn.qkv.data_ptr()  # a view of the fused matrix, no copy
     # the functions optimize_for_inference(compile=True) compiles compute the same thing (run uncompiled here)
-    from rsd.backbones.openvla_shaped import llama_layer_fn, vit_block_fn
+    from rsd.backbones.openvla_llama import llama_layer_fn
+    from rsd.backbones.openvla_towers import vit_block_fn
 
     for layer in model.language_model.model.layers:
         layer.kernel = llama_layer_fn
