@@ -222,6 +222,17 @@ def test_coarse_decoding_uses_only_the_first_layers() -> None:
     assert torch.equal(tok.decode_from_indices(codes, num_layers=CFG.num_layers), tok.decode_from_indices(codes))
 
 
+def test_unchecked_decoding_is_the_checked_arithmetic() -> None:
+    """validate=False (for codes valid by construction) decodes bit for bit what validate=True decodes."""
+    tok = make(5).eval()
+    codes = random_codes(3, 7)
+    with torch.no_grad():
+        assert torch.equal(tok.decode_from_indices(codes, validate=False), tok.decode_from_indices(codes))
+        for k in range(1, CFG.num_layers + 1):
+            assert torch.equal(tok.decode_from_indices(codes[..., :k], num_layers=k, validate=False),
+                               tok.decode_from_indices(codes, num_layers=k))
+
+
 # errors
 
 
