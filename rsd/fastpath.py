@@ -7,10 +7,12 @@
   records them); the only difference is that the host no longer launches them one by one.
 - :class:`GraphedRSDDecoder` captures heads (the trunk included) + argmax + layout + RFSQ decode
   (greedy, all L layers) as one graph: ``hidden [B, D] -> (codes [B, C, H, L], normalized actions
-  [B, C, A])``. The checks that the eager path runs between kernels (each one a host sync, which a
-  graph cannot contain) are computed inside the graph as flags and read once, with one host sync, after
-  the replay: finite ``hidden``, finite actions, codes in ``[0, G)``. Shape and dtype of ``hidden`` are
-  checked on the host before the replay (no sync). ``decode_to_host`` returns the same on the host after
+  [B, C, A])``, through the public pieces the eager path uses: ``RFSQHead.start``, ``RFSQHead.rollout``
+  (the one greedy loop), ``layout.layers_to_codes`` and ``RFSQTokenizer.decode_from_indices(validate=False)``.
+  The value checks of the eager path (each one a host sync, which a graph cannot contain) are computed
+  inside the graph as flags and read once, with one host sync, after the replay: finite ``hidden``, finite
+  actions, codes in ``[0, G)``. Shape and dtype of ``hidden`` are checked on the host before the replay
+  (``RFSQHead.check_hidden_layout``, no sync). ``decode_to_host`` returns the same on the host after
   that one sync; ``compile=True`` fuses the graph's kernels (codes checked with :func:`argmax_regret`).
 
 Requirements of a captured function: no host synchronisation (``.item()``, ``bool(tensor)``, printing
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from einops import rearrange, reduce
 
-from rsd.errors import CodeRangeError, ConfigError, DTypeError, NonFiniteError, ShapeError
+from rsd.errors import CodeRangeError, ConfigError, NonFiniteError, ShapeError
 from rsd.heads import HeadState, RFSQHead
 from rsd.layout import codes_to_layers, layers_to_codes
 
@@ -138,9 +140,9 @@ class GraphedRSDDecoder:
 
     ``decode(hidden [B, D]) -> (codes [B, C, H, L] int64, normalized actions [B, C, A])`` on the GPU, or
     :meth:`decode_to_host` for the same as CPU tensors. The graph holds everything from ``hidden`` on
-    (:func:`greedy_decode_with_flags`: the trunk of ``RFSQHead.start``, the L steps ``RFSQHead._step`` /
-    ``_advance``, the layout change, the tokenizer's decode, and the validity flags); a call is one input
-    copy, one replay and one host sync that reads the flags.
+    (:func:`greedy_decode_with_flags`: ``RFSQHead.start``, the L steps of ``RFSQHead.rollout``, the layout
+    change, the tokenizer's unchecked decode, and the validity flags); a call is one input copy, one replay
+    and one host sync that reads the flags.
 
     Equality with eager greedy decoding:
 
@@ -181,7 +183,7 @@ class GraphedRSDDecoder:
 
     def decode(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden`` [B, D] (CUDA) -> (codes ``[B, C, H, L]``, normalized actions ``[B, C, A]``), CUDA tensors."""
-        self._check_hidden_layout(hidden)
+        self.head.check_hidden_layout(hidden)  # on the host: the replay runs no Python
         codes, actions, flags, _ = self._graph(hidden)
         self._raise_on_flags(flags.tolist())  # the one host sync
         return codes, actions
@@ -190,7 +192,7 @@ class GraphedRSDDecoder:
         """:meth:`decode` with CPU results (codes int64, actions float32): the graph also packs codes,
         actions and flags into one vector, and only that vector goes to pinned memory behind the replay;
         the one stream sync waits for it."""
-        self._check_hidden_layout(hidden)
+        self.head.check_hidden_layout(hidden)
         packed = self._graph.to_host(hidden, output=3).numpy()  # a fresh host copy; numpy from here (cheaper ops)
         codes, actions, flags = unpack_decoded(packed, hidden.shape[0], self.cfg)
         if not flags.all():
@@ -206,26 +208,15 @@ class GraphedRSDDecoder:
         if not codes_in_range:
             raise CodeRangeError(f"the graphed RSD decode produced codes outside [0, {self.cfg.num_levels}).")
 
-    def _check_hidden_layout(self, hidden: torch.Tensor) -> None:
-        """What ``RFSQHead.start`` checks on the host (type, dtype, shape); finiteness is a graph flag."""
-        dtype = self.head.trunk[0].weight.dtype
-        if not isinstance(hidden, torch.Tensor) or hidden.dtype != dtype:
-            kind = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise DTypeError(f"`hidden` must be a {dtype} tensor [B, D] (the head's dtype), got {kind}; "
-                             f"cast with `hidden.to({dtype})`.")
-        if hidden.ndim != 2 or hidden.shape[0] < 1 or hidden.shape[1] != self.cfg.hidden_dim:
-            raise ShapeError(f"`hidden` must be [B, D] with B >= 1 and D = hidden_dim = {self.cfg.hidden_dim}, "
-                             f"got shape {tuple(hidden.shape)}.")
-
 
 def greedy_decode_with_flags(head: torch.nn.Module, tokenizer: torch.nn.Module,
                              hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What :class:`GraphedRSDDecoder` captures, without a single host sync: ``hidden`` [B, D] ->
     (codes ``[B, C, H, L]``, normalized actions ``[B, C, A]``, flags bool ``[3]`` = hidden finite,
-    actions finite, codes in ``[0, G)``). ``RFSQHead.start`` without its checks, then
+    actions finite, codes in ``[0, G)``). ``RFSQHead.start`` (layout checks on the host only), then
     :func:`greedy_rollout`."""
-    base = head.mlp_in(head.trunk(hidden))  # RFSQHead.start: [B, W] in the output MLP's hidden space
-    codes, actions = greedy_rollout(head, tokenizer, base, torch.zeros_like(base))
+    state = head.start(hidden)  # [B, W] trunk output, in the output MLP's hidden space
+    codes, actions = greedy_rollout(head, tokenizer, state.base, state.context)
     in_range = ((codes >= 0) & (codes < head.cfg.num_levels)).all()
     flags = torch.stack([torch.isfinite(hidden).all(), torch.isfinite(actions).all(), in_range])
     return codes, actions, flags
@@ -260,18 +251,12 @@ def unpack_decoded(packed: np.ndarray, batch: int, cfg: Any) -> tuple[np.ndarray
 def greedy_rollout(head: torch.nn.Module, tokenizer: torch.nn.Module, base: torch.Tensor,
                    context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """From the head state before layer 0 (``base``, ``context`` [B, W]) -> (codes ``[B, C, H, L]``,
-    normalized actions ``[B, C, A]``), without a single host sync: ``RFSQHead._step`` / ``_advance`` per
-    layer (the ops of ``greedy_decode``), then ``decode_from_indices`` without its checks."""
-    L = head.cfg.num_layers
-    state = HeadState(base=base, context=context, layer=0)
-    layers = []
-    for layer in range(L):
-        codes = head._step(state).argmax(dim=-1)  # [B, C, H]
-        layers.append(codes)
-        if layer + 1 < L:
-            state = head._advance(state, codes)
-    codes = layers_to_codes(torch.stack(layers, dim=1))  # [B, L, C, H] -> [B, C, H, L]
-    return codes, tokenizer.decoder(tokenizer._sum_layers(codes, L))
+    normalized actions ``[B, C, A]``), without a single host sync: ``RFSQHead.rollout`` (the ops of
+    ``greedy_decode``), the layout change, then ``decode_from_indices`` without its checks (argmax codes
+    are in ``[0, G)`` by construction; the graph's flags re-check that for free)."""
+    layers, _ = head.rollout(HeadState(base=base, context=context, layer=0))  # [B, L, C, H]
+    codes = layers_to_codes(layers)  # [B, C, H, L]
+    return codes, tokenizer.decode_from_indices(codes, validate=False)
 
 
 @torch.inference_mode()

@@ -1,13 +1,23 @@
 """Heads: hidden state ``[B, D]`` -> RFSQ token logits (main and draft) or actions (L1 baseline).
 
 - :class:`RFSQHead` the main head, causal over residual layers: layer ``l`` sees the hidden state and the
-  codes of layers ``< l``. Teacher-forced in one call (:meth:`RFSQHead.logits_given_prefix`), or one
-  cheap step per layer (:meth:`RFSQHead.start` / :meth:`RFSQHead.step` / :meth:`RFSQHead.advance`).
+  codes of layers ``< l``. Teacher-forced in one call (:meth:`RFSQHead.logits_given_prefix`), one cheap
+  step per layer (:meth:`RFSQHead.start` / :meth:`RFSQHead.step` / :meth:`RFSQHead.advance`), or the greedy
+  rollout (:meth:`RFSQHead.rollout`): the one greedy loop of rsd, used by ``forward``, by
+  ``rsd.speculative`` (greedy decoding, and the layers after an accepted draft prefix) and by the CUDA graph
+  of ``rsd.fastpath``.
 - :class:`DraftHead` the non-autoregressive draft: the first ``k`` layers in one pass.
 - :class:`L1ActionHead` the L1-regression baseline (OpenVLA-OFT style): hidden -> actions.
 
 Axis letters: B batch, D hidden, W head width, L layers, P prefix layers, n output layers, C chunk steps,
 H latent dims, G levels, k draft layers, A action dims.
+
+What the heads check: the hidden state's type, dtype and shape, on the host (no tensor value is read, so no
+host sync and nothing a CUDA graph cannot hold). Its values (finite, not dead) are the policy's one check at
+the backbone boundary (``rsd.backbones.base.check_hidden``), never repeated here. Codes passed in are
+checked for dtype, shape and range ``[0, G)`` (the range read is one host sync); ``validate=False`` skips
+every check for codes that are in range by construction (argmax outputs), as ``rsd.speculative`` and
+``rsd.fastpath`` pass them.
 
 Exactness (what ``exact`` speculative decoding relies on): the teacher-forced logits are bitwise equal to
 the incremental ones for the same prefix, on any device, by construction: both paths call the same
@@ -19,13 +29,14 @@ rounds ``M <= 3`` rows differently from ``M >= 4`` rows (measured), which flips 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from einops import rearrange, reduce
 from torch import nn
 
 from rsd.config import RSDConfig
-from rsd.errors import CodeRangeError, DTypeError, NonFiniteError, ShapeError
+from rsd.errors import CodeRangeError, DTypeError, ShapeError
 
 __all__ = ["HeadState", "RFSQHead", "DraftHead", "L1ActionHead"]
 
@@ -33,8 +44,8 @@ __all__ = ["HeadState", "RFSQHead", "DraftHead", "L1ActionHead"]
 # helper functions
 
 
-def _check_hidden(hidden: torch.Tensor, cfg: RSDConfig, dtype: torch.dtype) -> None:
-    """``hidden`` must be a finite float tensor ``[B, D]`` in the head's dtype."""
+def _check_hidden_layout(hidden: torch.Tensor, cfg: RSDConfig, dtype: torch.dtype) -> None:
+    """``hidden`` must be a float tensor ``[B, D]`` in the head's dtype. Reads no value (no host sync)."""
     if not isinstance(hidden, torch.Tensor):
         raise DTypeError(f"`hidden` must be a torch.Tensor [B, D], got {type(hidden).__name__}.")
     if not hidden.dtype.is_floating_point:
@@ -48,8 +59,6 @@ def _check_hidden(hidden: torch.Tensor, cfg: RSDConfig, dtype: torch.dtype) -> N
         raise DTypeError(
             f"`hidden` is {hidden.dtype} but the head's weights are {dtype}; cast with `hidden.to({dtype})`."
         )
-    if not torch.isfinite(hidden).all():
-        raise NonFiniteError("`hidden` contains NaN/inf: the backbone (or its dtype/autocast setup) is broken.")
 
 
 def _check_codes(codes: torch.Tensor, name: str, axes: str, shape: tuple[int, ...], num_levels: int) -> None:
@@ -129,23 +138,36 @@ class RFSQHead(nn.Module):
 
     # -- incremental API ------------------------------------------------------------------------
 
+    def check_hidden_layout(self, hidden: torch.Tensor) -> None:
+        """What :meth:`start` checks: ``hidden`` is a float tensor ``[B, D]`` in the head's dtype (DTypeError /
+        ShapeError). Reads no value (no host sync), so a caller that replays a captured graph checks here."""
+        _check_hidden_layout(hidden, self.cfg, self.trunk[0].weight.dtype)
+
     def start(self, hidden: torch.Tensor) -> HeadState:
-        """Validate ``hidden`` [B, D] and run the trunk (and the MLP's first Linear): the state before layer 0."""
-        _check_hidden(hidden, self.cfg, self.trunk[0].weight.dtype)
+        """``hidden`` [B, D] -> the state before layer 0: the trunk (and the MLP's first Linear) run once.
+
+        Checks the layout only (:meth:`check_hidden_layout`); the values were checked at the backbone boundary.
+        """
+        self.check_hidden_layout(hidden)
         base = self.mlp_in(self.trunk(hidden))  # [B, W], in the output MLP's hidden space
         return HeadState(base=base, context=torch.zeros_like(base), layer=0)
 
     def step(self, state: HeadState) -> torch.Tensor:
         """Logits ``[B, C, H, G]`` of layer ``state.layer`` given the codes already advanced through."""
         self._check_state(state, need_layer=True)
-        return self._step(state)
+        return self._layer_logits(state.base, state.context, state.layer)
 
-    def advance(self, state: HeadState, codes: torch.Tensor) -> HeadState:
-        """Feed the codes ``[B, C, H]`` (int64 in ``[0, G)``) of layer ``state.layer``; returns the next state."""
-        self._check_state(state, need_layer=True)
-        B, cfg = state.base.shape[0], self.cfg
-        _check_codes(codes, "codes", "[B, C, H]", (B, cfg.chunk_len, cfg.latent_dim), cfg.num_levels)
-        return self._advance(state, codes)
+    def advance(self, state: HeadState, codes: torch.Tensor, *, validate: bool = True) -> HeadState:
+        """Feed the codes ``[B, C, H]`` (int64 in ``[0, G)``) of layer ``state.layer``; returns the next state.
+
+        ``validate=False`` checks nothing (no host sync): for codes in range by construction (an argmax).
+        """
+        if validate:
+            self._check_state(state, need_layer=True)
+            B, cfg = state.base.shape[0], self.cfg
+            _check_codes(codes, "codes", "[B, C, H]", (B, cfg.chunk_len, cfg.latent_dim), cfg.num_levels)
+        context = self._next_context(state.context, codes, state.layer)
+        return HeadState(base=state.base, context=context, layer=state.layer + 1)
 
     # -- one-call API ---------------------------------------------------------------------------
 
@@ -155,53 +177,89 @@ class RFSQHead(nn.Module):
         ``prefix[:, :l]``. ``prefix[:, L - 1]`` (when ``P = L``) conditions nothing."""
         return self.teacher_forced(self.start(hidden), prefix)
 
-    def teacher_forced(self, state: HeadState, prefix: torch.Tensor) -> torch.Tensor:
-        """:meth:`logits_given_prefix` from a fresh state of :meth:`start` (reuses its trunk output).
+    @overload
+    def teacher_forced(self, state: HeadState, prefix: torch.Tensor, *, validate: bool = ...,
+                       return_states: Literal[False] = ...) -> torch.Tensor: ...
 
-        Bitwise equal to :meth:`step` after :meth:`advance` through the same prefix.
+    @overload
+    def teacher_forced(self, state: HeadState, prefix: torch.Tensor, *, validate: bool = ...,
+                       return_states: Literal[True]) -> tuple[torch.Tensor, list[HeadState]]: ...
+
+    def teacher_forced(self, state: HeadState, prefix: torch.Tensor, *, validate: bool = True,
+                       return_states: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[HeadState]]:
+        """:meth:`logits_given_prefix` from a fresh state of :meth:`start` (reuses its trunk output):
+        ``prefix`` [B, P, C, H] -> logits ``[B, n, C, H, G]``, ``n = min(P + 1, L)``.
+
+        Bitwise equal to :meth:`step` after :meth:`advance` through the same prefix. ``return_states``: also
+        the n states it went through, ``states[l]`` positioned before output layer ``l`` (so a caller can
+        continue from any of them). ``validate=False`` checks nothing (no host sync): for a prefix of argmax
+        codes of the right shape.
         """
-        self._check_state(state, need_layer=False)
-        if state.layer != 0:
-            raise ShapeError(
-                f"`teacher_forced` needs the state before layer 0 (from `start`), got layer {state.layer}."
-            )
-        cfg = self.cfg
-        B, L = state.base.shape[0], cfg.num_layers
-        if isinstance(prefix, torch.Tensor) and prefix.ndim == 4 and prefix.shape[1] > L:
-            raise ShapeError(f"`prefix` has P = {prefix.shape[1]} layers but the head has only L = {L}.")
-        _check_codes(prefix, "prefix", "[B, P, C, H]", (B, -1, cfg.chunk_len, cfg.latent_dim), cfg.num_levels)
-        return self._teacher_forced(state, prefix)[0]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Greedy autoregressive rollout: ``hidden`` [B, D] -> logits ``[B, L, C, H, G]`` (layer ``l`` is
-        conditioned on the argmax codes of layers ``< l``)."""
-        state = self.start(hidden)
-        logits = []
-        for layer in range(self.cfg.num_layers):
-            layer_logits = self._step(state)  # [B, C, H, G]
-            logits.append(layer_logits)
-            if layer + 1 < self.cfg.num_layers:
-                state = self._advance(state, layer_logits.argmax(dim=-1))
-        return torch.stack(logits, dim=1)
-
-    # -- internals (no validation; the hot path of rsd.speculative and rsd.fastpath: keep them stable) --
-
-    def _teacher_forced(self, state: HeadState, prefix: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """-> (logits ``[B, n, C, H, G]``, contexts: n x [B, W], the context before each output layer)."""
+        if validate:
+            self._check_state(state, need_layer=False)
+            if state.layer != 0:
+                raise ShapeError(
+                    f"`teacher_forced` needs the state before layer 0 (from `start`), got layer {state.layer}."
+                )
+            cfg = self.cfg
+            B, L = state.base.shape[0], cfg.num_layers
+            if isinstance(prefix, torch.Tensor) and prefix.ndim == 4 and prefix.shape[1] > L:
+                raise ShapeError(f"`prefix` has P = {prefix.shape[1]} layers but the head has only L = {L}.")
+            _check_codes(prefix, "prefix", "[B, P, C, H]", (B, -1, cfg.chunk_len, cfg.latent_dim), cfg.num_levels)
         n = min(prefix.shape[1] + 1, self.cfg.num_layers)
         contexts, logits = [state.context], []
         for layer in range(n):  # the very ops of step/advance, layer by layer (see the module docstring)
             logits.append(self._layer_logits(state.base, contexts[layer], layer))
             if layer + 1 < n:
                 contexts.append(self._next_context(contexts[layer], prefix[:, layer], layer))
-        return torch.stack(logits, dim=1), contexts
+        stacked = torch.stack(logits, dim=1)  # [B, n, C, H, G]
+        if not return_states:
+            return stacked
+        return stacked, [HeadState(base=state.base, context=c, layer=layer) for layer, c in enumerate(contexts)]
 
-    def _step(self, state: HeadState) -> torch.Tensor:
-        return self._layer_logits(state.base, state.context, state.layer)
+    def rollout(self, state: HeadState, prefix: torch.Tensor | None = None, prefix_layers: torch.Tensor | None = None,
+                *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy rollout from ``state`` (positioned before layer ``s = state.layer < L``) through layer ``L - 1``
+        -> (codes ``[B, L, C, H]`` int64, logits ``[B, L - s, C, H, G]`` of layers ``s..L-1``).
 
-    def _advance(self, state: HeadState, codes: torch.Tensor) -> HeadState:
-        context = self._next_context(state.context, codes, state.layer)
-        return HeadState(base=state.base, context=context, layer=state.layer + 1)
+        Each layer's codes are the argmax of its logits, fed to the next layer: one step per layer, no host sync
+        (but the prefix checks below). ``head.rollout(head.start(hidden))`` is greedy decoding; :meth:`forward`
+        returns its logits.
+
+        ``prefix`` [B, P, C, H] int64 in ``[0, G)`` with ``s <= P <= L`` forces codes: element ``b`` keeps
+        ``prefix[b, l]`` for ``l < prefix_layers[b]`` (``prefix_layers`` int64 ``[B]`` in ``[0, P]``, default
+        ``P`` for all) instead of the argmax, and the layers after it follow the kept codes. The codes of
+        layers ``< s`` are ``prefix[:, :s]``: the codes ``state`` was advanced through (the caller's word);
+        ``s > 0`` needs a prefix. Checks: ``state``, and the prefix's dtype, shape and value ranges (one host
+        sync); ``validate=False`` checks nothing: for codes in range by construction (argmax outputs).
+        """
+        L = self.cfg.num_layers
+        if validate:
+            self._check_state(state, need_layer=True)
+            if prefix is not None or prefix_layers is not None or state.layer > 0:
+                self._check_rollout_prefix(state, prefix, prefix_layers)
+        layers = list(prefix[:, :state.layer].unbind(dim=1)) if prefix is not None else []  # s x [B, C, H]
+        logits = []
+        for layer in range(state.layer, L):
+            layer_logits = self._layer_logits(state.base, state.context, layer)  # [B, C, H, G]
+            logits.append(layer_logits)
+            codes = layer_logits.argmax(dim=-1)  # [B, C, H]
+            if prefix is not None and layer < prefix.shape[1] and prefix_layers is None:
+                codes = prefix[:, layer]
+            elif prefix is not None and layer < prefix.shape[1]:  # per element: keep prefix[b] below prefix_layers[b]
+                codes = torch.where(rearrange(prefix_layers > layer, "b -> b 1 1"), prefix[:, layer], codes)
+            layers.append(codes)
+            if layer + 1 < L:
+                state = HeadState(base=state.base, context=self._next_context(state.context, codes, layer),
+                                  layer=layer + 1)
+        return torch.stack(layers, dim=1), torch.stack(logits, dim=1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy autoregressive rollout: ``hidden`` [B, D] -> logits ``[B, L, C, H, G]`` (layer ``l`` is
+        conditioned on the argmax codes of layers ``< l``); :meth:`rollout` from :meth:`start`."""
+        return self.rollout(self.start(hidden))[1]
+
+    # -- internals ------------------------------------------------------------------------------
 
     def _next_context(self, context: torch.Tensor, codes: torch.Tensor, layer: int) -> torch.Tensor:
         """``context`` [B, W] + embedding of layer ``layer``'s ``codes`` [B, C, H]."""
@@ -221,6 +279,31 @@ class RFSQHead(nn.Module):
             raise ShapeError(
                 f"`state` is at layer {state.layer}; only layers 0..{self.cfg.num_layers - 1} can be stepped."
             )
+
+    def _check_rollout_prefix(self, state: HeadState, prefix: torch.Tensor | None,
+                              prefix_layers: torch.Tensor | None) -> None:
+        """:meth:`rollout`'s prefix rules (one host sync for the value ranges)."""
+        cfg, B, s = self.cfg, state.base.shape[0], state.layer
+        if prefix is None and s > 0:
+            raise ShapeError(f"`state` is at layer {s}: pass the `prefix` [B, P, C, H] (P >= {s}) it was advanced "
+                             f"through, so the rollout can return the codes of layers < {s}.")
+        if prefix is None:
+            raise ShapeError("`prefix_layers` counts layers of `prefix`: pass `prefix` [B, P, C, H] with it, or neither.")
+        _check_codes(prefix, "prefix", "[B, P, C, H]", (B, -1, cfg.chunk_len, cfg.latent_dim), cfg.num_levels)
+        P = prefix.shape[1]
+        if not s <= P <= cfg.num_layers:
+            raise ShapeError(f"`prefix` has P = {P} layers; a rollout from layer {s} needs {s} <= P <= L = "
+                             f"{cfg.num_layers}.")
+        if prefix_layers is None:
+            return
+        if not isinstance(prefix_layers, torch.Tensor) or prefix_layers.dtype != torch.int64:
+            raise DTypeError(f"`prefix_layers` must be an int64 tensor [B], got "
+                             f"{getattr(prefix_layers, 'dtype', type(prefix_layers).__name__)}.")
+        if tuple(prefix_layers.shape) != (B,):
+            raise ShapeError(f"`prefix_layers` must be [B] = [{B}], got shape {tuple(prefix_layers.shape)}.")
+        if bool(((prefix_layers < 0) | (prefix_layers > P)).any()):
+            raise CodeRangeError(f"`prefix_layers` must lie in [0, P = {P}] (layers of `prefix` to keep), got "
+                                 f"{prefix_layers.tolist()}.")
 
 
 class DraftHead(nn.Module):
@@ -242,7 +325,7 @@ class DraftHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [B, D] -> logits ``[B, k, C, H, G]``."""
-        _check_hidden(hidden, self.cfg, self.net[0].weight.dtype)
+        _check_hidden_layout(hidden, self.cfg, self.net[0].weight.dtype)
         cfg = self.cfg
         return rearrange(
             self.net(hidden), "b (k c h g) -> b k c h g", k=cfg.draft_layers, c=cfg.chunk_len, h=cfg.latent_dim
@@ -267,5 +350,5 @@ class L1ActionHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` [B, D] -> normalized actions ``[B, C, A]``."""
-        _check_hidden(hidden, self.cfg, self.net[0].weight.dtype)
+        _check_hidden_layout(hidden, self.cfg, self.net[0].weight.dtype)
         return rearrange(self.net(hidden), "b (c a) -> b c a", c=self.cfg.chunk_len)

@@ -9,8 +9,8 @@ Inference from Transformers via Speculative Decoding", arXiv 2211.17192, with gr
 3. per batch element, the longest prefix of draft layers passing the acceptance rule is kept; the main
    code at the first rejected layer (or at layer ``k`` when all ``k`` pass and ``k < L``) is conditioned
    on exactly that prefix, so it is kept too (the "bonus" layer);
-4. the main head decodes the remaining layers one by one, batched; elements that are further along keep
-   their codes.
+4. the main head decodes the remaining layers one by one, batched (:meth:`RFSQHead.rollout` with the known
+   codes as its prefix); elements that are further along keep their codes.
 
 Acceptance rules (``mode``), per layer, over its ``C*H`` tokens:
 
@@ -20,6 +20,10 @@ Acceptance rules (``mode``), per layer, over its ``C*H`` tokens:
 - ``relaxed``    every token is within ``threshold`` levels of the main argmax (SpecVLA's rule for
                  ordinal action tokens); ``threshold`` an int ``>= 0``. Accepted layers keep the draft codes.
 - ``match_rate`` the fraction of equal tokens is ``>= threshold`` (the seed's rule; default 0.7).
+
+Checks: the hidden state's values are not read here (the policy checks them once, where the backbone hands
+them over: ``rsd.backbones.check_hidden``); the heads check its layout. The logits of both heads are checked
+for NaN/inf, one host sync per check.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 from einops import rearrange, reduce
 
 from rsd.errors import ConfigError, NonFiniteError, ShapeError
-from rsd.heads import DraftHead, HeadState, RFSQHead
+from rsd.heads import DraftHead, RFSQHead
 from rsd.layout import layers_to_codes
 
 __all__ = ["MODES", "SpecStats", "SpeculativeDecoder", "greedy_decode"]
@@ -48,32 +52,8 @@ def _check_finite(**logits: torch.Tensor) -> None:
     flags = [torch.isfinite(x).all() for x in logits.values()]
     if not bool(torch.stack(flags).all()):
         bad = [who for who, ok in zip(logits, flags) if not bool(ok)]
-        raise NonFiniteError(f"NaN/inf logits from {', '.join(bad)}: its weights are broken (check the checkpoint).")
-
-
-def _argmax_rollout(
-    main: RFSQHead, state: HeadState, known: torch.Tensor | None = None, known_layers: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Decode layers ``state.layer..L-1`` with ``main`` (argmax, one step per layer) -> codes ``[B, L, C, H]``.
-
-    With ``known`` [B, L, C, H] int64 and ``known_layers`` [B] int64: element b keeps ``known[b, l]`` for
-    ``l < known_layers[b]`` (rows past it are ignored), and layers ``< state.layer`` come from ``known``.
-    """
-    L = main.cfg.num_layers
-    layers = list(known.unbind(dim=1)) if known is not None else [None] * L  # L x [B, C, H]
-    step_logits = []
-    for layer in range(state.layer, L):
-        logits = main._step(state)  # [B, C, H, G]
-        step_logits.append(logits)
-        codes = logits.argmax(dim=-1)  # [B, C, H]
-        if known is not None:
-            codes = torch.where(rearrange(known_layers > layer, "b -> b 1 1"), known[:, layer], codes)
-        layers[layer] = codes
-        if layer + 1 < L:
-            state = main._advance(state, codes)
-    if step_logits:
-        _check_finite(main_head=torch.stack(step_logits))
-    return torch.stack(layers, dim=1)
+        raise NonFiniteError(f"NaN/inf logits from {', '.join(bad)}: check its weights (the checkpoint) and the "
+                             f"hidden state fed to it (rsd.backbones.check_hidden checks one).")
 
 
 # public API
@@ -85,7 +65,9 @@ def greedy_decode(main: RFSQHead, hidden: torch.Tensor) -> torch.Tensor:
     if not isinstance(main, RFSQHead):
         raise ConfigError(f"`main` must be an RFSQHead, got {type(main).__name__}.")
     with torch.inference_mode():
-        return layers_to_codes(_argmax_rollout(main, main.start(hidden)))
+        layers, logits = main.rollout(main.start(hidden))  # [B, L, C, H], [B, L, C, H, G]
+        _check_finite(main_head=logits)
+        return layers_to_codes(layers)
 
 
 @dataclass(frozen=True)
@@ -195,8 +177,9 @@ class SpeculativeDecoder:
                 )
             draft = draft_logits.argmax(dim=-1)  # [B, k, C, H]
 
-            # draft codes are int64 argmaxes of the right shape: skip re-validation
-            verify_logits, contexts = self.main._teacher_forced(state, draft)  # [B, n = min(k+1, L), C, H, G]
+            # draft codes are argmaxes over G levels, of the checked shape: in range by construction
+            verify_logits, states = self.main.teacher_forced(state, draft, validate=False, return_states=True)
+            # verify_logits [B, n = min(k+1, L), C, H, G]; states[l] is the main head before layer l
             _check_finite(draft_head=draft_logits, main_head=verify_logits)
             verified = verify_logits.argmax(dim=-1)  # [B, n, C, H]
             n = verified.shape[1]
@@ -214,12 +197,12 @@ class SpeculativeDecoder:
                 known = torch.cat([known, pad], dim=1)  # [B, L, C, H]
 
             # Every element knows layers < start; layers < start - 1 are accepted draft layers for all of
-            # them, so the verify pass's context before layer start - 1 is the greedy one: advance once.
+            # them, so the verify pass's state before layer start - 1 is the greedy one: advance once.
             start = int(known_layers.min())  # 1..L
             if start < L:
-                state = HeadState(base=state.base, context=contexts[start - 1], layer=start - 1)
-                state = self.main._advance(state, known[:, start - 1])
-                layers = _argmax_rollout(self.main, state, known, known_layers)  # [B, L, C, H]
+                state = self.main.advance(states[start - 1], known[:, start - 1], validate=False)
+                layers, logits = self.main.rollout(state, known, known_layers, validate=False)  # [B, L, C, H]
+                _check_finite(main_head=logits)
             else:
                 layers = known
 
