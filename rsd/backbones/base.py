@@ -4,10 +4,14 @@ the shared hidden-state check, and the save/load hooks a policy uses for its bac
 A backbone class joins the registry with ``@register_backbone("name")`` and implements:
 
     hidden_dim: int
-    encode(observation, instruction) -> float32 [B, D]
+    encode(observation, instruction, *, check=True) -> float32 [B, D]   # check: check_hidden on the result
     spec_kwargs() -> dict                        # JSON-able kwargs that rebuild it (no device)
     save_weights(directory) -> None              # files it needs besides the spec (may write none)
     load_spec(kwargs, directory, device) -> obj  # classmethod: inverse of the two above
+
+Checking the hidden state: ``check_hidden`` reads its values (one host sync). A backbone used standalone
+keeps that check (``check=True``, the default); a policy calls ``encode(..., check=False)`` and runs
+``check_hidden`` itself, once per chunk, where the hidden state enters the heads (which never re-check it).
 
 The observation dict is the one in docs/design.md: ``full_image`` / ``wrist_image`` uint8
 [224, 224, 3] (or batched [B, 224, 224, 3]), ``state`` float32 [8] (or [B, 8]).
@@ -51,8 +55,10 @@ class Backbone(Protocol):
 
     hidden_dim: int
 
-    def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
-        """-> float32 [B, D] with D == hidden_dim; B = 1 for an unbatched observation."""
+    def encode(self, observation: dict, instruction: str | list[str], *, check: bool = True) -> torch.Tensor:
+        """-> float32 [B, D] with D == hidden_dim; B = 1 for an unbatched observation. ``check``: pass the
+        result through :func:`check_hidden` (DeadHiddenStateError on NaN/inf or all-zero rows); ``False``
+        returns it unchecked, for a caller that checks it once itself."""
         ...
 
 

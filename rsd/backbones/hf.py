@@ -288,8 +288,9 @@ class HFBackbone:
             for key, value in batch.items() if isinstance(value, torch.Tensor)
         }
 
-    def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
-        """observation[image_key] uint8 [H, W, 3] or [B, H, W, 3] + instruction(s) -> float32 [B, D]."""
+    def encode(self, observation: dict, instruction: str | list[str], *, check: bool = True) -> torch.Tensor:
+        """observation[image_key] uint8 [H, W, 3] or [B, H, W, 3] + instruction(s) -> float32 [B, D];
+        ``check``: through ``check_hidden`` (the default), else unchecked for a caller that checks it once."""
         inputs = self.inputs(observation, instruction)
         # no_grad, not inference_mode: heads train on this output, and inference tensors refuse autograd
         autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
@@ -309,7 +310,7 @@ class HFBackbone:
             mask = torch.ones(1, inputs["input_ids"].shape[1], dtype=torch.int64, device=final.device)
         last = last_real_token_index(mask, sequence_length=length).to(final.device)  # [B]
         hidden = final[torch.arange(batch, device=final.device), last].float()  # [B, D]
-        return check_hidden(hidden, self.hidden_dim)
+        return check_hidden(hidden, self.hidden_dim) if check else hidden
 
     # save / load (see rsd.backbones.base): the checkpoint is referenced, not copied
 

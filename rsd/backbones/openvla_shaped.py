@@ -146,10 +146,12 @@ class OpenVLAShapedBackbone:
         return group_by_prompt(images.to(self.device), [self.prompt_ids(t) for t in texts], state.to(self.device))
 
     @torch.inference_mode()
-    def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
+    def encode(self, observation: dict, instruction: str | list[str], *, check: bool = True) -> torch.Tensor:
+        """The random model's RSD hidden state, float32 ``[B, D]``; ``check``: through ``check_hidden`` (one
+        host sync), else unchecked for a caller that checks it once."""
         groups = self.inputs(observation, instruction)
         hidden = ungroup([self._hidden_fn(images, ids, state) for (images, ids, state, _) in groups], groups)
-        return check_hidden(hidden.float(), self.hidden_dim)
+        return check_hidden(hidden.float(), self.hidden_dim) if check else hidden.float()
 
     def spec_kwargs(self) -> dict[str, Any]:
         raise ConfigError("openvla-shaped has random weights (timing only); a policy built on it cannot be saved.")

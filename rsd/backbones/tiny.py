@@ -153,11 +153,11 @@ class TinyBackbone(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
+    def encode(self, observation: dict, instruction: str | list[str], *, check: bool = True) -> torch.Tensor:
         """observation (design.md dict, unbatched or batched) + instruction(s) -> hidden float32 [B, D].
 
-        Raises ShapeError / DTypeError / NonFiniteError naming the bad key, and DeadHiddenStateError
-        through ``check_hidden``.
+        Raises ShapeError / DTypeError / NonFiniteError naming the bad key, and with ``check`` (the default)
+        DeadHiddenStateError through ``check_hidden``; ``check=False`` returns the hidden state unchecked.
         """
         images, batched = [], None
         for cam in self.cameras:
@@ -183,10 +183,10 @@ class TinyBackbone(nn.Module):
         features.append(self.instruction_embedding(flat, offsets))  # [B, W]
         features.append(self.proprio(state.to(device)))  # [B, W]
         hidden = self.fuse(torch.cat(features, dim=-1)).float()  # [B, D]
-        return check_hidden(hidden, self.hidden_dim)
+        return check_hidden(hidden, self.hidden_dim) if check else hidden
 
-    def forward(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
-        return self.encode(observation, instruction)
+    def forward(self, observation: dict, instruction: str | list[str], *, check: bool = True) -> torch.Tensor:
+        return self.encode(observation, instruction, check=check)
 
     # save / load (see rsd.backbones.base)
 

@@ -149,6 +149,8 @@ def test_dead_hidden_state_is_loud(vlm_dir, images: np.ndarray) -> None:
         backbone.model.model.language_model.norm.weight.zero_()  # the final RMSNorm now outputs zeros
     with pytest.raises(DeadHiddenStateError, match="all zero"):
         backbone.encode({"full_image": images}, INSTRUCTIONS)
+    unchecked = backbone.encode({"full_image": images}, INSTRUCTIONS, check=False)  # the caller checks it once
+    assert unchecked.shape == (len(INSTRUCTIONS), D) and not unchecked.any()
 
 
 # offline mode and missing checkpoints
