@@ -779,6 +779,8 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
 
     ``policy_factory`` (default ``make_policy(config.policy)``) is called once per process (must pickle for
     ``workers > 1``). ``runner`` replaces the LIBERO runner (tests). Exit code 1 when an episode errored.
+    ``config.policy`` must be a spec rsd resolves (``rsd.policies_registry.policy_identity``: its files are hashed
+    into ``run.json``) also when ``policy_factory`` or ``runner`` makes the policy: name the one they run.
     """
     out = config.out
     check_out_dir(out)

@@ -146,7 +146,8 @@ class _RaisesOnThirdChunk:
 
 
 def test_policy_exception_records_the_episode_and_exits_nonzero(tmp_path: Path) -> None:
-    cfg = ev.EvalConfig(suite=SUITE, policy="raises-on-third-chunk", out=tmp_path / "err", trials=2, tasks=(0,),
+    # the policy is the expert's code made to fail: run.json records the expert (a spec rsd can hash)
+    cfg = ev.EvalConfig(suite=SUITE, policy="expert", out=tmp_path / "err", trials=2, tasks=(0,),
                         render=False, video="none", progress=False)
     outcome = ev.evaluate(cfg, [0], policy_factory=_RaisesOnThirdChunk)
     assert outcome.exit_code == 1
