@@ -1,21 +1,19 @@
-"""OpenVLA-OFT checkpoints as an rsd backbone (RSD hidden state) and as the L1 baseline policy.
+"""OpenVLA-OFT checkpoints as an rsd backbone: the RSD hidden state, and OFT's own L1 actions.
 
 The checkpoint (e.g. ``moojink/openvla-7b-oft-finetuned-libero-spatial``) is a directory with
 ``config.json``, ``model*.safetensors`` (+ index), ``dataset_statistics.json``, the processor/tokenizer
 files, and OFT's component checkpoints ``proprio_projector--*_checkpoint.pt`` and
 ``action_head--*_checkpoint.pt``. rsd runs none of the checkpoint's Python code: the architecture is
-rsd's own :class:`~rsd.backbones.openvla_shaped.OpenVLAModel` (whose parameter names are the
-checkpoint's), built on the meta device, so it holds no weights at all until the strict load puts
-every tensor there from the files (missing, unexpected or reshaped entries raise
-:class:`~rsd.errors.CheckpointMismatchError`). The tokenizer loads through ``AutoTokenizer`` (no remote
-code: OpenVLA's tokenizer is a plain Llama tokenizer).
+rsd's own :class:`~rsd.backbones.openvla_arch.OpenVLAModel` (whose parameter names are the
+checkpoint's), built on the meta device, so it holds no weights at all until the strict load
+(``rsd.backbones.openvla_checkpoint``) puts every tensor there from the files. The tokenizer loads through
+``AutoTokenizer`` (no remote code: OpenVLA's tokenizer is a plain Llama tokenizer).
 
-Guard rails (:class:`~rsd.errors.WrongBaseModelError` unless ``allow_suite_mismatch=True``): the base
-``openvla/openvla-7b`` (never trained on LIBERO), a checkpoint whose name names other LIBERO suites
-than the requested one (``...-libero-spatial`` for ``libero_object``), or one whose
-``dataset_statistics.json`` has no key for the suite. The unnorm key is ``<suite>`` or
-``<suite>_no_noops`` (``rsd.normalize.resolve_unnorm_key``); an explicit ``unnorm_key`` naming other
-statistics (``libero_object_no_noops`` for ``libero_spatial``, ``bridge_orig``) is refused the same way.
+Guard rails (``rsd.backbones.openvla_checkpoint.check_suite``; WrongBaseModelError unless
+``allow_suite_mismatch=True``): the base ``openvla/openvla-7b``, a checkpoint named for other LIBERO
+suites, statistics without the suite's key. The unnorm key is ``<suite>`` or ``<suite>_no_noops``
+(``rsd.normalize.resolve_unnorm_key``); an explicit ``unnorm_key`` naming other statistics
+(``libero_object_no_noops`` for ``libero_spatial``, ``bridge_orig``) is refused the same way.
 
 Pixels: the observation carries OFT's uncropped 224 px images (``rsd.sim.protocol.preprocess_image``);
 the backbone applies OFT's 0.9-area centre crop to every view before the model sees it
@@ -24,15 +22,13 @@ the model input is ``rsd.images.oft_model_input(frame)`` for each camera. ``cent
 checkpoint trained without crop augmentation; it is part of the backbone's spec (saved with a policy).
 
 What :meth:`OpenVLAOFTBackbone.encode` returns: see :meth:`OpenVLAModel.rsd_hidden` (final layer,
-post-norm, last prompt token, ``[B, 4096]``, float32). :class:`OFTL1Policy` is OFT's own pipeline
-(its L1 action head on its action-token hidden states, its statistics) behind the rsd Policy protocol.
+post-norm, last prompt token, ``[B, 4096]``, float32). :meth:`OpenVLAOFTBackbone.predict_actions` is OFT's
+L1 head on its action-token hidden states (``rsd.policy.oft.OFTL1Policy`` puts it behind the Policy protocol).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,239 +37,20 @@ import numpy as np
 import torch
 
 from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
-from rsd.backbones.openvla_arch import OpenVLAModel, OpenVLAShape, enable_fast_path
+from rsd.backbones.openvla_arch import OpenVLAModel, enable_fast_path
+from rsd.backbones.openvla_checkpoint import (DTYPES, check_preprocessor, check_suite, load_oft_state_dict, read_json,
+                                              resolve_checkpoint_dir, shape_from_config, strict_assign)
 from rsd.backbones.openvla_inputs import IMAGE_KEYS, PROMPT_TEMPLATE, group_by_prompt, observation_tensors, ungroup
-from rsd.backbones.openvla_llama import LlamaSpec
-from rsd.backbones.openvla_towers import TOWERS
 from rsd.errors import (
     ActionGenerationError,
     CheckpointMismatchError,
-    CheckpointNotFoundError,
     ConfigError,
     UnknownUnnormKeyError,
     WrongBaseModelError,
 )
 from rsd.images import center_crop_image
 
-__all__ = [
-    "OpenVLAOFTBackbone",
-    "OFTL1Policy",
-    "LIBERO_SUITES",
-    "BASE_MODELS",
-    "check_suite",
-    "suites_named_in",
-    "shape_from_config",
-    "load_oft_state_dict",
-]
-
-LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
-BASE_MODELS = ("openvla/openvla-7b", "openvla/openvla-7b-prismatic", "openvla/openvla-v01-7b")  # not LIBERO-tuned
-_SUITE_WORDS = {"spatial": "libero_spatial", "object": "libero_object", "goal": "libero_goal",
-                "10": "libero_10", "long": "libero_10", "90": "libero_90"}
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-_COMPONENTS = {"proprio_projector": "proprio_projector", "action_head": "action_head"}  # file pattern -> module
-
-
-# guard rails
-
-
-def suites_named_in(name: str) -> set[str]:
-    """LIBERO suites a checkpoint name claims: ``...-libero-spatial-object-goal-10`` -> four suites."""
-    found: set[str] = set()
-    for match in re.finditer(r"libero((?:[-_](?:spatial|object|goal|10|90|long))+)", name.lower()):
-        found.update(_SUITE_WORDS[w] for w in re.split(r"[-_]", match.group(1)) if w)
-    return found
-
-
-def _is_base_model(name: str) -> bool:
-    leaf = name.strip().rstrip("/").lower().rsplit("/", 1)[-1]
-    return leaf in {base.rsplit("/", 1)[-1] for base in BASE_MODELS}
-
-
-def check_suite(names: str | list[str], stats_keys: list[str], suite: str, *,
-                allow_suite_mismatch: bool = False) -> list[str]:
-    """Raise WrongBaseModelError when a checkpoint's names (path / hub id / config ``_name_or_path``) or
-    its statistics keys say it was not fine-tuned on ``suite``; with ``allow_suite_mismatch`` return the
-    problems instead."""
-    if suite not in LIBERO_SUITES:
-        raise ConfigError(f"unknown LIBERO suite {suite!r}; known suites: {', '.join(LIBERO_SUITES)}.")
-    names = [names] if isinstance(names, str) else [n for n in names if n]
-    problems = []
-    for name in names:
-        if _is_base_model(name):
-            problems.append(f"{name!r} is an OpenVLA base model, never fine-tuned on LIBERO (0% success in the seed)")
-        named = suites_named_in(name)
-        if named and suite not in named:
-            problems.append(f"the name {name!r} says it was fine-tuned on {sorted(named)}, not {suite!r}")
-    if suite not in stats_keys and f"{suite}_no_noops" not in stats_keys:
-        problems.append(f"its dataset_statistics.json has no {suite!r} or {suite + '_no_noops'!r} key "
-                        f"(keys: {sorted(stats_keys)})")
-    if problems and not allow_suite_mismatch:
-        raise WrongBaseModelError(
-            f"checkpoint {names[0]!r} does not look fine-tuned for {suite!r}: " + "; ".join(problems) +
-            f". Use the OFT checkpoint for this suite (e.g. moojink/openvla-7b-oft-finetuned-"
-            f"{suite.replace('_', '-')}), or pass allow_suite_mismatch=True (and unnorm_key=...) on purpose."
-        )
-    return problems
-
-
-# checkpoint files
-
-
-def _resolve_dir(path_or_id: str | os.PathLike, local_files_only: bool) -> Path:
-    path = Path(os.fspath(path_or_id)).expanduser()
-    if path.is_dir():
-        return path.resolve()
-    text = os.fspath(path_or_id)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointNotFoundError(f"OpenVLA-OFT checkpoint directory {path} does not exist.")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text, local_files_only=local_files_only))
-    except Exception as exc:  # network / auth / missing repo: all mean "no checkpoint here"
-        raise CheckpointNotFoundError(
-            f"could not get {text!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). Download it where "
-            f"the hub is reachable and pass the local directory (or set RSD_OPENVLA_OFT_PATH for the tests)."
-        ) from exc
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{what} not found: {path}. An OpenVLA-OFT checkpoint directory ships it.")
-    return json.loads(path.read_text())
-
-
-def _text_spec(text_config: Mapping[str, Any]) -> LlamaSpec:
-    """LlamaSpec from ``config.json``'s ``text_config`` with transformers' LlamaConfig defaults filled in
-    (exactly what OpenVLA's own code builds with ``CONFIG_MAPPING['llama'](**text_config)``)."""
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(**{k: v for k, v in text_config.items() if k != "model_type"})
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    scaling = getattr(cfg, "rope_scaling", None)
-    rope_type = (rope or scaling or {}).get("rope_type", "default")
-    if rope_type not in ("default", None):
-        raise ConfigError(f"text_config uses RoPE scaling {rope_type!r}; rsd's decoder implements plain RoPE only.")
-    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None))
-    if theta is None:
-        raise ConfigError("text_config gives no rope_theta (neither rope_theta nor rope_parameters['rope_theta']).")
-    return LlamaSpec(hidden_size=cfg.hidden_size, num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
-                     num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
-                     intermediate_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-                     rms_norm_eps=float(cfg.rms_norm_eps), rope_theta=float(theta),
-                     max_positions=cfg.max_position_embeddings)
-
-
-def shape_from_config(config: Mapping[str, Any], *, num_images: int) -> OpenVLAShape:
-    """The module tree a ``config.json`` describes; anything rsd does not implement raises ConfigError.
-
-    Tower sizes come from ``timm_model_ids`` (``rsd.backbones.openvla_shaped.TOWERS``: OpenVLA's DINOv2
-    ViT-L/14-reg4 and SigLIP So400m/14, plus their tiny test versions)."""
-    if not config.get("use_fused_vision_backbone"):
-        raise ConfigError("config.json: use_fused_vision_backbone must be true (OpenVLA's DINOv2 + SigLIP towers).")
-    ids = list(config.get("timm_model_ids", []))
-    if len(ids) != 2 or any(i not in TOWERS for i in ids):
-        raise ConfigError(f"config.json timm_model_ids {ids}: rsd implements the fused towers {sorted(TOWERS)}.")
-    towers = [TOWERS[i] for i in ids]
-    sizes = list(config.get("image_sizes", []))
-    if sizes != [t.image_size for t in towers]:
-        raise ConfigError(f"config.json image_sizes {sizes} != {[t.image_size for t in towers]} for towers {ids}.")
-    overrides = [a for a in config.get("timm_override_act_layers", [None, None]) if a is not None]
-    if overrides:
-        raise ConfigError(f"config.json overrides the towers' activations {overrides}; rsd implements timm's defaults.")
-    if "text_config" not in config:
-        raise ConfigError("config.json has no text_config (the Llama decoder's config).")
-    return OpenVLAShape(featurizer=towers[0], fused_featurizer=towers[1], llm=_text_spec(config["text_config"]),
-                        num_images=num_images)
-
-
-def _component_file(directory: Path, pattern: str) -> Path:
-    found = sorted(p for p in directory.iterdir() if pattern in p.name and "checkpoint" in p.name and p.suffix == ".pt")
-    if len(found) != 1:
-        raise CheckpointNotFoundError(
-            f"expected exactly one {pattern}--*_checkpoint.pt in {directory}, found {[p.name for p in found]}. "
-            f"OFT ships the {pattern} next to the VLA weights; without it the model cannot run."
-        )
-    return found[0]
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of the checkpoint: the shards its index names, or ``model.safetensors``. A shard
-    name whose path leaves ``directory`` once normalized (``../x.safetensors``, ``a/../../x``, an absolute path)
-    is refused: an index must never make rsd read weights from elsewhere. The check is on the names, not on
-    resolved links: a Hugging Face cache snapshot folder holds its files as links into the cache's ``blobs/``."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointMismatchError(f"{index} is not a safetensors index (a JSON object whose 'weight_map' "
-                                          f"maps tensor names to shard files): {type(exc).__name__}: {exc}. "
-                                          f"Download the checkpoint again.") from exc
-        outside = [s for s in shards if not isinstance(s, str) or os.path.isabs(s)
-                   or os.path.normpath(s).split(os.sep)[0] in ("..", ".")]
-        if outside:
-            raise CheckpointMismatchError(f"{index} names weight shards outside {directory}: {outside}. A checkpoint's "
-                                          f"shards live in its own folder; download the checkpoint again.")
-        return [directory / s for s in shards]
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise CheckpointNotFoundError(f"no model.safetensors(.index.json) in {directory}; rsd loads safetensors weights only.")
-
-
-def load_oft_state_dict(directory: Path, *, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, named as in :class:`OpenVLAModel`: the VLA safetensors as-is,
-    the component files under ``proprio_projector.`` / ``action_head.`` (DDP ``module.`` prefixes removed).
-    Component files are read with ``torch.load(weights_only=True)`` (OFT saves them with torch.save)."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(directory):
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"weight shard {path} listed in the index is missing.")
-        state.update(load_file(str(path), device=str(device)))
-    for pattern, prefix in _COMPONENTS.items():
-        path = _component_file(directory, pattern)
-        component = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(component, dict):
-            raise CheckpointMismatchError(f"{path} holds a {type(component).__name__}, expected a state dict.")
-        for key, value in component.items():
-            state[f"{prefix}.{key.removeprefix('module.')}"] = value
-    return state
-
-
-def _strict_assign(model: OpenVLAModel, state: dict[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    reshaped = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                for k in sorted(set(own) & set(state)) if tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or reshaped:
-        raise CheckpointMismatchError(
-            f"{source} does not match the OpenVLA-OFT architecture from its config.json: "
-            f"{len(missing)} missing {missing[:6]}, {len(unexpected)} unexpected {unexpected[:6]}, "
-            f"{len(reshaped)} reshaped {reshaped[:6]}. No parameter is ever initialised randomly, so every one "
-            f"must be in the files; is this an OpenVLA-OFT checkpoint with both component .pt files?"
-        )
-    model.load_state_dict(state, strict=True, assign=True)
-
-
-def _check_preprocessor(directory: Path, shape: OpenVLAShape) -> None:
-    cfg = _read_json(directory / "preprocessor_config.json", "image processor config")
-    towers = (shape.featurizer, shape.fused_featurizer)
-    want = {"means": [list(t.mean) for t in towers], "stds": [list(t.std) for t in towers],
-            "input_sizes": [[3, t.image_size, t.image_size] for t in towers]}
-    for key, value in want.items():
-        got = cfg.get(key)
-        if got is None or not np.allclose(np.asarray(got, dtype=np.float64), np.asarray(value, dtype=np.float64)):
-            raise ConfigError(f"{directory}/preprocessor_config.json {key}={got}, rsd normalizes with {value}.")
-    strategy = cfg.get("image_resize_strategy")
-    if strategy != "resize-naive":
-        raise ConfigError(f"image_resize_strategy {strategy!r}: rsd implements 'resize-naive' (a no-op at 224 px).")
-
+__all__ = ["OpenVLAOFTBackbone", "OFTL1Policy"]
 
 # the backbone
 
@@ -348,12 +125,12 @@ class OpenVLAOFTBackbone:
 
         from rsd.normalize import load_dataset_statistics, resolve_unnorm_key
 
-        if dtype not in _DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
         device = torch.device(device)
         name = os.fspath(path_or_id)
-        directory = _resolve_dir(path_or_id, local_files_only)
-        config = _read_json(directory / "config.json", "config.json")
+        directory = resolve_checkpoint_dir(path_or_id, local_files_only)
+        config = read_json(directory / "config.json", "config.json")
         stats = load_dataset_statistics(directory / "dataset_statistics.json")
         label = f"{name} ({config['_name_or_path']})" if config.get("_name_or_path") else name
         check_suite([name, str(config.get("_name_or_path", ""))], list(stats), suite,
@@ -370,13 +147,13 @@ class OpenVLAOFTBackbone:
                 f"{suite + '_no_noops'!r}), or pass allow_suite_mismatch=True to run these statistics on {suite} on "
                 f"purpose.")
         shape = shape_from_config(config, num_images=num_images)
-        _check_preprocessor(directory, shape)
+        check_preprocessor(directory, shape)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
         with torch.device("meta"):
             model = OpenVLAModel(shape)  # no storage, no init: every tensor must come from the files
-        _strict_assign(model, load_oft_state_dict(directory, device=device), label)
-        model = model.to(device=device, dtype=_DTYPES[dtype]).eval().requires_grad_(False)
+        strict_assign(model, load_oft_state_dict(directory, device=device), label)
+        model = model.to(device=device, dtype=DTYPES[dtype]).eval().requires_grad_(False)
         on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if on_meta:
             raise CheckpointMismatchError(f"tensors left without checkpoint data: {on_meta[:6]}.")
@@ -424,11 +201,13 @@ class OpenVLAOFTBackbone:
     # outputs
 
     @torch.inference_mode()
-    def encode(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
-        """The RSD hidden state, float32 ``[B, 4096]`` (see :meth:`OpenVLAModel.rsd_hidden`)."""
+    def encode(self, observation: dict, instruction: str | list[str], *, check: bool = True) -> torch.Tensor:
+        """The RSD hidden state, float32 ``[B, 4096]`` (see :meth:`OpenVLAModel.rsd_hidden`). ``check`` runs
+        ``check_hidden`` (shape, NaN/inf; one host sync): keep it for standalone use; a policy that checks
+        the hidden state once itself passes ``check=False``."""
         groups = self._groups(observation, instruction)
-        hidden = ungroup([self._hidden_fn(images, ids, state) for images, ids, state, _ in groups], groups)
-        return check_hidden(hidden.float(), self.hidden_dim)
+        hidden = ungroup([self._hidden_fn(images, ids, state) for images, ids, state, _ in groups], groups).float()
+        return check_hidden(hidden, self.hidden_dim) if check else hidden
 
     @torch.inference_mode()
     def predict_actions(self, observation: dict, instruction: str | list[str]) -> torch.Tensor:
@@ -440,7 +219,7 @@ class OpenVLAOFTBackbone:
     # save / load hooks (the weights stay in the checkpoint directory)
 
     def spec_kwargs(self) -> dict[str, Any]:
-        dtype = next(k for k, v in _DTYPES.items() if v == self.model.dtype)
+        dtype = next(k for k, v in DTYPES.items() if v == self.model.dtype)
         return dict(path_or_id=self.source, suite=self.suite, unnorm_key=self.unnorm_key,
                     allow_suite_mismatch=self.allow_suite_mismatch, num_images=self.shape.num_images,
                     dtype=dtype, fast=self.fast, center_crop=self.center_crop)

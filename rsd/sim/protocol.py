@@ -15,6 +15,7 @@ import numpy as np
 
 from rsd.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 from rsd.normalize import model_to_env_gripper
+from rsd.suites import LIBERO_SUITES
 from rsd.images import (  # re-exported: the protocol's image constants and steps
     CENTER_CROP_AREA,
     IMAGE_SIZE,
@@ -26,7 +27,7 @@ from rsd.images import (  # re-exported: the protocol's image constants and step
 
 # ---------------------------------------------------------------- protocol constants
 
-SUITES: tuple[str, ...] = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+SUITES: tuple[str, ...] = LIBERO_SUITES  # the one list (rsd.suites), also read by the checkpoint guard rails
 
 # Steps the policy gets per episode (OFT's TASK_MAX_STEPS: the longest training demo per suite, padded).
 TASK_MAX_STEPS: dict[str, int] = {

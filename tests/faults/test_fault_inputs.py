@@ -14,7 +14,7 @@ import pytest
 from rsd import cli
 from rsd import eval as ev
 from rsd.action_space import ActionSpace
-from rsd.backbones.openvla import _weight_files
+from rsd.backbones.openvla_checkpoint import weight_files
 from rsd.errors import CheckpointMismatchError, ConfigError, RSDError
 from rsd.normalize import NormStats, load_dataset_statistics
 from rsd.policies_registry import make_policy
@@ -81,14 +81,14 @@ def test_openvla_shard_names_must_stay_in_the_checkpoint_folder(tmp_path: Path, 
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": shard}}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointMismatchError, match="outside"):
-        _weight_files(ckpt)
+        weight_files(ckpt)
 
 
 def test_openvla_shards_inside_the_folder_are_listed(tmp_path: Path) -> None:
     index = {"weight_map": {"a": "model-00002-of-00002.safetensors", "b": "sub/../model-00001-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert _weight_files(tmp_path) == [tmp_path / "model-00002-of-00002.safetensors",
+    assert weight_files(tmp_path) == [tmp_path / "model-00002-of-00002.safetensors",
                                        tmp_path / "sub/../model-00001-of-00002.safetensors"]
     (tmp_path / "model.safetensors.index.json").write_text("[1, 2]")
     with pytest.raises(RSDError, match="weight_map"):
-        _weight_files(tmp_path)
+        weight_files(tmp_path)

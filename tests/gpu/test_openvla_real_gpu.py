@@ -35,7 +35,7 @@ def _obs(seed: int = 0) -> dict:
 
 @needs_checkpoint
 def test_real_checkpoint_loads_strictly_and_encodes(oft) -> None:
-    from rsd.backbones.openvla import load_oft_state_dict
+    from rsd.backbones.openvla_checkpoint import load_oft_state_dict
 
     files = load_oft_state_dict(Path(PATH), device=torch.device("cpu"))
     assert set(files) == set(oft.model.state_dict())
