@@ -7,8 +7,8 @@ the normalized space the way OpenVLA-OFT's LIBERO data pipeline and post-process
   env -1 (open) -> 1 and env +1 (close) -> 0); it is masked out of BOUNDS_Q99, so it stays in ``[0, 1]``;
 - the 6 arm dims -> BOUNDS_Q99 with the statistics of the recorded demos (``rsd.normalize``).
 
-Back to env actions exactly as the learned policies do it (``rsd.policy``): clip to ``[-1, 1]``,
-un-normalize, gripper ``g = -sign(2g - 1)`` (binarized).
+Back to env actions exactly as the learned policies do it (``rsd.policy.postprocess.ActionPostprocessor``):
+clip to ``[-1, 1]``, un-normalize, gripper ``g = -sign(2g - 1)`` (binarized).
 
 ``action_stats.json`` (written by ``rsd train-tokenizer`` next to the tokenizer)::
 
@@ -26,7 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ShapeError
-from rsd.normalize import BoundsQ99Normalizer, NormStats, model_to_env_gripper
+from rsd.normalize import BoundsQ99Normalizer, NormStats
+from rsd.policy.postprocess import ActionPostprocessor
 
 __all__ = ["ACTION_STATS_NAME", "ActionSpace", "env_to_model_gripper"]
 
@@ -59,6 +60,7 @@ class ActionSpace:
                                           "(mask[-1] false), as OpenVLA-OFT does.")
         self.stats = stats
         self.normalizer = BoundsQ99Normalizer(stats)
+        self.postprocessor = ActionPostprocessor(stats, clip=True)  # what rsd's learned policies execute
         self.source = dict(source or {})
 
     @classmethod
@@ -80,10 +82,7 @@ class ActionSpace:
 
     def to_env(self, normalized: np.ndarray) -> np.ndarray:
         """Normalized ``[..., 7]`` -> env-ready float32 ``[..., 7]``: clip, un-normalize, binarize the gripper."""
-        n = _check_actions(normalized, "normalized")
-        actions = self.normalizer.unnormalize(np.clip(n, -1.0, 1.0))
-        actions[..., -1] = model_to_env_gripper(actions[..., -1])
-        return actions.astype(np.float32)
+        return self.postprocessor(_check_actions(normalized, "normalized"))
 
     # -- file
 

@@ -16,7 +16,7 @@ directory, whose ``summary.json`` etc. would be overwritten, is refused; so is a
   flight; ``--resume`` skips every (task, trial) already recorded.
 - ``run.json``: what the episodes depend on (suite, seed, render, camera size, protocol, ``fast``, the device,
   and what stands behind ``--policy``: its kind, statistics key and a content hash of its files,
-  ``rsd.policies_registry.policy_identity``; the ``--policy`` text itself is kept for reading only, so the same
+  ``rsd.policy.factory.policy_identity``; the ``--policy`` text itself is kept for reading only, so the same
   policy named by a relative or an absolute path resumes). ``--resume`` refuses a difference with
   :class:`ResumeMismatchError` naming it (a ``run.json`` written before ``--fast`` existed reads as
   ``fast: false``; one without the policy hash or device cannot be resumed). It is written once the start
@@ -30,7 +30,7 @@ An exception anywhere in an episode (policy or env) records that episode with it
 writes the summary and exits 1: nothing fails silently. ``--resume`` re-runs errored episodes; the summary
 counts each (task, trial) once, from its last record.
 
-``--fast`` runs a learned policy on rsd's CUDA fast path (``rsd.policies_registry``): a backbone with one
+``--fast`` runs a learned policy on rsd's CUDA fast path (``rsd.policy.factory``): a backbone with one
 (OpenVLA-OFT) compiled and replayed through CUDA graphs, a greedy RSD policy's heads + argmax + detokenize
 as one compiled CUDA graph; a speculative RSD policy keeps its speculative decoder (only its backbone gets
 faster). Actions match the eager policy's within each part's tolerance (bf16 rounding, argmax ties), the
@@ -107,7 +107,7 @@ class EvalConfig:
     progress: bool = True
     device: str | None = None  # learned policies: default cuda when available
     plot: bool = True  # summary.png (matplotlib)
-    fast: bool = False  # learned policies on the CUDA fast path (rsd.policies_registry); recorded in run.json
+    fast: bool = False  # learned policies on the CUDA fast path (rsd.policy.factory); recorded in run.json
     trust_remote_code: bool = False  # --trust-remote-code: a saved policy's backbone may run its checkpoint's code
 
     def __post_init__(self) -> None:
@@ -133,11 +133,11 @@ class EvalConfig:
                 raise ConfigError("--tasks selects no task.")
             object.__setattr__(self, "tasks", tuple(int(t) for t in self.tasks))
         if self.fast:  # before anything is written: a scripted policy or an explicit non-CUDA --device
-            from rsd.policies_registry import check_fast
+            from rsd.policy.factory import check_fast
 
             check_fast(self.policy, self.device)
         if self.device is not None:  # a CUDA device on a machine without one: refused before anything is written
-            from rsd.policies_registry import check_device
+            from rsd.policy.factory import check_device
 
             check_device(self.device)
 
@@ -147,9 +147,9 @@ class EvalConfig:
 
     @functools.cached_property
     def policy_identity(self) -> dict[str, Any]:
-        """What stands behind ``policy`` (``rsd.policies_registry.policy_identity``: kind, statistics key, content
+        """What stands behind ``policy`` (``rsd.policy.factory.policy_identity``: kind, statistics key, content
         hash of its files), computed once: hashing a checkpoint reads all of it."""
-        from rsd.policies_registry import policy_identity
+        from rsd.policy.factory import policy_identity
 
         return policy_identity(self.policy)
 
@@ -157,7 +157,7 @@ class EvalConfig:
         """What every recorded episode depends on (written to ``run.json``). ``policy`` is the ``--policy`` text
         as given (for reading); ``--resume`` compares the ``policy_*`` keys, which do not depend on how a path
         was written."""
-        from rsd.policies_registry import policy_device
+        from rsd.policy.factory import policy_device
 
         identity = self.policy_identity
         return {"suite": self.suite, "policy": self.policy, "policy_kind": identity["kind"],
@@ -322,7 +322,7 @@ class EpisodeEnv(Protocol):
 
 
 def _check_chunk(chunk: Any) -> np.ndarray:
-    from rsd.policy import ActionChunk  # the protocol record; its constructor checks dtype/finiteness
+    from rsd.policy.protocol import ActionChunk  # the protocol record; its constructor checks dtype/finiteness
 
     if not isinstance(chunk, ActionChunk):
         raise ShapeError(f"predict_chunk must return an rsd.policy.ActionChunk, got {type(chunk).__name__}.")
@@ -779,7 +779,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
 
     ``policy_factory`` (default ``make_policy(config.policy)``) is called once per process (must pickle for
     ``workers > 1``). ``runner`` replaces the LIBERO runner (tests). Exit code 1 when an episode errored.
-    ``config.policy`` must be a spec rsd resolves (``rsd.policies_registry.policy_identity``: its files are hashed
+    ``config.policy`` must be a spec rsd resolves (``rsd.policy.factory.policy_identity``: its files are hashed
     into ``run.json``) also when ``policy_factory`` or ``runner`` makes the policy: name the one they run.
     """
     out = config.out
@@ -814,7 +814,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             if policy_factory is None:
                 from functools import partial
 
-                from rsd.policies_registry import make_policy
+                from rsd.policy.factory import make_policy
 
                 policy_factory = partial(make_policy, config.policy, suite=config.suite, device=config.device,
                                          fast=config.fast, trust_remote_code=config.trust_remote_code)
@@ -929,7 +929,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="libero_spatial", choices=protocol.SUITES)
     parser.add_argument("--policy", required=True,
                         help="expert, expert-rfsq[:DIR], openvla-oft:PATH[@UNNORM_KEY], or a directory saved by "
-                             "RSDPolicy/L1Policy (rsd.policies_registry)")
+                             "RSDPolicy/L1Policy (rsd.policy.factory)")
     parser.add_argument("--trials", type=int, default=protocol.NUM_TRIALS_PER_TASK,
                         help="trials per task; trial i starts from init state i (default 50)")
     parser.add_argument("--tasks", default=None, help="task ids, e.g. '0,3' or '0-4' (default: all)")

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rsd.eval import run_episode  # noqa: E402
-from rsd.policy import ActionChunk  # noqa: E402
+from rsd.policy.protocol import ActionChunk  # noqa: E402
 from rsd.sim import protocol  # noqa: E402
 from rsd.sim.experts import ScriptedExpert  # noqa: E402
 from rsd.sim.libero import make_env  # noqa: E402

@@ -29,7 +29,6 @@ L1 head on its action-token hidden states (``rsd.policy.oft.OFTL1Policy`` puts i
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,7 +41,6 @@ from rsd.backbones.openvla_checkpoint import (DTYPES, check_preprocessor, check_
                                               resolve_checkpoint_dir, shape_from_config, strict_assign)
 from rsd.backbones.openvla_inputs import IMAGE_KEYS, PROMPT_TEMPLATE, group_by_prompt, observation_tensors, ungroup
 from rsd.errors import (
-    ActionGenerationError,
     CheckpointMismatchError,
     ConfigError,
     UnknownUnnormKeyError,
@@ -50,7 +48,7 @@ from rsd.errors import (
 )
 from rsd.images import center_crop_image
 
-__all__ = ["OpenVLAOFTBackbone", "OFTL1Policy"]
+__all__ = ["OpenVLAOFTBackbone"]
 
 # the backbone
 
@@ -232,44 +230,3 @@ class OpenVLAOFTBackbone:
                   ) -> "OpenVLAOFTBackbone":
         _check_spec_kwargs(cls.from_pretrained, kwargs, "OpenVLAOFTBackbone", exclude=("device", "local_files_only"))
         return cls.from_pretrained(**kwargs, device=device)
-
-
-# the L1 baseline as a policy
-
-
-class OFTL1Policy:
-    """OpenVLA-OFT's own pipeline behind rsd's Policy protocol: its L1 head, its ``action`` statistics,
-    OFT's post-processing (un-normalize without clipping, as OFT; gripper binarized and flipped to the
-    env convention). ``predict_chunk(observation, instruction) -> ActionChunk`` with ``actions [C, A]``."""
-
-    kind = "openvla-oft-l1"
-
-    def __init__(self, backbone: OpenVLAOFTBackbone) -> None:
-        from rsd.normalize import BoundsQ99Normalizer
-
-        if not isinstance(backbone, OpenVLAOFTBackbone):
-            raise ConfigError(f"OFTL1Policy needs an OpenVLAOFTBackbone, got {type(backbone).__name__}.")
-        self.backbone = backbone
-        self.normalizer = BoundsQ99Normalizer(backbone.action_stats)
-        self.num_calls = 0
-
-    def reset(self) -> None:
-        """Stateless between chunks (the eval loop owns the action queue)."""
-
-    def predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> Any:
-        from rsd.normalize import model_to_env_gripper
-        from rsd.policy import ActionChunk
-
-        try:
-            t0 = time.perf_counter()
-            normalized = self.backbone.predict_actions(dict(observation), instruction)  # [1, C, A]
-            if normalized.shape[0] != 1:
-                raise ConfigError(f"predict_chunk takes one observation, got a batch of {normalized.shape[0]}.")
-            actions = self.normalizer.unnormalize(normalized[0].cpu().numpy())
-            actions[:, -1] = model_to_env_gripper(actions[:, -1])
-            self.num_calls += 1
-            info = {"policy": self.kind, "used_rfsq": False, "unnorm_key": self.backbone.unnorm_key,
-                    "timing_ms": {"total_ms": 1e3 * (time.perf_counter() - t0)}, "num_calls": self.num_calls}
-            return ActionChunk(actions=actions.astype(np.float32), info=info)
-        except Exception as exc:  # every failure surfaces, typed, with its cause; no action is returned
-            raise ActionGenerationError(f"OFTL1Policy failed for {instruction!r}: {type(exc).__name__}: {exc}") from exc

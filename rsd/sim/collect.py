@@ -156,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rsd.eval import parse_task_ids
     from rsd.limits import check_seed
-    from rsd.policies_registry import check_device, check_fast, make_policy
+    from rsd.policy.factory import check_device, check_fast, make_policy
 
     if args.fast:  # before LIBERO is touched or anything is written
         check_fast(args.policy, args.device)

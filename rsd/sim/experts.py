@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from rsd.errors import ConfigError, NonFiniteError, ShapeError
-from rsd.policy import ActionChunk
+from rsd.policy.protocol import ActionChunk
 from rsd.sim.task_plans import PLANS, ObjectGrasp, TaskPlan, normalize_instruction, plan_for
 
 __all__ = ["ObjectGrasp", "TaskPlan", "PLANS", "ScriptedExpert", "plan_for", "normalize_instruction", "PHASES"]

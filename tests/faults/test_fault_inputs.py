@@ -17,7 +17,7 @@ from rsd.action_space import ActionSpace
 from rsd.backbones.openvla_checkpoint import weight_files
 from rsd.errors import CheckpointMismatchError, ConfigError, RSDError
 from rsd.normalize import NormStats, load_dataset_statistics
-from rsd.policies_registry import make_policy
+from rsd.policy.factory import make_policy
 from rsd.sim.demos import DemoWriter
 from rsd.tokenizer import RFSQTokenizer
 from rsd.train.tokenizer_cli import train_tokenizer

@@ -14,7 +14,7 @@ from rsd import errors
 from rsd import eval as ev
 from rsd.backbones import HFBackbone, TinyBackbone
 from rsd.errors import ConfigError
-from rsd.policies_registry import make_policy
+from rsd.policy.factory import make_policy
 from rsd.policy import RSDPolicy, load_policy
 from rsd.sim import collect
 from tests._eval_stubs import capture_policy_factories

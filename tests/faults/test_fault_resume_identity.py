@@ -16,7 +16,7 @@ import torch
 from rsd import errors
 from rsd import eval as ev
 from rsd.errors import ConfigError
-from rsd.policies_registry import DEFAULT_TOKENIZER_DIR
+from rsd.policy.factory import DEFAULT_TOKENIZER_DIR
 from rsd.tokenizer import RFSQTokenizer
 from tests._eval_stubs import Succeeds
 from tests.policy_factory import tiny_rsd_policy

@@ -16,7 +16,7 @@ import torch
 
 from rsd.errors import ConfigError
 from rsd.fastpath import argmax_regret
-from rsd.policies_registry import make_policy
+from rsd.policy.factory import make_policy
 from rsd.policy import L1Policy, RSDPolicy
 from rsd.speculative import greedy_decode
 from tests.policy_factory import fake_observation, tiny_l1_policy, tiny_rsd_policy

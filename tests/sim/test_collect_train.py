@@ -98,6 +98,7 @@ def test_train_tokenizer_cli(demo_file: Path, tmp_path: Path) -> None:
     refused = _rsd("train-tokenizer", "--demos", str(demo_file), "--out", str(out), "--steps", "1")
     assert refused.returncode != 0 and "--overwrite" in refused.stderr
 
-    from rsd.policies_registry import RFSQRoundTripPolicy, make_policy
+    from rsd.policy.factory import make_policy
+    from rsd.policy.roundtrip import RFSQRoundTripPolicy
 
     assert isinstance(make_policy(f"expert-rfsq:{out}"), RFSQRoundTripPolicy)

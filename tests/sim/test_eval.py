@@ -24,7 +24,7 @@ if importlib.util.find_spec("libero") is None:
     pytest.skip("LIBERO is not installed: run `bash scripts/setup.sh`", allow_module_level=True)
 
 from rsd import eval as ev  # noqa: E402
-from rsd.policies_registry import DEFAULT_TOKENIZER_DIR  # noqa: E402
+from rsd.policy.factory import DEFAULT_TOKENIZER_DIR  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "libero_spatial"

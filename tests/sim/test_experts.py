@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from rsd.errors import ConfigError, NonFiniteError, ShapeError
-from rsd.policy import ActionChunk, Policy
+from rsd.policy.protocol import ActionChunk, Policy
 from rsd.sim.experts import PLANS, ScriptedExpert, normalize_instruction, plan_for
 from rsd.stats import wilson_interval
 

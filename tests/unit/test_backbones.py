@@ -298,7 +298,7 @@ def test_backbone_spec_needs_registered_class() -> None:
     class Anonymous:
         hidden_dim = 2
 
-        def encode(self, observation, instruction):
+        def encode(self, observation, instruction, *, check=True):
             return torch.ones(1, 2)
 
     with pytest.raises(ConfigError, match="register_backbone"):

@@ -10,7 +10,7 @@ import pytest
 
 from rsd.action_space import ActionSpace, env_to_model_gripper
 from rsd.errors import ActionGenerationError, CheckpointNotFoundError, ConfigError, ShapeError
-from rsd.policy import ActionChunk
+from rsd.policy.protocol import ActionChunk
 from rsd.sim.demos import DemoWriter, action_chunks, read_demos
 from rsd.train.tokenizer_cli import split_by_episode
 
@@ -154,7 +154,8 @@ def test_rfsq_round_trip_policy(tmp_path: Path) -> None:
     import torch
 
     from rsd.config import RSDConfig
-    from rsd.policies_registry import RFSQRoundTripPolicy, make_policy
+    from rsd.policy.factory import make_policy
+    from rsd.policy.roundtrip import RFSQRoundTripPolicy
     from rsd.tokenizer import RFSQTokenizer
 
     cfg = RSDConfig.tiny()

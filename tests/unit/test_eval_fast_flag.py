@@ -14,7 +14,7 @@ import torch
 from rsd import cli
 from rsd import eval as ev
 from rsd.errors import ConfigError
-from rsd.policies_registry import make_policy
+from rsd.policy.factory import make_policy
 from rsd.policy import FastPlan, RSDPolicy, fast_plan, load_policy
 from tests._eval_stubs import NoEpisodes, Succeeds, capture_policy_factories
 from tests.policy_factory import fake_observation, tiny_l1_policy, tiny_rsd_policy

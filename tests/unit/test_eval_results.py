@@ -11,7 +11,7 @@ import pytest
 
 from rsd import eval as ev
 from rsd.errors import ConfigError
-from rsd.policy import ActionChunk
+from rsd.policy.protocol import ActionChunk
 from rsd.sim import protocol
 
 pytestmark = pytest.mark.unit

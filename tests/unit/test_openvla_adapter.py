@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rsd.backbones import build_backbone, load_backbone, save_backbone
-from rsd.backbones.openvla import OFTL1Policy, OpenVLAOFTBackbone
+from rsd.backbones.openvla import OpenVLAOFTBackbone
+from rsd.policy.oft import OFTL1Policy
 from rsd.backbones.openvla_checkpoint import check_suite, load_oft_state_dict, suites_named_in
 from rsd.backbones.openvla_arch import OpenVLAShape
 from rsd.backbones.openvla_llama import LlamaDecoder, LlamaSpec

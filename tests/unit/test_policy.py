@@ -22,7 +22,7 @@ class BrokenBackbone:
     def __init__(self, hidden=None):
         self.hidden = hidden
 
-    def encode(self, observation, instruction):
+    def encode(self, observation, instruction, *, check=True):
         if self.hidden is None:
             raise RuntimeError("vision tower exploded")
         return self.hidden
@@ -124,3 +124,19 @@ def test_config_mismatches_raise():
     with pytest.raises(ConfigError, match="draft"):
         RSDPolicy(policy.backbone, policy.head, policy.tokenizer, ACTION_STATS, config=policy.config,
                   speculative=True)
+
+
+def test_the_hidden_state_is_checked_once_per_chunk(monkeypatch) -> None:
+    """The policy asks the backbone not to check (check=False) and runs check_hidden itself, once."""
+    import rsd.policy.learned as learned
+
+    calls = []
+    real = learned.check_hidden
+    monkeypatch.setattr(learned, "check_hidden", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for policy in (tiny_rsd_policy(), tiny_l1_policy()):
+        seen = []
+        encode = policy.backbone.encode
+        monkeypatch.setattr(policy.backbone, "encode", lambda o, i, *, check=True: seen.append(check) or encode(o, i, check=check))
+        calls.clear()
+        policy.predict_chunk(fake_observation(), INSTR)
+        assert calls == [1] and seen == [False]

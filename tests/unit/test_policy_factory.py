@@ -1,4 +1,4 @@
-"""``rsd.policies_registry.make_policy`` for ``openvla-oft:PATH[@UNNORM_KEY]`` on a tiny OpenVLA-OFT checkpoint
+"""``rsd.policy.factory.make_policy`` for ``openvla-oft:PATH[@UNNORM_KEY]`` on a tiny OpenVLA-OFT checkpoint
 built locally (tests/_openvla_tiny.py), and the suite it gets from ``rsd eval``."""
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from rsd import eval as ev
-from rsd.backbones.openvla import OFTL1Policy, OpenVLAOFTBackbone
+from rsd.backbones.openvla import OpenVLAOFTBackbone
+from rsd.policy.oft import OFTL1Policy
 from rsd.errors import (
     CheckpointNotFoundError,
     ConfigError,
     UnknownUnnormKeyError,
     WrongBaseModelError,
 )
-from rsd.policies_registry import POLICY_NAMES, make_policy
+from rsd.policy.factory import POLICY_NAMES, make_policy
 from tests._eval_stubs import capture_policy_factories
 from tests._openvla_tiny import (
     INSTRUCTIONS,

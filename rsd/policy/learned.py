@@ -1,73 +1,42 @@
-"""Policies: observation + instruction -> an env-ready action chunk.
+"""rsd's learned policies: backbone -> hidden state -> head(s) -> normalized chunk -> env-ready ActionChunk.
 
-Every policy (RSD, the L1 baseline, the scripted experts, anything learned) implements one protocol,
-:class:`Policy`. The simulation code talks to policies only through it and never imports model internals.
+The RSD inference path (:class:`RSDPolicy`)::
 
-The RSD inference path (the seed's intended ``generate_action``, made loud)::
+    hidden [1, D]   = backbone.encode(observation, instruction, check=False)  # checked once, here: finite
+    codes [1,C,H,L] = SpeculativeDecoder(draft, head).decode(hidden)          # or greedy_decode(head, hidden)
+    norm [1, C, A]  = tokenizer.decode_from_indices(codes)                   # checked: finite
+    actions [C, A]  = ActionPostprocessor(stats)(norm[0])                    # clip, un-normalize, gripper -> env
 
-    hidden [1, D]   = backbone.encode(observation, instruction)          # checked: finite, not all zero
-    codes [1,C,H,L] = SpeculativeDecoder(draft, head).decode(hidden)      # or greedy_decode(head, hidden)
-    norm [1, C, A]  = tokenizer.decode_from_indices(codes)               # checked: finite
-    actions [C, A]  = unnormalize(clip(norm, -1, 1)); gripper model [0,1] -> env {-1 open, +1 close}
-
-Any failure raises :class:`rsd.errors.ActionGenerationError` with the cause attached; no action is returned.
+:class:`L1Policy` replaces the RFSQ head, argmax and decode by one L1-regression head (``[1, C, A]``).
+The hidden state is validated once per chunk, at this boundary (``check_hidden``: one host sync on a GPU);
+the heads and decoders behind it trust it. Any failure raises :class:`rsd.errors.ActionGenerationError`
+with the cause attached; no action is returned. Saved with ``save_pretrained(dir)``; ``rsd.policy.load_policy``
+loads any of them by the kind in ``policy.json``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from einops import rearrange
 
+from rsd.backbones.base import check_hidden
 from rsd.checkpoint import load_module, read_json, save_module, write_json
 from rsd.config import RSDConfig
 from rsd.errors import (ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError,
-                        DTypeError, NonFiniteError, ShapeError)
-from rsd.normalize import BoundsQ99Normalizer, NormStats, model_to_env_gripper
+                        NonFiniteError, ShapeError)
+from rsd.normalize import NormStats
+from rsd.policy.postprocess import ActionPostprocessor
+from rsd.policy.protocol import ActionChunk
 from rsd.speculative import SpeculativeDecoder, greedy_decode
 
-__all__ = ["ActionChunk", "Policy", "RSDPolicy", "L1Policy", "load_policy", "fast_plan", "FastPlan"]
+__all__ = ["RSDPolicy", "L1Policy", "KINDS", "POLICY_FORMAT", "read_policy_meta", "saved_speculative"]
 
 POLICY_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class ActionChunk:
-    """``actions``: float32 ``[C, A]``, env-ready (un-normalized; gripper -1 open / +1 close). ``info``: plain data."""
-
-    actions: np.ndarray
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        actions = self.actions
-        if not isinstance(actions, np.ndarray):
-            raise DTypeError(f"ActionChunk.actions must be a numpy array, got {type(actions).__name__}.")
-        if actions.ndim != 2:
-            raise ShapeError(f"ActionChunk.actions must be [C, A], got shape {actions.shape}.")
-        if actions.dtype != np.float32:
-            raise DTypeError(f"ActionChunk.actions must be float32, got {actions.dtype}.")
-        if not np.isfinite(actions).all():
-            raise NonFiniteError("ActionChunk.actions contain NaN/inf.")
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """The one interface between policies and the simulator."""
-
-    def reset(self) -> None:
-        """Called at the start of every episode."""
-
-    def predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> ActionChunk:
-        """Return the next open-loop chunk of env-ready actions."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# shared machinery of the learned policies
 
 
 def _sync(device: torch.device) -> None:
@@ -91,7 +60,7 @@ class _LearnedPolicy:
         self.backbone = backbone
         self.config = config
         self.action_stats = action_stats
-        self.normalizer = BoundsQ99Normalizer(action_stats)
+        self.postprocessor = ActionPostprocessor(action_stats, clip=True)
         self.unnorm_key = unnorm_key
         self.device = torch.device(device)
         self.num_calls = 0
@@ -109,19 +78,17 @@ class _LearnedPolicy:
                 f"{type(exc).__name__}: {exc}") from exc
 
     def generate_action(self, observation: Mapping[str, Any], task_description: str) -> tuple[np.ndarray, dict]:
-        """The seed's entry point: ``(actions [C, A], info)``."""
+        """OpenVLA-style entry point: ``(actions [C, A], info)``."""
         chunk = self.predict_chunk(observation, task_description)
         return chunk.actions, chunk.info
 
     # -- pieces ------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def _predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> ActionChunk:
-        from rsd.backbones.base import check_hidden
-
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
-        hidden = self.backbone.encode(observation, instruction)
-        hidden, hidden_norm = check_hidden(hidden, self.config.hidden_dim, return_norm=True)  # one host sync
+        hidden = self.backbone.encode(observation, instruction, check=False)
+        hidden, hidden_norm = check_hidden(hidden, self.config.hidden_dim, return_norm=True)  # the one check, one sync
         hidden = hidden.to(self.device, torch.float32)
         if hidden.shape[0] != 1:
             raise ShapeError(f"predict_chunk takes one observation; the backbone returned a batch of {hidden.shape[0]}.")
@@ -151,13 +118,11 @@ class _LearnedPolicy:
         return ActionChunk(actions=actions, info=info)
 
     def postprocess(self, normalized: np.ndarray) -> np.ndarray:
-        """Normalized ``[C, A]`` -> env-ready ``[C, A]``: clip to [-1, 1], un-normalize, gripper to env convention."""
+        """Normalized ``[C, A]`` -> env-ready ``[C, A]`` (``ActionPostprocessor``: clip, un-normalize, gripper)."""
         if normalized.shape != (self.config.chunk_len, self.config.action_dim):
             raise ShapeError(f"decoded chunk has shape {normalized.shape}, expected "
                              f"({self.config.chunk_len}, {self.config.action_dim}).")
-        actions = self.normalizer.unnormalize(np.clip(normalized, -1.0, 1.0))
-        actions[:, -1] = model_to_env_gripper(actions[:, -1])
-        return actions.astype(np.float32)
+        return self.postprocessor(normalized)
 
     def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -178,6 +143,15 @@ class _LearnedPolicy:
         }
         write_json(directory / "policy.json", meta)
 
+    @classmethod
+    def _open_saved(cls, directory: str | Path) -> tuple[Path, dict[str, Any], RSDConfig]:
+        """A saved policy directory of this kind -> (directory, its policy.json, its RSDConfig)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise CheckpointNotFoundError(f"policy directory {directory} does not exist.")
+        meta = cls._load_meta(directory, cls.kind)
+        return directory, meta, RSDConfig.from_dict(meta["config"])
+
     @staticmethod
     def _load_meta(directory: Path, kind: str) -> dict[str, Any]:
         meta = _policy_json(directory, hint="A policy directory is written by `save_pretrained(dir)`.")
@@ -189,8 +163,8 @@ class _LearnedPolicy:
 
 
 def _code_histogram(codes: torch.Tensor, num_levels: int) -> np.ndarray:
-    """Counts of each level per layer, ``[L, G]``, from codes ``[1, C, H, L]`` in ``[0, G)`` (the seed's 'are
-    all indices equal?'): one bincount over ``layer * G + code``."""
+    """Counts of each level per layer, ``[L, G]``, from codes ``[1, C, H, L]`` in ``[0, G)`` (a collapsed
+    head shows as one level per layer): one bincount over ``layer * G + code``."""
     per_layer = rearrange(codes[0].numpy(), "c h l -> (c h) l")
     num_layers = per_layer.shape[1]
     flat = (np.arange(num_layers) * num_levels + per_layer).ravel()
@@ -290,11 +264,7 @@ class RSDPolicy(_LearnedPolicy):
         from rsd.heads import DraftHead, RFSQHead
         from rsd.tokenizer import RFSQTokenizer
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise CheckpointNotFoundError(f"policy directory {directory} does not exist.")
-        meta = cls._load_meta(directory, cls.kind)
-        config = RSDConfig.from_dict(meta["config"])
+        directory, meta, config = cls._open_saved(directory)
         head = load_module(RFSQHead(config), directory / "head.safetensors", what="RFSQ head weights",
                            hint="Cannot run RSD without its trained RFSQ head; train one or point at the right directory.")
         spec = meta.get("speculative", {})
@@ -305,7 +275,7 @@ class RSDPolicy(_LearnedPolicy):
         tokenizer = RFSQTokenizer.from_pretrained(directory / "tokenizer")
         backbone = load_backbone(meta["backbone"], directory, device=device, trust_remote_code=trust_remote_code)
         return cls(backbone, head, tokenizer, NormStats.from_dict(meta["action_stats"]), config=config, draft=draft,
-                   speculative=_saved_speculative(meta) if speculative is None else speculative,
+                   speculative=saved_speculative(meta) if speculative is None else speculative,
                    mode=mode or spec.get("mode", "exact"),
                    threshold=threshold if threshold is not None else spec.get("threshold"),
                    device=device, unnorm_key=meta.get("unnorm_key"), graphed=graphed, compile_heads=compile_heads)
@@ -344,11 +314,7 @@ class L1Policy(_LearnedPolicy):
         from rsd.backbones import load_backbone
         from rsd.heads import L1ActionHead
 
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise CheckpointNotFoundError(f"policy directory {directory} does not exist.")
-        meta = cls._load_meta(directory, cls.kind)
-        config = RSDConfig.from_dict(meta["config"])
+        directory, meta, config = cls._open_saved(directory)
         head = load_module(L1ActionHead(config), directory / "head.safetensors", what="L1 action head weights",
                            hint="Cannot run the L1 baseline without its trained action head.")
         backbone = load_backbone(meta["backbone"], directory, device=device, trust_remote_code=trust_remote_code)
@@ -356,18 +322,10 @@ class L1Policy(_LearnedPolicy):
                    unnorm_key=meta.get("unnorm_key"))
 
 
-_KINDS: dict[str, type[_LearnedPolicy]] = {cls.kind: cls for cls in (RSDPolicy, L1Policy)}
+KINDS: dict[str, type[_LearnedPolicy]] = {cls.kind: cls for cls in (RSDPolicy, L1Policy)}
 
 
-@dataclass(frozen=True)
-class FastPlan:
-    """What ``fast=True`` does to a saved policy: graph its RSD heads, and/or put its backbone on its fast path."""
-
-    graph_heads: bool
-    backbone: bool
-
-
-def _saved_speculative(meta: Mapping[str, Any]) -> bool:
+def saved_speculative(meta: Mapping[str, Any]) -> bool:
     """Whether a saved RSD policy decodes speculatively: as saved, else RSDPolicy's default (when it has a draft)."""
     spec = meta.get("speculative", {})
     enabled = spec.get("enabled")
@@ -388,58 +346,8 @@ def _policy_json(directory: Path, *, hint: str) -> dict[str, Any]:
     return meta
 
 
-def _read_meta(directory: Path) -> dict[str, Any]:
+def read_policy_meta(directory: Path) -> dict[str, Any]:
     meta = _policy_json(directory, hint="Expected a directory written by RSDPolicy/L1Policy.save_pretrained.")
-    if meta.get("kind") not in _KINDS:
-        raise ConfigError(f"{directory}: unknown policy kind {meta.get('kind')!r}; known kinds: {sorted(_KINDS)}.")
+    if meta.get("kind") not in KINDS:
+        raise ConfigError(f"{directory}: unknown policy kind {meta.get('kind')!r}; known kinds: {sorted(KINDS)}.")
     return meta
-
-
-def fast_plan(directory: str | Path) -> FastPlan:
-    """Read ``directory/policy.json`` and say what ``load_policy(directory, fast=True)`` will speed up, without
-    loading anything. ConfigError for an unknown kind, and for a policy with nothing on a fast path (a
-    speculative or L1 policy whose backbone has no ``set_fast``)."""
-    directory = Path(directory)
-    return _fast_plan(_read_meta(directory), directory)
-
-
-def _fast_plan(meta: Mapping[str, Any], directory: Path) -> FastPlan:
-    from rsd.backbones.base import backbone_class
-
-    kind = meta["kind"]
-    backbone_cls = backbone_class(meta.get("backbone", {}).get("name", ""))
-    plan = FastPlan(graph_heads=kind == RSDPolicy.kind and not _saved_speculative(meta),
-                    backbone=hasattr(backbone_cls, "set_fast"))
-    if not (plan.graph_heads or plan.backbone):
-        what = "decodes speculatively (kept: the graphed decoder is greedy-only)" if kind == RSDPolicy.kind \
-            else f"is a {kind!r} policy (its head is not graphed)"
-        raise ConfigError(f"fast=True has nothing to speed up in {directory}: the policy {what} and its "
-                          f"{backbone_cls.__name__} has no fast path (set_fast). Drop --fast / fast=True.")
-    return plan
-
-
-def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fast: bool = False,
-                trust_remote_code: bool = False) -> _LearnedPolicy:
-    """Load any saved learned policy (RSD or L1) from ``directory`` by the kind in its ``policy.json``.
-
-    ``fast`` (CUDA ``device`` only) puts what has one on rsd's fast path (:func:`fast_plan`): a backbone with
-    ``set_fast`` gets ``set_fast(True, compile=True)``; an RSD policy that decodes greedily gets
-    ``use_graphed_heads(compile=True)`` (one compiled CUDA graph; codes = eager's argmax up to float-rounding
-    ties). A speculative RSD policy keeps its speculative decoder (``fast`` never changes the decoding mode).
-    ConfigError for a non-CUDA device, and for a policy with nothing on a fast path, before loading.
-
-    ``trust_remote_code`` is the only switch that lets a backbone run its checkpoint's own Python code: a
-    ``policy.json`` asking for it raises RemoteCodeNotAllowedError unless it is True.
-    """
-    directory = Path(directory)
-    if fast and torch.device(device).type != "cuda":
-        raise ConfigError(f"fast=True runs the policy through CUDA graphs and needs a CUDA device, got {device}: "
-                          f"load it on cuda or pass fast=False (rsd eval: --device cuda, or drop --fast).")
-    meta = _read_meta(directory)
-    plan = _fast_plan(meta, directory) if fast else FastPlan(graph_heads=False, backbone=False)
-    policy = _KINDS[meta["kind"]].from_pretrained(directory, device=device, trust_remote_code=trust_remote_code)
-    if plan.graph_heads:
-        policy.use_graphed_heads(compile=True)
-    if plan.backbone:
-        policy.backbone.set_fast(True, compile=True)
-    return policy

@@ -1,0 +1,104 @@
+"""What stands behind a ``--policy`` spec, without loading it: ``policy_identity(spec)``.
+
+``rsd eval`` records it in ``run.json`` and ``--resume`` compares it, so a resumed run never mixes two
+policies: ``{"kind", "unnorm_key", "content"}`` where ``content`` hashes the files the policy loads
+(``rsd.fingerprint``), never how their path was written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rsd.errors import CheckpointNotFoundError, ConfigError
+from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR
+
+__all__ = ["POLICY_NAMES", "policy_identity", "split_oft", "is_scripted", "unknown_policy"]
+
+_SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
+_EXPERT_SOURCES = ("experts.py", "task_plans.py")  # the scripted expert is its code: state machine + task table
+POLICY_NAMES: dict[str, str] = {
+    "expert": "scripted privileged expert (reads object poses from the raw LIBERO obs)",
+    "expert-rfsq": "the expert's chunks round-tripped through the RFSQ tokenizer (expert-rfsq:DIR for another one)",
+    "openvla-oft:PATH": "OpenVLA-OFT's L1 pipeline from a local checkpoint dir fine-tuned for --suite "
+                        "(openvla-oft:PATH@UNNORM_KEY runs it with other statistics on purpose: the suite guard "
+                        "is off)",
+    "<dir>": "a directory saved by RSDPolicy/L1Policy.save_pretrained",
+}
+
+
+def is_scripted(spec: str) -> bool:
+    """``expert`` and ``expert-rfsq[:DIR]``: policies with no network (nothing for a device or --fast)."""
+    return spec == "expert" or spec == "expert-rfsq" or spec.startswith("expert-rfsq:")
+
+
+def split_oft(body: str) -> tuple[str, str | None]:
+    """``PATH`` or ``PATH@UNNORM_KEY`` (the text after ``openvla-oft:``) -> (path, key or None)."""
+    path, at, key = body.rpartition("@")
+    if not at or not key or "/" in key or Path(body).is_dir():  # a directory whose name holds an '@' is a path
+        return body, None
+    return path, key
+
+
+def _checkpoint_file(relative: Path) -> bool:
+    """What a checkpoint folder's hash covers: every file but hidden ones (``hf download``'s ``.cache/``,
+    ``.gitattributes``) and documentation (``*.md``)."""
+    return not any(part.startswith(".") for part in relative.parts) and relative.suffix != ".md"
+
+
+def _hf_checkpoint_of(directory: Path) -> Path | None:
+    """The local checkpoint folder a saved policy's backbone references (``HFBackbone``'s ``path_or_id``)."""
+    import json
+
+    try:
+        meta = json.loads((directory / "policy.json").read_text())
+        ref = meta["backbone"]["kwargs"]["path_or_id"]
+    except (OSError, ValueError, KeyError, TypeError):  # not that layout: the load says what is wrong
+        return None
+    return Path(ref) if isinstance(ref, str) and Path(ref).is_dir() else None
+
+
+def policy_identity(spec: str) -> dict[str, Any]:
+    """What stands behind ``spec`` (see the module docstring): ``{"kind", "unnorm_key", "content"}`` where
+    ``content`` hashes the files the policy loads (``rsd.fingerprint``):
+
+    - ``expert``: the scripted expert's source; ``expert-rfsq[:DIR]``: that and the tokenizer directory (the
+      packaged one by default), every file;
+    - ``openvla-oft:PATH[@KEY]``: every file of the checkpoint folder but hidden ones and ``*.md`` (the
+      safetensors shards included, read in full), and ``KEY``;
+    - a saved policy directory: every file below it, and the local checkpoint folder its backbone references.
+
+    The same files reached by a relative or an absolute path give the same identity. ConfigError for an unknown
+    spec, CheckpointNotFoundError for a folder that does not exist."""
+    from rsd.fingerprint import hash_file_list, hash_tree
+
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
+    expert = hash_file_list(_SIM_DIR, [Path(name) for name in _EXPERT_SOURCES])
+    if spec == "expert":
+        return {"kind": "expert", "unnorm_key": None, "content": expert}
+    if spec == "expert-rfsq" or spec.startswith("expert-rfsq:"):
+        directory = Path(spec.split(":", 1)[1]).expanduser() if ":" in spec else DEFAULT_TOKENIZER_DIR
+        if not directory.is_dir():
+            raise CheckpointNotFoundError(f"tokenizer directory {directory} of --policy {spec} does not exist.")
+        return {"kind": "expert-rfsq", "unnorm_key": None, "content": f"{expert} {hash_tree(directory)}"}
+    if spec == "openvla-oft" or spec.startswith("openvla-oft:"):
+        path, key = split_oft(spec.removeprefix("openvla-oft").removeprefix(":"))
+        directory = Path(path).expanduser()
+        if not path or not directory.is_dir():
+            raise CheckpointNotFoundError(f"OpenVLA-OFT checkpoint directory {directory} of --policy {spec} does "
+                                          f"not exist.")
+        return {"kind": "openvla-oft", "unnorm_key": key, "content": hash_tree(directory, keep=_checkpoint_file)}
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        content = hash_tree(path)
+        checkpoint = _hf_checkpoint_of(path)
+        if checkpoint is not None:
+            content += " backbone " + hash_tree(checkpoint, keep=_checkpoint_file)
+        return {"kind": "saved", "unnorm_key": None, "content": content}
+    raise unknown_policy(spec)
+
+
+def unknown_policy(spec: str) -> ConfigError:
+    listed = "; ".join(f"{name}: {what}" for name, what in POLICY_NAMES.items())
+    return ConfigError(f"unknown policy {spec!r} (not a name, and no directory of that name exists). Known: {listed}.")
