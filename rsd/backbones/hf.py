@@ -21,10 +21,11 @@ from einops import rearrange
 
 from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
 from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, DTypeError, ShapeError
+from rsd.prompt import PROMPT_TEMPLATE
 
 __all__ = ["HFBackbone", "DEFAULT_PROMPT", "last_real_token_index", "hf_offline_mode"]
 
-DEFAULT_PROMPT = "In: What action should the robot take to {instruction}?\nOut:"  # OpenVLA(-OFT) prompt
+DEFAULT_PROMPT = PROMPT_TEMPLATE  # OpenVLA(-OFT) prompt (rsd.prompt)
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _MODEL_AUTO_CLASSES = ("AutoModelForImageTextToText", "AutoModelForVision2Seq", "AutoModel")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -39,7 +39,8 @@ from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_fo
 from rsd.backbones.openvla_arch import OpenVLAModel, enable_fast_path
 from rsd.backbones.openvla_checkpoint import (DTYPES, check_preprocessor, check_suite, load_oft_state_dict, read_json,
                                               resolve_checkpoint_dir, shape_from_config, strict_assign)
-from rsd.backbones.openvla_inputs import IMAGE_KEYS, PROMPT_TEMPLATE, group_by_prompt, observation_tensors, ungroup
+from rsd.backbones.openvla_inputs import IMAGE_KEYS, group_by_prompt, observation_tensors, ungroup
+from rsd.prompt import openvla_prompt
 from rsd.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -163,7 +164,7 @@ class OpenVLAOFTBackbone:
     def prompt_ids(self, instruction: str) -> torch.Tensor:
         """OFT's prompt ids ``[T]``: ``<s>`` + the prompt + the empty token ``"▁"`` (cached per instruction)."""
         if instruction not in self._token_cache:
-            prompt = PROMPT_TEMPLATE.format(instruction=instruction.lower())
+            prompt = openvla_prompt(instruction)
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
             if not ids or ids[0] != self.bos_id:
                 raise ConfigError(f"the tokenizer did not start the prompt with <s> ({self.bos_id}): {ids[:4]}.")

@@ -18,10 +18,10 @@ import torch
 from rsd.backbones.base import image_batch, state_batch
 from rsd.backbones.openvla_arch import OpenVLAShape
 from rsd.errors import ConfigError, ShapeError
+from rsd.prompt import PROMPT_TEMPLATE  # re-exported: OFT's prompt
 
 __all__ = ["PROMPT_TEMPLATE", "IMAGE_KEYS", "observation_tensors", "group_by_prompt", "ungroup"]
 
-PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"  # OpenVLA(-OFT), lowercased task
 IMAGE_KEYS = ("full_image", "wrist_image")  # OFT's image order on LIBERO: third-person first, then wrist
 
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from rsd.backbones.base import check_hidden, instructions_for_batch, register_backbone
 from rsd.backbones.openvla_arch import OpenVLAModel, OpenVLAShape, enable_fast_path
-from rsd.backbones.openvla_inputs import IMAGE_KEYS, PROMPT_TEMPLATE, group_by_prompt, observation_tensors, ungroup
+from rsd.backbones.openvla_inputs import IMAGE_KEYS, group_by_prompt, observation_tensors, ungroup
+from rsd.prompt import openvla_prompt
 from rsd.backbones.openvla_llama import RMSNorm
 from rsd.errors import ConfigError
 
@@ -134,7 +135,7 @@ class OpenVLAShapedBackbone:
     def prompt_ids(self, instruction: str) -> torch.Tensor:
         """int64 ``[T]`` on the device (cached per instruction)."""
         if instruction not in self._token_cache:
-            prompt = PROMPT_TEMPLATE.format(instruction=instruction.lower())
+            prompt = openvla_prompt(instruction)
             ids = stand_in_token_ids(prompt, self.shape.llm.vocab_size)
             self._token_cache[instruction] = torch.tensor(ids, dtype=torch.int64, device=self.device)
         return self._token_cache[instruction]

@@ -15,6 +15,7 @@ import numpy as np
 
 from rsd.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
 from rsd.normalize import model_to_env_gripper
+from rsd.prompt import openvla_prompt
 from rsd.suites import LIBERO_SUITES
 from rsd.images import (  # re-exported: the protocol's image constants and steps
     CENTER_CROP_AREA,
@@ -71,10 +72,8 @@ def dummy_action() -> np.ndarray:
 # ---------------------------------------------------------------- prompt
 
 def prompt_for(instruction: str) -> str:
-    """OpenVLA's prompt for a task instruction (``task.language``), lower-cased as OFT does."""
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise ConfigError(f"instruction must be a non-empty string, got {instruction!r}")
-    return f"In: What action should the robot take to {instruction.lower()}?\nOut:"
+    """OpenVLA's prompt for a task instruction (``task.language``), lower-cased as OFT does (``rsd.prompt``)."""
+    return openvla_prompt(instruction)
 
 
 # ---------------------------------------------------------------- images
