@@ -37,13 +37,13 @@ def check_levels(owner: str, num_levels: int) -> None:
 class RSDConfig:
     chunk_len: int = 8  # C: OpenVLA-OFT executes 8-action chunks open loop on LIBERO
     action_dim: int = 7  # A: [dx, dy, dz, droll, dpitch, dyaw, gripper]
-    latent_dim: int = 16  # H: RFSQ latent dims per chunk step (the seed's size)
+    latent_dim: int = 16  # H: RFSQ latent dims per chunk step
     num_layers: int = 8  # L: residual quantization layers
     num_levels: int = 7  # G: levels per layer; odd so that 0 is a level
     hidden_dim: int = 4096  # D: Llama-2-7B hidden size (OpenVLA-class backbones)
-    draft_layers: int = 3  # k: coarse layers the draft proposes (L0-L2 in the seed)
-    head_width: int = 512  # trunk width of the heads (the seed's draft used 4096 -> 512)
-    tokenizer_width: int = 64  # RFSQ encoder/decoder MLP width (the seed's 7 -> 64 -> 16)
+    draft_layers: int = 3  # k: coarse layers the draft proposes (L0-L2)
+    head_width: int = 512  # trunk width of the heads (a 4096 -> 512 projection)
+    tokenizer_width: int = 64  # RFSQ encoder/decoder MLP width (7 -> 64 -> 16)
     proprio_dim: int = 8  # eef_pos 3 + axis-angle 3 + gripper_qpos 2
 
     def __post_init__(self) -> None:

@@ -309,7 +309,7 @@ class RFSQHead(nn.Module):
 class DraftHead(nn.Module):
     """Non-autoregressive draft: ``hidden`` [B, D] -> logits ``[B, k, C, H, G]`` for layers ``0..k-1``.
 
-    ``Linear(D, W) -> GELU`` (the seed draft's ``4096 -> 512`` input projection, part of the checkpoint),
+    ``Linear(D, W) -> GELU`` (the ``4096 -> 512`` input projection is part of the checkpoint: docs/failure-modes.md),
     then LayerNorm, ``W -> W``, GELU, ``W -> k*C*H*G``.
     """
 

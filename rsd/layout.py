@@ -5,10 +5,10 @@ Canonical layouts (see docs/design.md for the axis letters):
 - head logits      ``[B, L, C, H, G]``  (layer-major; what heads emit)
 - layer codes      ``[B, L, C, H]``     (greedy argmax of the head logits)
 - decoder codes    ``[B, C, H, L]``     (what ``RFSQTokenizer.decode_from_indices`` takes)
-- flat (original)  ``[B, L, C*H, G]``   flat index ``c*H + h`` (c-major), as in the seed's research code
+- flat (original)  ``[B, L, C*H, G]``   flat index ``c*H + h`` (c-major), as single-head RFSQ research code emits it
 
 Every rearrangement is an einops pattern that names its axes, so a wrong size fails loudly instead of
-silently scrambling layers, steps and dims (reference.md §1 lists the silent variants).
+silently scrambling layers, steps and dims (docs/failure-modes.md, "Wrong tokens", lists the silent variants).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def codes_to_layers(codes: torch.Tensor) -> torch.Tensor:
 
 
 def flat_to_canonical(flat_logits: torch.Tensor, chunk_len: int, latent_dim: int) -> torch.Tensor:
-    """The seed's flat layout ``[B, L, C*H, G]`` (index ``c*H + h``) -> canonical ``[B, L, C, H, G]``."""
+    """The flat layout ``[B, L, C*H, G]`` (index ``c*H + h``) -> canonical ``[B, L, C, H, G]``."""
     _check_ndim(flat_logits, 4, "flat_logits", "[B, L, C*H, G]")
     if flat_logits.shape[2] != chunk_len * latent_dim:
         raise ShapeError(
@@ -75,6 +75,6 @@ def flat_to_canonical(flat_logits: torch.Tensor, chunk_len: int, latent_dim: int
 
 
 def canonical_to_flat(logits: torch.Tensor) -> torch.Tensor:
-    """Canonical ``[B, L, C, H, G]`` -> the seed's flat ``[B, L, C*H, G]`` (index ``c*H + h``)."""
+    """Canonical ``[B, L, C, H, G]`` -> the flat ``[B, L, C*H, G]`` (index ``c*H + h``)."""
     _check_ndim(logits, 5, "logits", "[B, L, C, H, G]")
     return rearrange(logits, "b l c h g -> b l (c h) g")

@@ -1,6 +1,6 @@
 """Action/proprio normalization (BOUNDS_Q99, as OpenVLA-OFT) and gripper conventions.
 
-BOUNDS_Q99 (reference.md §2), applied only where ``mask`` is true (the gripper is masked out)::
+BOUNDS_Q99 (OpenVLA-OFT's LIBERO normalization), applied only where ``mask`` is true (the gripper is masked out)::
 
     x_norm = clip(2 (x - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)
     x      = 0.5 (x_norm + 1) (q99 - q01) + q01

@@ -19,7 +19,7 @@ Acceptance rules (``mode``), per layer, over its ``C*H`` tokens:
                  ``rsd/heads.py``).
 - ``relaxed``    every token is within ``threshold`` levels of the main argmax (SpecVLA's rule for
                  ordinal action tokens); ``threshold`` an int ``>= 0``. Accepted layers keep the draft codes.
-- ``match_rate`` the fraction of equal tokens is ``>= threshold`` (the seed's rule; default 0.7).
+- ``match_rate`` the fraction of equal tokens is ``>= threshold`` (a coarse match-rate rule; default 0.7; docs/failure-modes.md).
 
 Checks: the hidden state's values are not read here (the policy checks them once, where the backbone hands
 them over: ``rsd.backbones.check_hidden``); the heads check its layout. The logits of both heads are checked
@@ -41,7 +41,7 @@ from rsd.layout import layers_to_codes
 __all__ = ["MODES", "SpecStats", "SpeculativeDecoder", "greedy_decode"]
 
 MODES = ("exact", "relaxed", "match_rate")
-DEFAULT_MATCH_RATE = 0.7  # the seed's acceptance threshold
+DEFAULT_MATCH_RATE = 0.7  # the match-rate rule's usual threshold (docs/failure-modes.md)
 
 
 # helper functions

@@ -96,11 +96,11 @@ class RFSQTokenizer(nn.Module):
     - decoder (per step): ``Linear(H, W) -> Mish -> Linear(W, A)`` of the quantized latent
       ``sum_q level(index_q) * scale_q``.
 
-    Why not the seed's variants (docs reference.md §1): its *plain* RFSQ quantized every layer's
-    residual with the unscaled grid, so after layer 0 the residual (at most 1/6) always rounded to the
-    middle level and layers 1-7 were dead; its *robust* variant divided each residual by its own
-    mean/std over the H dims before quantizing, but those statistics are not carried by the codes, so
-    ``decode_from_indices`` could not reproduce the forward pass. Here the scales are fixed (derived
+    Why fixed scales (docs/failure-modes.md, "Wrong tokens"): a *plain* RFSQ that quantizes every layer's
+    residual with the unscaled grid leaves layers 1-7 dead (after layer 0 the residual, at most 1/6, always
+    rounds to the middle level); a *robust* variant that divides each residual by its own
+    mean/std over the H dims before quantizing cannot be decoded from the codes, which do not carry
+    those statistics. Here the scales are fixed (derived
     from ``G`` and ``q`` only, a non-persistent buffer) and the codes alone determine the decoded action.
 
     Exactness: ``forward`` builds the quantized latent *from the indices* with the same arithmetic and

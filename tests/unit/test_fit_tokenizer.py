@@ -92,7 +92,7 @@ def test_fit_is_deterministic_and_accepts_numpy() -> None:
     a.pop("wall_seconds"), b.pop("wall_seconds")
     assert a == b
     c = fit_tokenizer(make(5), x, steps=10, batch_size=16, seed=4, progress=False).to_dict()
-    assert c["train"]["mse"] != a["train"]["mse"]  # the seed drives the batches
+    assert c["train"]["mse"] != a["train"]["mse"]  # the RNG seed drives the batches
 
 
 def test_progress_bar_only_when_asked(capsys) -> None:

@@ -1,4 +1,4 @@
-"""Token layouts: round trips, the c-major flat index, and the silent wrong permutations of reference.md §1."""
+"""Token layouts: round trips, the c-major flat index, and the silent wrong permutations of docs/failure-modes.md."""
 
 import pytest
 import torch
@@ -77,7 +77,7 @@ def test_the_seed_flat_decode_matches():
 
 
 def test_wrong_permutations_give_different_codes():
-    """The silent variants from reference.md §1 raise no error but scramble the codes; the round trip catches them."""
+    """The silent variants (docs/failure-modes.md) raise no error but scramble the codes; the round trip catches them."""
     C, H, L, G = 8, 16, 8, 7
     codes = random_codes(1, C, H, L, G, seed=1)
     flat = layout.canonical_to_flat(one_hot_logits(codes, G))  # [1, L, 128, G]

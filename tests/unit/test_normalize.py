@@ -1,4 +1,4 @@
-"""BOUNDS_Q99 normalization, gripper conventions and unnorm-key resolution (reference.md §2)."""
+"""BOUNDS_Q99 normalization, gripper conventions and unnorm-key resolution (OpenVLA-OFT's BOUNDS_Q99)."""
 
 import json
 

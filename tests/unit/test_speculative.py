@@ -206,7 +206,7 @@ def test_match_rate_threshold_boundary():
     hidden = hidden_of(1, 8)
     proposal = shifted_layer0(main, hidden, tokens=4, levels=1)  # layer 0: 12 of 16 tokens equal = 0.75
     draft = FixedDraft(CFG, lambda x: proposal)
-    for threshold, accepted in [(0.75, True), (0.76, False), (None, True)]:  # None -> the seed's 0.7
+    for threshold, accepted in [(0.75, True), (0.76, False), (None, True)]:  # None -> the default 0.7
         codes, stats = SpeculativeDecoder(draft, main, "match_rate", threshold).decode(hidden)
         assert (stats.accepted_layers[0] >= 1) is accepted, threshold
         assert stats.token_match_rate[0] == 0.75
@@ -289,7 +289,7 @@ def test_bad_draft_output_and_broken_weights():
 
 
 def test_match_rate_boundary_is_exact_for_non_dyadic_token_counts():
-    """7 of C*H = 10 tokens equal is a rate of exactly 0.7, which the seed's rule (>= 0.7) accepts."""
+    """7 of C*H = 10 tokens equal is a rate of exactly 0.7, which the match-rate rule (>= 0.7) accepts."""
     cfg = RSDConfig.tiny(chunk_len=5, latent_dim=2)
     _, main = heads(9, cfg)
     hidden = hidden_of(1, 10)
