@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +27,9 @@ import torch
 from rsd.backbones.openvla_arch import OpenVLAModel, OpenVLAShape
 from rsd.backbones.openvla_llama import LlamaSpec
 from rsd.backbones.openvla_towers import TOWERS
-from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, WrongBaseModelError
+from rsd.checkpoint import load_safetensors
+from rsd.errors import (CheckpointMismatchError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
+                        WrongBaseModelError)
 from rsd.suites import LIBERO_SUITES
 
 __all__ = ["BASE_MODELS", "DTYPES", "check_suite", "suites_named_in", "resolve_checkpoint_dir", "read_json",
@@ -193,16 +196,18 @@ def load_oft_state_dict(directory: Path, *, device: torch.device) -> dict[str, t
     """Every tensor of the checkpoint, named as in :class:`OpenVLAModel`: the VLA safetensors as-is,
     the component files under ``proprio_projector.`` / ``action_head.`` (DDP ``module.`` prefixes removed).
     Component files are read with ``torch.load(weights_only=True)`` (OFT saves them with torch.save)."""
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"weight shard {path} listed in the index is missing.")
-        state.update(load_file(str(path), device=str(device)))
+        state.update(load_safetensors(path, what="OpenVLA-OFT weight shard", device=str(device),
+                                      hint="Download the checkpoint again (every shard its index lists)."))
     for pattern, prefix in _COMPONENTS.items():
         path = component_file(directory, pattern)
-        component = torch.load(path, map_location=device, weights_only=True)
+        try:
+            component = torch.load(path, map_location=device, weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise CorruptCheckpointError(
+                f"OFT component {path} ({path.stat().st_size} bytes) cannot be read as a torch state dict "
+                f"({type(exc).__name__}: {exc}): it is truncated or corrupt. Download the checkpoint again.") from exc
         if not isinstance(component, dict):
             raise CheckpointMismatchError(f"{path} holds a {type(component).__name__}, expected a state dict.")
         for key, value in component.items():

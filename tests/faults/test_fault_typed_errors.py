@@ -123,3 +123,20 @@ def test_a_device_this_machine_lacks_is_refused_at_config_time(tmp_path: Path, d
 def test_bench_refuses_a_count_it_cannot_time(option: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--config", "tiny", "--warmup", "0", "--iters", "1", *option]) == 1
     assert option[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("victim", ["shard", "component"])
+def test_a_cut_openvla_checkpoint_file_is_named(tmp_path: Path, victim: str) -> None:
+    """A truncated OpenVLA-OFT shard or component .pt is a CorruptCheckpointError naming the file."""
+    import torch
+
+    from rsd.backbones.openvla_checkpoint import load_oft_state_dict
+    from rsd.errors import CorruptCheckpointError
+    from tests._openvla_tiny import build_tiny_oft_checkpoint
+
+    ckpt = build_tiny_oft_checkpoint(tmp_path / "openvla-7b-oft-finetuned-libero-spatial")
+    pattern = "model-*.safetensors" if victim == "shard" else "action_head--*_checkpoint.pt"
+    path = sorted(ckpt.glob(pattern))[0]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match=path.name):
+        load_oft_state_dict(ckpt, device=torch.device("cpu"))
