@@ -34,6 +34,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from rsd.errors import ConfigError, NonFiniteError, ShapeError
+from rsd.observation import RAW
 from rsd.policy.protocol import ActionChunk
 from rsd.sim.task_plans import PLANS, ObjectGrasp, TaskPlan, normalize_instruction, plan_for
 
@@ -85,13 +86,13 @@ class _Obs:
 
 def _read(raw: Mapping[str, Any], key: str, n: int) -> np.ndarray:
     if key not in raw:
-        raise ShapeError(f"observation['raw'] lacks {key!r}; the scripted expert needs LIBERO's privileged obs "
+        raise ShapeError(f"observation[{RAW!r}] lacks {key!r}; the scripted expert needs LIBERO's privileged obs "
                          f"(object poses). Keys present: {sorted(raw)}")
     v = np.asarray(raw[key], dtype=np.float64)
     if v.shape != (n,):
-        raise ShapeError(f"observation['raw'][{key!r}] must have shape ({n},), got {v.shape}")
+        raise ShapeError(f"observation[{RAW!r}][{key!r}] must have shape ({n},), got {v.shape}")
     if not np.all(np.isfinite(v)):
-        raise NonFiniteError(f"observation['raw'][{key!r}] has NaN/inf: {v}")
+        raise NonFiniteError(f"observation[{RAW!r}][{key!r}] has NaN/inf: {v}")
     return v
 
 
@@ -151,9 +152,9 @@ class ScriptedExpert:
         elif plan is not self._plan:
             raise ConfigError(f"instruction changed within an episode ({self._plan.instruction!r} -> "
                               f"{plan.instruction!r}); call reset() between episodes")
-        if not isinstance(observation, Mapping) or "raw" not in observation:
-            raise ShapeError("the scripted expert needs observation['raw'] (LIBERO's privileged obs dict)")
-        obs = self._observe(observation["raw"], plan)
+        if not isinstance(observation, Mapping) or RAW not in observation:
+            raise ShapeError(f"the scripted expert needs observation[{RAW!r}] (LIBERO's privileged obs dict)")
+        obs = self._observe(observation[RAW], plan)
         if self._ref_rot is None:
             yaw = plan.grasp.yaw
             c, s_ = math.cos(yaw), math.sin(yaw)
