@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python scripts/dev_expert.py --suite libero_object --trials 10   # all 10 tasks
     ... --task 3 --start 7 --trials 1 --verbose                                                  # phase trace
 
-Episodes run through ``rsd.eval.run_episode`` (the protocol loop: ``reset(i)`` for trial i, 10 settle steps
+Episodes run through ``rsd.sim.episode.run_episode`` (the protocol loop: ``reset(i)`` for trial i, 10 settle steps
 with the dummy action, 8-action chunks until ``done`` from ``env.step`` or the suite's budget, 220 spatial /
 280 object). Unrendered (physics only) unless ``--render``. Development tool; ``rsd eval --policy expert`` is
 the evaluation command.
@@ -20,9 +20,9 @@ from typing import Any, Mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rsd.eval import run_episode  # noqa: E402
 from rsd.policy.protocol import ActionChunk  # noqa: E402
 from rsd.sim import protocol  # noqa: E402
+from rsd.sim.episode import run_episode  # noqa: E402
 from rsd.sim.experts import ScriptedExpert  # noqa: E402
 from rsd.sim.libero import make_env  # noqa: E402
 from rsd.stats import rate_estimate  # noqa: E402

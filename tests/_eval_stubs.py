@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from rsd import eval as ev
+from rsd.eval import evaluation
 
 
 class Succeeds:
@@ -40,5 +41,5 @@ def capture_policy_factories(monkeypatch: pytest.MonkeyPatch) -> list[Callable[[
         factories.append(policy_factory)
         return NoEpisodes()
 
-    monkeypatch.setattr(ev, "_default_runner", runner)
+    monkeypatch.setattr(evaluation, "_default_runner", runner)
     return factories

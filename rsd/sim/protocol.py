@@ -3,7 +3,7 @@
 Everything here follows OpenVLA-OFT's ``experiments/robot/libero/run_libero_eval.py`` and its helpers
 (Kim et al., "Fine-Tuning Vision-Language-Action Models", arXiv:2502.19645): suites and step budgets,
 the settle phase with a dummy action, image preprocessing, the prompt, the 8-d proprio vector and the
-gripper post-processing. ``rsd.sim.libero`` (the env) and ``rsd.eval`` (the loop) build on it.
+gripper post-processing. ``rsd.sim.libero`` (the env) and ``rsd.sim.episode`` (the loop) build on it.
 """
 
 from __future__ import annotations

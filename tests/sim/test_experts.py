@@ -2,7 +2,7 @@
 
 The first tests need no LIBERO (task table, input checks, and the phase machine driven by a small kinematic
 world, a missed grasp included); the last ones run real unrendered LIBERO episodes under the protocol
-(``rsd.eval.run_episode``): 2 init states for each of the 20 tasks, pooled per suite.
+(``rsd.sim.episode.run_episode``): 2 init states for each of the 20 tasks, pooled per suite.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/sim/test_experts.py -q`` (the LIBERO part takes
 about 4-6 min on 2 CPU cores: 40 episodes of ~4 s plus 20 env creations).
@@ -190,8 +190,8 @@ def test_plans_match_the_bddl_goals(suite: str) -> None:
 @pytest.mark.parametrize("suite", ["libero_spatial", "libero_object"])
 def test_expert_solves_every_task(suite: str) -> None:
     """2 unrendered protocol episodes per task; the pooled Wilson 95% lower bound must reach 0.75."""
-    from rsd.eval import run_episode
     from rsd.sim import protocol
+    from rsd.sim.episode import run_episode
     from rsd.sim.libero import make_env
 
     expert, results = ScriptedExpert(), {}

@@ -1,4 +1,5 @@
-"""rsd.eval without LIBERO: the results file, resume, summary math, error handling and the episode loop."""
+"""rsd.eval without LIBERO: the results file, resume, summary math and error handling (the episode loop:
+test_episode.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import pytest
 
 from rsd import eval as ev
 from rsd.errors import ConfigError
-from rsd.policy.protocol import ActionChunk
-from rsd.sim import protocol
 
 pytestmark = pytest.mark.unit
 
@@ -186,84 +185,3 @@ def test_cli_parses_eval_options() -> None:
     ev.add_arguments(parser)
     args = parser.parse_args(["--policy", "expert", "--out", "x", "--no-render", "--tasks", "0,3", "--workers", "2"])
     assert (args.render, args.tasks, args.workers, args.video, args.trials, args.seed) == (False, "0,3", 2, None, 50, 7)
-
-
-# ---------------------------------------------------------------------------------------------------- the loop
-
-
-class FakeEnv:
-    """Succeeds when the summed dx of the executed actions reaches ``target``; records what it saw."""
-
-    def __init__(self, target: float = 1e9) -> None:
-        self.target = target
-        self.actions: list[np.ndarray] = []
-
-    def reset(self, init_state_index: int) -> dict:
-        self.actions, self.total = [], 0.0
-        return {"state": np.zeros(8, np.float32), "t": 0}
-
-    def step(self, action: np.ndarray):
-        self.actions.append(np.asarray(action))
-        waiting = len(self.actions) <= protocol.NUM_STEPS_WAIT
-        if not waiting:
-            self.total += float(action[0])
-        return {"t": len(self.actions)}, (self.total >= self.target) or waiting  # done during the wait: ignored
-
-    def frame(self) -> np.ndarray:
-        return np.zeros((4, 4, 3), np.uint8)
-
-
-class CountingPolicy:
-    def __init__(self, chunk_len: int = 8, raise_on_call: int | None = None) -> None:
-        self.chunk_len, self.raise_on_call = chunk_len, raise_on_call
-        self.calls, self.resets, self.seen = 0, 0, []
-
-    def reset(self) -> None:
-        self.resets += 1
-
-    def predict_chunk(self, observation, instruction):
-        self.calls += 1
-        self.seen.append(observation["t"])
-        if self.calls == self.raise_on_call:
-            raise ValueError("policy exploded")
-        actions = np.zeros((self.chunk_len, 7), np.float32)
-        actions[:, 0] = 0.1
-        actions[:, 6] = self.calls  # tag the chunk
-        return ActionChunk(actions=actions, info={})
-
-
-def test_episode_loop_follows_the_protocol() -> None:
-    env, policy, frames = FakeEnv(target=2.05), CountingPolicy(chunk_len=8), []
-    out = ev.run_episode(env, policy, "do it", 0, max_steps=220, on_frame=frames.append)
-    assert out.success and out.error is None
-    assert out.steps == 21  # 21 * 0.1 >= 2.05
-    wait = np.stack(env.actions[: protocol.NUM_STEPS_WAIT])
-    np.testing.assert_array_equal(wait, np.tile(protocol.dummy_action(), (protocol.NUM_STEPS_WAIT, 1)))
-    assert policy.calls == 3 and policy.resets == 1  # open loop: queried only when the 8-action queue is empty
-    assert policy.seen == [10, 18, 26]  # the obs after the wait, then after each executed chunk
-    tags = [a[6] for a in env.actions[protocol.NUM_STEPS_WAIT:]]
-    assert tags == [1] * 8 + [2] * 8 + [3] * 5
-    assert len(frames) == out.steps + 1 and len(out.chunk_latencies_ms) == 3
-
-
-def test_episode_loop_stops_at_max_steps() -> None:
-    env, policy = FakeEnv(), CountingPolicy(chunk_len=5)
-    out = ev.run_episode(env, policy, "do it", 0, max_steps=12)
-    assert (out.success, out.steps, policy.calls) == (False, 12, 3)
-    assert len(env.actions) == protocol.NUM_STEPS_WAIT + 12
-
-
-def test_policy_exception_is_returned_with_type_message_and_traceback() -> None:
-    out = ev.run_episode(FakeEnv(), CountingPolicy(raise_on_call=2), "do it", 0, max_steps=50)
-    assert not out.success and out.steps == 8
-    assert out.error == "ValueError: policy exploded"
-    assert "predict_chunk" in out.traceback and isinstance(out.exception, ValueError)
-
-
-def test_bad_chunk_shape_is_an_episode_error() -> None:
-    class WrongDims(CountingPolicy):
-        def predict_chunk(self, observation, instruction):
-            return ActionChunk(actions=np.zeros((8, 6), np.float32), info={})
-
-    out = ev.run_episode(FakeEnv(), WrongDims(), "do it", 0, max_steps=5)
-    assert out.error is not None and out.error.startswith("ShapeError")

@@ -4,9 +4,9 @@ An ``--out`` is accepted when it does not exist, is empty (rsd's ``.lock`` aside
 earlier rsd eval (:func:`is_run_dir`); any other directory is refused before anything is written into it
 (:func:`check_out_dir`), so a user's own ``summary.json`` & co. are never overwritten.
 
-``run.json`` records what the episodes depend on (``rsd.eval.EvalConfig.run_record``). :func:`check_run_record`
-refuses a ``--resume`` whose record differs (:class:`ResumeMismatchError`, naming each difference), once an episode
-is recorded; :class:`RunRecordWriter` writes the record once the run has started.
+``run.json`` records what the episodes depend on (``rsd.eval.evaluation.EvalConfig.run_record``).
+:func:`check_run_record` refuses a ``--resume`` whose record differs (:class:`ResumeMismatchError`, naming each
+difference), once an episode is recorded; :class:`RunRecordWriter` writes the record once the run has started.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from rsd.errors import ConfigError, ResumeMismatchError
 
 __all__ = ["RESULTS_NAME", "RUN_NAME", "SUMMARY_NAME", "PLOT_NAME", "LOCK_NAME", "RUN_KEYS", "is_run_dir",
-           "check_out_dir", "check_run_record", "RunRecordWriter", "write_json_atomic"]
+           "check_out_dir", "prepare_out_dir", "check_run_record", "RunRecordWriter", "write_json_atomic"]
 
 RESULTS_NAME = "episodes.jsonl"
 RUN_NAME = "run.json"
@@ -81,6 +81,18 @@ def check_out_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} is an existing directory that is not an rsd eval run (it holds {shown} and "
                           f"no {RUN_NAME} of rsd eval): rsd eval would overwrite its {SUMMARY_NAME}, {RUN_NAME}, "
                           f"{PLOT_NAME} and {RESULTS_NAME}. Pass a new or empty directory.")
+
+
+def prepare_out_dir(out: Path) -> None:
+    """:func:`check_out_dir`, then create ``out`` (and its parents); ConfigError naming the fix when it cannot be
+    created or written to."""
+    check_out_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out {out} ({exc.strerror}): pass a directory you can write to.") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to --out {out} (permission denied): pass a directory you can write to.")
 
 
 def check_run_record(path: Path, wanted: Mapping[str, Any], *, resume: bool, has_records: bool) -> None:

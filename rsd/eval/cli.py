@@ -1,0 +1,139 @@
+"""Evaluate a policy on LIBERO with the OpenVLA-OFT protocol; results survive kills and resume exactly.
+
+Protocol (``rsd.sim.protocol``; the loop is ``rsd.sim.episode``): one env per task (``env.seed(0)``); trial i
+starts from the task's init state i; 10 settle steps with the dummy action (no frames kept); then up to the
+suite's max steps, the policy queried only when the open-loop action queue is empty; success is the ``done`` flag
+that ``env.step`` returns (``info['success']`` is never read). Before every episode ``random``, ``numpy`` and
+``torch`` are seeded with ``--seed`` (7), so an episode's outcome does not depend on which episodes ran
+before it or in which worker process (OpenVLA-OFT seeds once per run; per-episode seeding is what makes
+``--workers`` and ``--resume`` reproduce a serial, uninterrupted run).
+
+Files in ``--out DIR`` (a new or empty directory, or one holding rsd eval's ``run.json``: any other existing
+directory, whose ``summary.json`` etc. would be overwritten, is refused; so is an empty ``--out``):
+- ``episodes.jsonl``: one JSON line per finished episode, appended by the parent process only, each as a
+  single ``write`` of the whole line + flush + fsync, under an exclusive lock on ``DIR/.lock`` (``rsd.filelock``:
+  a second eval of the same DIR is refused, naming the holder). A killed eval loses at most the episodes in
+  flight; ``--resume`` skips every (task, trial) already recorded.
+- ``run.json``: what the episodes depend on (suite, seed, render, camera size, protocol, ``fast``, the device,
+  and what stands behind ``--policy``: its kind, statistics key and a content hash of its files,
+  ``rsd.policy.factory.policy_identity``; the ``--policy`` text itself is kept for reading only, so the same
+  policy named by a relative or an absolute path resumes). ``--resume`` refuses a difference with
+  :class:`ResumeMismatchError` naming it (a ``run.json`` written before ``--fast`` existed reads as
+  ``fast: false``; one without the policy hash or device cannot be resumed). It is written once the start
+  succeeded (the policy loaded in this process, or the first worker is ready) and before the first episode is
+  recorded, so a failed start leaves none; a ``run.json`` with no episode recorded binds nothing.
+- ``summary.json`` / ``summary.png``: per-task and overall success with Wilson 95 % intervals, mean steps,
+  policy latency per chunk (p50/p90), versions, renderer, seed, date, command; the same table is printed.
+- ``videos/``: one mp4 per episode (rotated 256 px agentview, 30 fps), all or failures only.
+
+An exception anywhere in an episode (policy or env) records that episode with its error, stops the eval,
+writes the summary and exits 1: nothing fails silently. ``--resume`` re-runs errored episodes; the summary
+counts each (task, trial) once, from its last record.
+
+``--fast`` runs a learned policy on rsd's CUDA fast path (``rsd.policy.factory``): a backbone with one
+(OpenVLA-OFT) compiled and replayed through CUDA graphs, a greedy RSD policy's heads + argmax + detokenize
+as one compiled CUDA graph; a speculative RSD policy keeps its speculative decoder (only its backbone gets
+faster). Actions match the eager policy's within each part's tolerance (bf16 rounding, argmax ties), the
+latencies do not, so ``fast`` is recorded in ``run.json`` and ``summary.json`` and ``--resume`` needs the same
+value. A scripted policy, a non-CUDA device or a policy with nothing on a fast path is a ConfigError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from rsd.errors import ConfigError
+from rsd.eval.evaluation import EvalConfig, evaluate
+from rsd.eval.rundir import check_out_dir
+from rsd.eval.runners import VIDEO_MODES
+from rsd.sim import protocol
+
+__all__ = ["HELP", "add_arguments", "run", "parse_task_ids"]
+
+HELP = "evaluate a policy on LIBERO with the OpenVLA-OFT protocol"
+
+
+def parse_task_ids(text: str | None) -> tuple[int, ...] | None:
+    """``"0,3,5-7"`` -> ``(0, 3, 5, 6, 7)``; None -> None (all tasks)."""
+    if text is None:
+        return None
+    ids: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                ids.extend(range(a, b + 1))
+            else:
+                ids.append(int(part))
+        except ValueError as exc:
+            raise ConfigError(f"--tasks takes task ids like '0,3,5-7', got {text!r}.") from exc
+    if not ids:
+        raise ConfigError(f"--tasks {text!r} selects no task.")
+    return tuple(sorted(set(ids)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", default="libero_spatial", choices=protocol.SUITES)
+    parser.add_argument("--policy", required=True,
+                        help="expert, expert-rfsq[:DIR], openvla-oft:PATH[@UNNORM_KEY], or a directory saved by "
+                             "RSDPolicy/L1Policy (rsd.policy.factory)")
+    parser.add_argument("--trials", type=int, default=protocol.NUM_TRIALS_PER_TASK,
+                        help="trials per task; trial i starts from init state i (default 50)")
+    parser.add_argument("--tasks", default=None, help="task ids, e.g. '0,3' or '0-4' (default: all)")
+    parser.add_argument("--workers", type=int, default=1, help="episodes run in this many spawned processes")
+    parser.add_argument("--video", choices=VIDEO_MODES, default=None,
+                        help="mp4 per episode: all, failures (default when rendering) or none")
+    parser.add_argument("--render", action=argparse.BooleanOptionalAction, default=True,
+                        help="render camera images (policies that see images need it; --no-render is ~10x faster)")
+    parser.add_argument("--out", required=True,
+                        help="results directory: a new or empty one, or an earlier rsd eval's (with --resume)")
+    parser.add_argument("--resume", action="store_true", help="continue the eval recorded in --out")
+    parser.add_argument("--seed", type=int, default=protocol.SEED)
+    parser.add_argument("--camera-size", type=int, default=protocol.CAMERA_SIZE)
+    parser.add_argument("--max-episodes", type=int, default=None, help="stop after this many new episodes")
+    parser.add_argument("--device", default=None, help="device of learned policies (default: cuda if available)")
+    parser.add_argument("--fast", action="store_true",
+                        help="learned policies on rsd's CUDA fast path: a backbone with one (OpenVLA-OFT) compiled "
+                             "+ CUDA graphs; a greedy RSD policy's heads+argmax+detokenize as one compiled CUDA "
+                             "graph (codes = eager argmax up to float ties); a speculative RSD policy keeps its "
+                             "decoder, only its backbone is sped up. Needs a CUDA --device and a learned policy "
+                             "(error otherwise); recorded in run.json, --resume needs the same value")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a saved policy's backbone run its checkpoint's own Python code when its "
+                             "policy.json asks for it (refused without this flag)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _resolve_tasks(suite: str, tasks: tuple[int, ...] | None, trials: int) -> list[int]:
+    from rsd.sim.libero import list_tasks, load_init_state_file
+
+    specs = list_tasks(suite)
+    ids = list(range(len(specs))) if tasks is None else list(tasks)
+    bad = [t for t in ids if not 0 <= t < len(specs)]
+    if bad:
+        raise ConfigError(f"--tasks {bad} out of range: {suite} has tasks 0-{len(specs) - 1}.")
+    for t in ids:
+        n = load_init_state_file(specs[t].init_states_file).shape[0]
+        if trials > n:
+            raise ConfigError(f"--trials {trials} exceeds the {n} init states of {suite} task {t}.")
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    video = args.video if args.video is not None else ("failures" if args.render else "none")
+    config = EvalConfig(suite=args.suite, policy=args.policy, out=args.out, trials=args.trials,
+                        tasks=parse_task_ids(args.tasks), workers=args.workers, video=video, render=args.render,
+                        resume=args.resume, seed=args.seed, camera_size=args.camera_size,
+                        max_episodes=args.max_episodes, command=shlex.join(["rsd", *sys.argv[1:]]),
+                        progress=not args.no_progress, device=args.device, fast=args.fast,
+                        trust_remote_code=args.trust_remote_code)
+    check_out_dir(config.out)  # before LIBERO is imported to resolve the tasks
+    task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)
+    return evaluate(config, task_ids).exit_code

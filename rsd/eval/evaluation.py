@@ -1,0 +1,248 @@
+"""``evaluate``: one ``rsd eval`` run, from its settings (:class:`EvalConfig`) to ``summary.json``.
+
+It takes the results directory's lock (``rsd.filelock``: a second eval of the same ``--out`` is refused, naming
+the holder), checks ``run.json`` against the settings on ``--resume`` (``rsd.eval.rundir``), runs the episodes not
+yet recorded (``rsd.eval.runners``), appends each result (``rsd.eval.records``) and writes and prints the summary
+(``rsd.eval.report``). ``run.json`` is written once the start succeeded, before the first episode is recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rsd import limits
+from rsd.errors import ConfigError
+from rsd.eval.records import EpisodeKey, ResultsFile, latest_by_key
+from rsd.eval.report import format_table, plot_summary, renderer_record, summarize, versions
+from rsd.eval.rundir import (LOCK_NAME, PLOT_NAME, RESULTS_NAME, RUN_NAME, SUMMARY_NAME, RunRecordWriter,
+                             check_run_record, prepare_out_dir, write_json_atomic)
+from rsd.eval.runners import VIDEO_MODES, ParallelRunner, Runner, SerialRunner, WorkerSettings
+from rsd.filelock import exclusive_lock
+from rsd.sim import protocol
+
+__all__ = ["EvalConfig", "EvalOutcome", "episode_keys", "evaluate"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One ``rsd eval`` invocation. ``tasks=None`` means every task of the suite (resolved by ``run``)."""
+
+    suite: str
+    policy: str
+    out: Path
+    trials: int = protocol.NUM_TRIALS_PER_TASK
+    tasks: tuple[int, ...] | None = None
+    workers: int = 1
+    video: str = "none"
+    render: bool = True
+    resume: bool = False
+    seed: int = protocol.SEED
+    camera_size: int = protocol.CAMERA_SIZE
+    max_episodes: int | None = None
+    command: str = ""
+    progress: bool = True
+    device: str | None = None  # learned policies: default cuda when available
+    plot: bool = True  # summary.png (matplotlib)
+    fast: bool = False  # learned policies on the CUDA fast path (rsd.policy.factory); recorded in run.json
+    trust_remote_code: bool = False  # --trust-remote-code: a saved policy's backbone may run its checkpoint's code
+
+    def __post_init__(self) -> None:
+        protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
+        if not str(self.out).strip():
+            raise ConfigError("--out is empty: pass the results directory (a new or empty one, or the directory of "
+                              "an earlier rsd eval with --resume).")
+        object.__setattr__(self, "out", Path(self.out))
+        limits.check_seed(self.seed)
+        if self.trials < 1:
+            raise ConfigError(f"--trials must be >= 1, got {self.trials}.")
+        limits.check_workers(self.workers)
+        if self.video not in VIDEO_MODES:
+            raise ConfigError(f"--video must be one of {VIDEO_MODES}, got {self.video!r}.")
+        if self.video != "none" and not self.render:
+            raise ConfigError(f"--video {self.video} needs rendered frames: drop --no-render or pass --video none.")
+        if self.camera_size < 1:
+            raise ConfigError(f"--camera-size must be positive, got {self.camera_size}.")
+        if self.max_episodes is not None and self.max_episodes < 1:
+            raise ConfigError(f"--max-episodes must be >= 1, got {self.max_episodes}.")
+        if self.tasks is not None:
+            if not self.tasks:
+                raise ConfigError("--tasks selects no task.")
+            object.__setattr__(self, "tasks", tuple(int(t) for t in self.tasks))
+        if self.fast:  # before anything is written: a scripted policy or an explicit non-CUDA --device
+            from rsd.policy.factory import check_fast
+
+            check_fast(self.policy, self.device)
+        if self.device is not None:  # a CUDA device on a machine without one: refused before anything is written
+            from rsd.policy.factory import check_device
+
+            check_device(self.device)
+
+    @property
+    def max_steps(self) -> int:
+        return protocol.max_steps_for(self.suite)
+
+    @functools.cached_property
+    def policy_identity(self) -> dict[str, Any]:
+        """What stands behind ``policy`` (``rsd.policy.factory.policy_identity``: kind, statistics key, content
+        hash of its files), computed once: hashing a checkpoint reads all of it."""
+        from rsd.policy.factory import policy_identity
+
+        return policy_identity(self.policy)
+
+    def run_record(self) -> dict[str, Any]:
+        """What every recorded episode depends on (written to ``run.json``). ``policy`` is the ``--policy`` text
+        as given (for reading); ``--resume`` compares the ``policy_*`` keys, which do not depend on how a path
+        was written."""
+        from rsd.policy.factory import policy_device
+
+        identity = self.policy_identity
+        return {"suite": self.suite, "policy": self.policy, "policy_kind": identity["kind"],
+                "policy_unnorm_key": identity["unnorm_key"], "policy_content": identity["content"],
+                "device": policy_device(self.policy, self.device), "seed": self.seed, "render": self.render,
+                "camera_size": self.camera_size, "max_steps": self.max_steps,
+                "num_steps_wait": protocol.NUM_STEPS_WAIT, "fast": self.fast}
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    summary: dict[str, Any]
+    exit_code: int
+    new_episodes: int
+
+
+def episode_keys(config: EvalConfig, task_ids: Sequence[int]) -> list[EpisodeKey]:
+    """Task-major list of the requested episodes."""
+    return [EpisodeKey(config.suite, int(t), i) for t in task_ids for i in range(config.trials)]
+
+
+def _default_runner(config: EvalConfig, policy_factory: Callable[[], Any]) -> Runner:
+    settings = WorkerSettings(suite=config.suite, render=config.render, camera_size=config.camera_size,
+                              seed=config.seed, video=config.video, out=config.out)
+    if config.workers > 1:
+        return ParallelRunner(settings, policy_factory, config.workers)
+    return SerialRunner(settings, policy_factory)
+
+
+def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Callable[[], Any] | None = None,
+             runner: Runner | None = None) -> EvalOutcome:
+    """Run the requested episodes not yet recorded, append each result, write and print the summary.
+
+    ``policy_factory`` (default ``make_policy(config.policy)``) is called once per process (must pickle for
+    ``workers > 1``). ``runner`` replaces the LIBERO runner (tests). Exit code 1 when an episode errored.
+    ``config.policy`` must be a spec rsd resolves (``rsd.policy.factory.policy_identity``: its files are hashed
+    into ``run.json``) also when ``policy_factory`` or ``runner`` makes the policy: name the one they run.
+    """
+    out = config.out
+    prepare_out_dir(out)
+    if runner is None and config.workers > 1:
+        limits.warn_worker_memory(config.workers)
+    t_start = time.perf_counter()
+    with exclusive_lock(out / LOCK_NAME, what=f"rsd eval is to write {out}",
+                        fix="wait for that eval to finish, or choose another --out."):
+        results_file = ResultsFile(out / RESULTS_NAME)
+        has_records = results_file.exists_nonempty()
+        if has_records and not config.resume:
+            raise ConfigError(f"{results_file.path} already holds results: pass --resume to continue that eval, "
+                              f"or choose another --out.")
+        wanted = config.run_record()  # hashes the files behind --policy (once)
+        check_run_record(out / RUN_NAME, wanted, resume=config.resume, has_records=has_records)
+        started = RunRecordWriter(out / RUN_NAME, wanted)
+        records = results_file.load(repair=True)
+        keys = episode_keys(config, task_ids)
+        latest = latest_by_key(records)
+        done = {k for k in keys if k in latest and latest[k].error is None}  # errored ones are re-run
+        todo = [k for k in keys if k not in done]
+        if config.max_episodes is not None:
+            todo = todo[: config.max_episodes]
+        if runner is None:
+            if policy_factory is None:
+                from functools import partial
+
+                from rsd.policy.factory import make_policy
+
+                policy_factory = partial(make_policy, config.policy, suite=config.suite, device=config.device,
+                                         fast=config.fast, trust_remote_code=config.trust_remote_code)
+            runner = _default_runner(config, policy_factory) if todo else None
+            if isinstance(runner, SerialRunner):  # its constructor made the policy: the start succeeded
+                started()
+            elif isinstance(runner, ParallelRunner):
+                runner.on_ready = started
+
+        bar = _progress(total=len(keys), initial=len(done), enabled=config.progress)
+        new, errored, interrupted = 0, 0, False
+        successes = sum(latest[k].success for k in done)
+        try:
+            if runner is not None and todo:
+                for result in runner.results(todo):
+                    started()  # no episode is recorded without its run.json
+                    results_file.append(result)
+                    records.append(result)
+                    new += 1
+                    errored += result.error is not None
+                    successes += result.success
+                    bar.update(1)
+                    bar.set_postfix(success=f"{successes}/{bar.n}", refresh=False)
+                    if result.error is not None:
+                        print(f"\nrsd eval: task {result.task_id} trial {result.trial} failed with "
+                              f"{result.error}\n{result.traceback or ''}", file=sys.stderr)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+
+        summary = summarize(records, keys)
+        summary.update({
+            "suite": config.suite, "policy": config.policy, "seed": config.seed, "render": config.render,
+            "camera_size": config.camera_size, "fast": config.fast, "trials": config.trials, "tasks": list(task_ids),
+            "protocol": {"max_steps": config.max_steps, "num_steps_wait": protocol.NUM_STEPS_WAIT,
+                         "dummy_action": list(protocol.DUMMY_ACTION), "success": "done flag of env.step",
+                         "seeding": "random/numpy/torch seeded before every episode"},
+            "renderer": renderer_record(config.render),
+            "versions": versions(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": config.command,
+            "wall_s": time.perf_counter() - t_start,
+            "episodes_this_run": new,
+            "episode_wall_s_total": float(sum(r.wall_s for r in latest_by_key(records).values())),
+        })
+        started()  # the runner did not raise: the run started (episodes may be cut by Ctrl-C)
+        write_json_atomic(out / SUMMARY_NAME, summary)
+        if config.plot:
+            title = f"{config.suite} · {config.policy}{' · fast' if config.fast else ''} · seed {config.seed}"
+            plot_summary(summary, out / PLOT_NAME, title)
+    print(format_table(summary))
+    print(f"wrote {out / SUMMARY_NAME}{', ' + str(out / PLOT_NAME) if config.plot else ''} and {out / RESULTS_NAME} "
+          f"({new} new episodes)")
+    if interrupted:
+        print("rsd eval: interrupted; rerun with --resume to continue.", file=sys.stderr)
+        return EvalOutcome(summary, 130, new)
+    return EvalOutcome(summary, 1 if errored else 0, new)
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, k: int) -> None:
+        self.n += k
+
+    def set_postfix(self, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        bar = _NoBar()
+        bar.n = initial
+        return bar
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="ep", desc="rsd eval", dynamic_ncols=True, file=sys.stderr)

@@ -1,0 +1,141 @@
+"""What ``rsd eval`` reports: the summary of the recorded episodes (``summary.json``), the table it prints, the
+plot (``summary.png``) and the facts a result depends on beyond its episodes (package versions, the renderer).
+
+Rates come with Wilson 95 % intervals (``rsd.stats``); each (task, trial) counts once, from its last record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from rsd.eval.records import EpisodeKey, EpisodeResult, latest_by_key
+from rsd.stats import percentiles, rate_estimate
+
+__all__ = ["summarize", "format_table", "plot_summary", "versions", "renderer_record"]
+
+
+def _task_block(records: Sequence[EpisodeResult]) -> dict[str, Any]:
+    successes = sum(r.success for r in records)
+    est = rate_estimate(successes, len(records))
+    lat = percentiles([x for r in records for x in r.chunk_latencies_ms])
+    ok_steps = [r.steps for r in records if r.success]
+    return {
+        "n": est.n, "successes": est.successes, "rate": est.rate, "ci_low": est.ci_low, "ci_high": est.ci_high,
+        "mean_steps": float(np.mean([r.steps for r in records])) if records else None,
+        "mean_steps_success": float(np.mean(ok_steps)) if ok_steps else None,
+        "latency_p50_ms": lat["p50"], "latency_p90_ms": lat["p90"],
+        "errors": sum(r.error is not None for r in records),
+    }
+
+
+def summarize(records: Sequence[EpisodeResult], keys: Sequence[EpisodeKey]) -> dict[str, Any]:
+    """``overall`` and ``per_task`` blocks over the requested ``keys`` (last record of each; missing ones are
+    counted in ``missing``, not as failures). Each block: n, successes, rate, ci_low, ci_high (Wilson 95 %),
+    mean_steps, mean_steps_success, latency_p50_ms, latency_p90_ms (over every chunk), errors."""
+    latest = latest_by_key(records)
+    wanted = [latest[k] for k in sorted(keys) if k in latest]
+    per_task: dict[str, Any] = {}
+    for tid in sorted({k.task_id for k in keys}):
+        task_records = [r for r in wanted if r.task_id == tid]
+        block = _task_block(task_records)
+        named = [r for r in task_records if r.task_name]
+        block["name"] = named[0].task_name if named else ""
+        block["instruction"] = named[0].instruction if named else ""
+        block["requested"] = sum(1 for k in keys if k.task_id == tid)
+        per_task[str(tid)] = block
+    overall = _task_block(wanted)
+    overall["requested"] = len(keys)
+    missing = len(keys) - len(wanted)
+    return {"overall": overall, "per_task": per_task, "missing": missing,
+            "complete": missing == 0 and overall["errors"] == 0,
+            "other_records": len([k for k in latest if k not in set(keys)])}
+
+
+def _fmt_ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """The per-task table printed at the end of an eval."""
+    head = f"{'task':>4}  {'n':>3}  {'succ':>4}  {'rate':>6}  {'95% CI':>13}  {'steps':>6}  {'p50 ms':>7}  " \
+           f"{'p90 ms':>7}  {'err':>3}  name"
+    lines = [head, "-" * len(head)]
+
+    def row(label: str, b: Mapping[str, Any], name: str) -> str:
+        if b["n"] == 0:
+            return f"{label:>4}  {0:>3}  {'-':>4}  {'-':>6}  {'-':>13}  {'-':>6}  {'-':>7}  {'-':>7}  {0:>3}  {name}"
+        ci = f"{100 * b['ci_low']:.1f}-{100 * b['ci_high']:.1f}"
+        return (f"{label:>4}  {b['n']:>3}  {b['successes']:>4}  {100 * b['rate']:>5.1f}%  {ci:>13}  "
+                f"{b['mean_steps']:>6.1f}  {_fmt_ms(b['latency_p50_ms']):>7}  {_fmt_ms(b['latency_p90_ms']):>7}  "
+                f"{b['errors']:>3}  {name}")
+
+    for tid, b in summary["per_task"].items():
+        lines.append(row(tid, b, b.get("name", "")))
+    lines.append("-" * len(head))
+    lines.append(row("all", summary["overall"], ""))
+    if summary.get("missing"):
+        lines.append(f"({summary['missing']} requested episodes not run yet: rerun with --resume)")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: Mapping[str, Any], path: Path, title: str) -> None:
+    """``summary.png``: success rate per task and overall with the Wilson intervals (written through a rename)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = [(tid, b) for tid, b in summary["per_task"].items() if b["n"] > 0]
+    rows = tasks + [("all", summary["overall"])] if tasks else []
+    fig = Figure(figsize=(7.0, 0.35 * len(rows) + 1.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if rows:
+        y = np.arange(len(rows))
+        rates = np.array([100 * b["rate"] for _, b in rows])
+        lo = rates - np.array([100 * b["ci_low"] for _, b in rows])
+        hi = np.array([100 * b["ci_high"] for _, b in rows]) - rates
+        colors = ["tab:blue"] * len(tasks) + ["tab:orange"]
+        ax.barh(y, rates, xerr=np.stack([lo, hi]), color=colors, capsize=3, ecolor="black")
+        ax.set_yticks(y, [f"task {t} ({b['successes']}/{b['n']})" if t != "all" else
+                          f"all ({b['successes']}/{b['n']})" for t, b in rows])
+        ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("success rate (%), Wilson 95% CI")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions of rsd, torch, numpy, mujoco, robosuite and LIBERO (None where not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for label, dists in (("rsd", ("rsd",)), ("torch", ("torch",)), ("numpy", ("numpy",)), ("mujoco", ("mujoco",)),
+                         ("robosuite", ("robosuite",)), ("libero", ("hf-libero", "libero"))):
+        out[label] = None
+        for dist in dists:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                out[label] = metadata.version(dist)
+                break
+    if out["rsd"] is None:  # running from a checkout without `pip install -e .`
+        import rsd
+
+        out["rsd"] = rsd.__version__
+    return out
+
+
+def renderer_record(render: bool) -> dict[str, Any]:
+    """The headless GL backend the episodes rendered with (``rsd.sim.setup.select_renderer``)."""
+    if not render:
+        return {"backend": "none (--no-render)"}
+    from rsd.sim.setup import select_renderer
+
+    info = select_renderer()
+    return {"backend": info.backend, "renderer": info.renderer, "vendor": info.vendor, "source": info.source}
