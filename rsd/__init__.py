@@ -12,6 +12,7 @@ The public surface, one concept per module (see docs/design.md)::
     rsd.policy                      Policy protocol, ActionChunk, RSDPolicy, L1Policy, load_policy
     rsd.sim                         LIBERO protocol, env, scripted experts
     rsd.eval                        the evaluation runner (`rsd eval`)
+    rsd.collect                     `rsd collect`: demonstrations recorded to HDF5
 
 Submodules are imported on use so that ``import rsd`` stays light.
 """

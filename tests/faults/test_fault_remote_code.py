@@ -16,7 +16,7 @@ from rsd.backbones import HFBackbone, TinyBackbone
 from rsd.errors import ConfigError
 from rsd.policy.factory import make_policy
 from rsd.policy import RSDPolicy, load_policy
-from rsd.sim import collect
+from rsd import collect
 from tests._eval_stubs import capture_policy_factories
 from tests.policy_factory import IMAGE, tiny_rsd_policy
 
