@@ -7,9 +7,11 @@ An observation is a plain dict (what crosses process boundaries and what LIBERO 
     state        float32 [P]      proprio: eef_pos 3 + axis-angle(eef_quat) 3 + gripper_qpos 2 (P = 8)
     raw          dict             the simulator's own observation (privileged policies only; learned ones never read it)
 
-Batched observations carry a leading ``B`` on every array. Unrendered episodes have no image keys.
-``ObservationSpec`` says which keys a consumer needs; ``validate`` checks an observation against it and
-``fake`` makes valid ones for tests and benchmarks (one generator, so every test speaks the same contract).
+Batched observations carry a leading ``B`` on every array. Unrendered episodes have no image keys. The arrays
+are numpy arrays (what the simulator produces) or torch tensors (what a caller holding tensors may hand a backbone).
+``ObservationSpec`` says which keys a consumer needs; ``validate`` checks an observation against it (the backbones
+check their input with it) and ``fake`` makes valid ones for tests and benchmarks (one generator, so every test
+speaks the same contract).
 """
 
 from __future__ import annotations
@@ -49,35 +51,38 @@ class ObservationSpec:
             raise ConfigError(f"ObservationSpec sizes must be positive, got image_size={self.image_size}, "
                               f"proprio_dim={self.proprio_dim}.")
 
-    def validate(self, observation: Any) -> Mapping[str, Any]:
+    def validate(self, observation: Any, *, hint: str = "") -> Mapping[str, Any]:
         """``observation`` itself if it meets the spec (unbatched or with one leading batch size on every
-        array); ShapeError / DTypeError / NonFiniteError naming the key and the expected form otherwise."""
+        array); ShapeError / DTypeError / NonFiniteError naming the key and the expected form otherwise.
+        ``hint``: what else the caller can do when an image is missing (added to that message)."""
         if not isinstance(observation, Mapping):
             raise DTypeError(f"an observation is a dict with keys {(*self.images, STATE)}, got {type(observation).__name__}.")
         missing = [k for k in (*self.images, STATE) if k not in observation]
         if self.raw and RAW not in observation:
             missing.append(RAW)
         if missing:
-            hint = " (render the episode: images are only present in rendered runs)" if set(missing) & set(IMAGE_KEYS) else ""
-            raise ShapeError(f"observation lacks {missing}; it has {sorted(observation)}{hint}.")
+            fix = (f" (render the episode: images are only present in rendered runs{'; ' + hint if hint else ''})"
+                   if set(missing) & set(IMAGE_KEYS) else "")
+            raise ShapeError(f"observation lacks {missing}; it has {sorted(observation)}{fix}.")
         lead: dict[str, tuple[int, ...]] = {}
         for key in self.images:
-            image = np.asarray(observation[key])
-            if image.dtype != np.uint8:
-                raise DTypeError(f"observation[{key!r}] must be uint8 (0..255), got {image.dtype}.")
-            if image.ndim not in (3, 4) or image.shape[-3:] != (self.image_size, self.image_size, 3):
+            shape, dtype = _layout(observation[key], key)
+            if dtype != "uint8":
+                raise DTypeError(f"observation[{key!r}] must be uint8 (0..255), got {dtype}.")
+            if len(shape) not in (3, 4) or shape[-3:] != (self.image_size, self.image_size, 3):
                 raise ShapeError(f"observation[{key!r}] must be [{self.image_size}, {self.image_size}, 3] or "
-                                 f"[B, {self.image_size}, {self.image_size}, 3], got {list(image.shape)}.")
-            lead[key] = image.shape[:-3]
-        state = np.asarray(observation[STATE])
-        if not np.issubdtype(state.dtype, np.floating):
-            raise DTypeError(f"observation['state'] must be float32 [{self.proprio_dim}], got {state.dtype}.")
-        if state.ndim not in (1, 2) or state.shape[-1] != self.proprio_dim:
+                                 f"[B, {self.image_size}, {self.image_size}, 3], got {list(shape)}.")
+            lead[key] = shape[:-3]
+        state = observation[STATE]
+        shape, dtype = _layout(state, STATE)
+        if not dtype.startswith(("float", "bfloat")):
+            raise DTypeError(f"observation['state'] must be float32 [{self.proprio_dim}], got {dtype}.")
+        if len(shape) not in (1, 2) or shape[-1] != self.proprio_dim:
             raise ShapeError(f"observation['state'] must be [{self.proprio_dim}] or [B, {self.proprio_dim}], "
-                             f"got {list(state.shape)}.")
-        if not np.all(np.isfinite(state)):
+                             f"got {list(shape)}.")
+        if not bool(np.isfinite(state).all() if isinstance(state, np.ndarray) else state.isfinite().all()):
             raise NonFiniteError("observation['state'] contains NaN/inf.")
-        lead[STATE] = state.shape[:-1]
+        lead[STATE] = shape[:-1]
         if len(set(lead.values())) != 1:
             raise ShapeError(f"observation keys disagree on the batch: leading shapes {lead}; batch all keys or none.")
         if self.raw and not isinstance(observation[RAW], Mapping):
@@ -102,3 +107,13 @@ class ObservationSpec:
             obs[RAW] = {"robot0_eef_pos": rng.uniform(-0.3, 0.3, 3), "robot0_eef_quat": np.array([1.0, 0.0, 0.0, 0.0]),
                         "robot0_gripper_qpos": np.array([0.04, -0.04])}
         return obs
+
+
+def _layout(value: Any, key: str) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype name) of a numpy array or a torch tensor (recognised without importing torch); DTypeError
+    naming the key for anything else (a list, a scalar)."""
+    if isinstance(value, np.ndarray):
+        return value.shape, value.dtype.name
+    if type(value).__module__.split(".")[0] == "torch" and hasattr(value, "isfinite"):
+        return tuple(value.shape), str(value.dtype).removeprefix("torch.")
+    raise DTypeError(f"observation[{key!r}] must be a numpy array or torch.Tensor, got {type(value).__name__}.")

@@ -13,8 +13,9 @@ Checking the hidden state: ``check_hidden`` reads its values (one host sync). A 
 keeps that check (``check=True``, the default); a policy calls ``encode(..., check=False)`` and runs
 ``check_hidden`` itself, once per chunk, where the hidden state enters the heads (which never re-check it).
 
-The observation dict is the one in docs/design.md: ``full_image`` / ``wrist_image`` uint8
-[224, 224, 3] (or batched [B, 224, 224, 3]), ``state`` float32 [8] (or [B, 8]).
+The observation dict is the contract in ``rsd.observation`` (docs/design.md): ``FULL_IMAGE`` / ``WRIST_IMAGE`` uint8
+[S, S, 3] (or batched [B, S, S, 3]), ``STATE`` float32 [P] (or [B, P]). A backbone states what it reads as an
+``ObservationSpec``; :func:`observation_batch` checks the observation against it and hands back batched tensors.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 import numpy as np
 import torch
 
-from rsd.errors import (ConfigError, DeadHiddenStateError, DTypeError, NonFiniteError, RemoteCodeNotAllowedError,
-                        ShapeError)
+from rsd.errors import ConfigError, DeadHiddenStateError, DTypeError, RemoteCodeNotAllowedError, ShapeError
+from rsd.observation import STATE, ObservationSpec
 
 __all__ = [
     "Backbone",
@@ -42,8 +43,7 @@ __all__ = [
     "save_backbone",
     "load_backbone",
     "instructions_for_batch",
-    "image_batch",
-    "state_batch",
+    "observation_batch",
 ]
 
 # main protocol
@@ -160,50 +160,22 @@ def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: bool =
 # helpers shared by backbones
 
 
-def _as_tensor(value: Any, key: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    raise DTypeError(f"observation[{key!r}] must be a numpy array or torch.Tensor, got {type(value).__name__}.")
+def _as_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
 
 
-def _require(observation: dict, key: str) -> Any:
-    if not isinstance(observation, dict):
-        raise ShapeError(f"observation must be a dict with key {key!r}, got {type(observation).__name__}.")
-    if key not in observation:
-        raise ShapeError(
-            f"observation is missing {key!r} (has {sorted(observation)}); render the camera "
-            f"or build the backbone without it (use_wrist=False for 'wrist_image')."
-        )
-    return observation[key]
-
-
-def image_batch(observation: dict, key: str, size: int) -> tuple[torch.Tensor, bool]:
-    """observation[key] uint8 [S, S, 3] or [B, S, S, 3] -> (uint8 [B, S, S, 3], was_batched)."""
-    image = _as_tensor(_require(observation, key), key)
-    if image.dtype != torch.uint8:
-        raise DTypeError(f"observation[{key!r}] must be uint8 (0..255), got {image.dtype}.")
-    batched = image.ndim == 4
-    if image.ndim not in (3, 4) or tuple(image.shape[-3:]) != (size, size, 3):
-        raise ShapeError(
-            f"observation[{key!r}] must be [{size}, {size}, 3] or [B, {size}, {size}, 3] uint8, "
-            f"got {list(image.shape)}."
-        )
-    return (image if batched else image[None]), batched
-
-
-def state_batch(observation: dict, dim: int) -> tuple[torch.Tensor, bool]:
-    """observation['state'] [P] or [B, P] floating -> (float32 [B, P], was_batched)."""
-    state = _as_tensor(_require(observation, "state"), "state")
-    if not state.is_floating_point():
-        raise DTypeError(f"observation['state'] must be float32 [{dim}] or [B, {dim}], got {state.dtype}.")
-    if state.ndim not in (1, 2) or state.shape[-1] != dim:
-        raise ShapeError(f"observation['state'] must be [{dim}] or [B, {dim}], got {list(state.shape)}.")
-    if not bool(torch.isfinite(state).all()):
-        raise NonFiniteError("observation['state'] contains NaN/inf.")
-    batched = state.ndim == 2
-    return (state if batched else state[None]).float(), batched
+def observation_batch(observation: dict, spec: ObservationSpec, *, hint: str = ""
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Check ``observation`` against ``spec`` (:meth:`ObservationSpec.validate`: keys, dtypes, shapes, a finite
+    state, one batch size for every key; ShapeError / DTypeError / NonFiniteError naming the key) and return
+    (one uint8 ``[B, S, S, 3]`` tensor per ``spec.images`` key, state float32 ``[B, P]``); an unbatched
+    observation gives B = 1. ``hint``: what the caller can change when an image is missing."""
+    spec.validate(observation, hint=hint)
+    images = [_as_tensor(observation[key]) for key in spec.images]
+    state = _as_tensor(observation[STATE]).float()
+    if state.ndim == 1:
+        return [image[None] for image in images], state[None]
+    return images, state
 
 
 def instructions_for_batch(instruction: str | list[str] | tuple[str, ...], batch: int) -> list[str]:

@@ -21,6 +21,7 @@ from einops import rearrange
 
 from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
 from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, DTypeError, ShapeError
+from rsd.observation import FULL_IMAGE
 from rsd.prompt import PROMPT_TEMPLATE
 
 __all__ = ["HFBackbone", "DEFAULT_PROMPT", "last_real_token_index", "hf_offline_mode"]
@@ -203,7 +204,7 @@ class HFBackbone:
         trust_remote_code: bool = False,
         local_files_only: bool | None = None,
         prompt_template: str = DEFAULT_PROMPT,
-        image_key: str = "full_image",
+        image_key: str = FULL_IMAGE,
         padding_side: str | None = None,
         lowercase_instruction: bool = True,
     ) -> "HFBackbone":

@@ -39,7 +39,7 @@ from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_fo
 from rsd.backbones.openvla_arch import OpenVLAModel, enable_fast_path
 from rsd.backbones.openvla_checkpoint import (DTYPES, check_preprocessor, check_suite, load_oft_state_dict, read_json,
                                               resolve_checkpoint_dir, shape_from_config, strict_assign)
-from rsd.backbones.openvla_inputs import IMAGE_KEYS, group_by_prompt, observation_tensors, ungroup
+from rsd.backbones.openvla_inputs import group_by_prompt, observation_tensors, ungroup
 from rsd.prompt import openvla_prompt
 from rsd.errors import (
     CheckpointMismatchError,
@@ -48,6 +48,7 @@ from rsd.errors import (
     WrongBaseModelError,
 )
 from rsd.images import center_crop_image
+from rsd.observation import IMAGE_KEYS
 
 __all__ = ["OpenVLAOFTBackbone"]
 

@@ -2,7 +2,8 @@
 (``openvla.py``) and the random-weight timing model (``openvla_shaped.py``).
 
 - :data:`PROMPT_TEMPLATE` OFT's prompt (the task lowercased); :data:`IMAGE_KEYS` OFT's image order;
-- :func:`observation_tensors` the observation dict -> images uint8 ``[B, N, S, S, 3]`` and state ``[B, P]``;
+- :func:`observation_spec` what a model reads (``rsd.observation.ObservationSpec``); :func:`observation_tensors` the
+  observation dict -> images uint8 ``[B, N, S, S, 3]`` and state ``[B, P]``;
 - :func:`group_by_prompt` / :func:`ungroup` batch elements whose prompts have the same length run
   together, so no padding is ever attended.
 
@@ -15,32 +16,28 @@ from typing import Any
 
 import torch
 
-from rsd.backbones.base import image_batch, state_batch
+from rsd.backbones.base import observation_batch
 from rsd.backbones.openvla_arch import OpenVLAShape
-from rsd.errors import ConfigError, ShapeError
+from rsd.errors import ConfigError
+from rsd.observation import IMAGE_KEYS, ObservationSpec  # IMAGE_KEYS re-exported: OFT's image order on LIBERO
 from rsd.prompt import PROMPT_TEMPLATE  # re-exported: OFT's prompt
 
-__all__ = ["PROMPT_TEMPLATE", "IMAGE_KEYS", "observation_tensors", "group_by_prompt", "ungroup"]
-
-IMAGE_KEYS = ("full_image", "wrist_image")  # OFT's image order on LIBERO: third-person first, then wrist
+__all__ = ["PROMPT_TEMPLATE", "IMAGE_KEYS", "observation_spec", "observation_tensors", "group_by_prompt", "ungroup"]
 
 
-def observation_tensors(observation: dict, shape: OpenVLAShape, *, image_keys: tuple[str, ...] = IMAGE_KEYS
-                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """-> (images uint8 ``[B, N, S, S, 3]``, state float32 ``[B, P]``, B). Raises ShapeError/DTypeError."""
+def observation_spec(shape: OpenVLAShape) -> ObservationSpec:
+    """What a model of ``shape`` reads: the first ``num_images`` cameras of :data:`IMAGE_KEYS` at its image size
+    and its proprio vector."""
+    if not 1 <= shape.num_images <= len(IMAGE_KEYS):
+        raise ConfigError(f"{shape.num_images} images requested but only image keys {IMAGE_KEYS} are known.")
+    return ObservationSpec(images=IMAGE_KEYS[: shape.num_images], image_size=shape.image_size,
+                           proprio_dim=shape.proprio_dim)
 
-    keys = image_keys[: shape.num_images]
-    if len(keys) != shape.num_images:
-        raise ConfigError(f"{shape.num_images} images requested but only image keys {image_keys} are known.")
-    images, flags = [], []
-    for key in keys:
-        image, batched = image_batch(observation, key, shape.image_size)
-        images.append(image)
-        flags.append(batched)
-    state, state_batched = state_batch(observation, shape.proprio_dim)
-    sizes = {key: image.shape[0] for key, image in zip(keys, images)} | {"state": state.shape[0]}
-    if len(set(flags + [state_batched])) != 1 or len(set(sizes.values())) != 1:
-        raise ShapeError(f"observation keys disagree on the batch: leading sizes {sizes}; batch all keys or none.")
+
+def observation_tensors(observation: dict, shape: OpenVLAShape) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """-> (images uint8 ``[B, N, S, S, 3]``, state float32 ``[B, P]``, B). Raises ShapeError/DTypeError/NonFiniteError
+    naming the key (:func:`rsd.backbones.base.observation_batch`)."""
+    images, state = observation_batch(observation, observation_spec(shape))
     return torch.stack(images, dim=1), state, state.shape[0]
 
 

@@ -20,10 +20,11 @@ from torch import nn
 
 from rsd.backbones.base import check_hidden, instructions_for_batch, register_backbone
 from rsd.backbones.openvla_arch import OpenVLAModel, OpenVLAShape, enable_fast_path
-from rsd.backbones.openvla_inputs import IMAGE_KEYS, group_by_prompt, observation_tensors, ungroup
+from rsd.backbones.openvla_inputs import group_by_prompt, observation_tensors, ungroup
 from rsd.prompt import openvla_prompt
 from rsd.backbones.openvla_llama import RMSNorm
 from rsd.errors import ConfigError
+from rsd.observation import IMAGE_KEYS
 
 __all__ = ["OpenVLAShapedBackbone", "random_openvla_model", "stand_in_token_ids"]
 

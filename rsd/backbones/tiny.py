@@ -26,10 +26,9 @@ from torch import nn
 from rsd.backbones.base import (
     _check_spec_kwargs,
     check_hidden,
-    image_batch,
     instructions_for_batch,
+    observation_batch,
     register_backbone,
-    state_batch,
 )
 from rsd.checkpoint import load_safetensors
 from rsd.errors import (
@@ -38,6 +37,7 @@ from rsd.errors import (
     ConfigError,
     ShapeError,
 )
+from rsd.observation import FULL_IMAGE, IMAGE_KEYS, ObservationSpec
 
 __all__ = ["TinyBackbone", "instruction_buckets_of", "stable_bucket", "WEIGHTS_FILE"]
 
@@ -137,7 +137,8 @@ class TinyBackbone(nn.Module):
         self.use_wrist = use_wrist
         self.width = width
         self.seed = seed
-        self.cameras = ("full_image", "wrist_image") if use_wrist else ("full_image",)
+        self.cameras = IMAGE_KEYS if use_wrist else (FULL_IMAGE,)
+        self.observation_spec = ObservationSpec(images=self.cameras, image_size=image_size, proprio_dim=proprio_dim)
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -159,21 +160,9 @@ class TinyBackbone(nn.Module):
         Raises ShapeError / DTypeError / NonFiniteError naming the bad key, and with ``check`` (the default)
         DeadHiddenStateError through ``check_hidden``; ``check=False`` returns the hidden state unchecked.
         """
-        images, batched = [], None
-        for cam in self.cameras:
-            image, cam_batched = image_batch(observation, cam, self.image_size)
-            images.append(image)
-            batched = cam_batched if batched is None else batched
-            if cam_batched != batched:
-                raise ShapeError(f"observation[{cam!r}] is {'' if cam_batched else 'un'}batched but "
-                                 f"observation[{self.cameras[0]!r}] is not; batch all keys or none.")
-        state, state_batched = state_batch(observation, self.proprio_dim)
-        batch = images[0].shape[0]
-        sizes = {cam: image.shape[0] for cam, image in zip(self.cameras, images)} | {"state": state.shape[0]}
-        if state_batched != batched or len(set(sizes.values())) != 1:
-            raise ShapeError(f"observation keys disagree on the batch: leading sizes {sizes} "
-                             f"(state batched={state_batched}, images batched={batched}).")
-        texts = instructions_for_batch(instruction, batch)
+        images, state = observation_batch(observation, self.observation_spec, hint=(
+            f"or build TinyBackbone(use_wrist=False), which reads {FULL_IMAGE!r} alone" if self.use_wrist else ""))
+        texts = instructions_for_batch(instruction, state.shape[0])
 
         device = self.device
         features = [enc(image.to(device)) for enc, image in zip(self.image_encoders.values(), images)]

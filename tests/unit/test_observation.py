@@ -50,3 +50,17 @@ def test_spec_checks_itself_and_raw() -> None:
     with pytest.raises(DTypeError):
         ObservationSpec().validate([1, 2])
     assert IMAGE_KEYS == (FULL_IMAGE, WRIST_IMAGE)
+
+
+def test_torch_tensors_are_arrays_too_and_other_values_are_refused() -> None:
+    torch = pytest.importorskip("torch")
+    spec = ObservationSpec(image_size=32)
+    obs = spec.fake(seed=2, batch=2)
+    as_tensors = {key: torch.from_numpy(value) for key, value in obs.items()}
+    assert spec.validate(as_tensors) is as_tensors
+    with pytest.raises(NonFiniteError, match="state"):
+        spec.validate({**as_tensors, STATE: torch.full((2, 8), float("nan"))})
+    with pytest.raises(DTypeError, match=r"observation\['state'\] must be a numpy array or torch.Tensor, got list"):
+        spec.validate({**obs, STATE: [0.0] * 8})
+    with pytest.raises(ShapeError, match=r"lacks \['wrist_image'\].*render the episode.*; or drop the wrist camera"):
+        spec.validate({k: v for k, v in obs.items() if k != WRIST_IMAGE}, hint="or drop the wrist camera")
