@@ -81,10 +81,7 @@ def cpu_breakdown(config: RSDConfig, *, device: str = "cpu", iters: int = 200, w
     l1 = L1Policy(backbone, L1ActionHead(config).to(dev).eval(), stats, config=config, device=dev)
     spec = SpeculativeDecoder(draft, head, mode="exact")
 
-    rng = np.random.default_rng(0)
-    obs = {"full_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-           "wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-           "state": rng.normal(size=config.proprio_dim).astype(np.float32)}
+    obs = backbone.observation_spec.fake(seed=0)  # both cameras at 224 px and the proprio vector
     instruction = "pick up the black bowl between the plate and the ramekin and place it on the plate"
     with torch.inference_mode():
         hidden = backbone.encode(obs, instruction).to(dev)

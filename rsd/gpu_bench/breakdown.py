@@ -40,14 +40,6 @@ def _forward_weight_bytes(model: Any) -> dict[str, int]:
     return {"vision": vision, "llm": llm, "backbone": vision + llm}
 
 
-def _fake_observation(shape: Any, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)  # allowed: synthetic benchmark observation
-    size = shape.image_size
-    return {"full_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            "wrist_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            "state": rng.uniform(-1, 1, shape.proprio_dim).astype(np.float32)}
-
-
 def random_rsd_parts(cfg: Any, device: torch.device, seed: int) -> tuple[Any, Any, Any, Any]:
     """Random RSD heads + tokenizer at ``cfg`` sizes on ``device`` (weights are irrelevant for timing)."""
     from rsd.heads import DraftHead, RFSQHead
@@ -146,6 +138,7 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
     ``fast_autotune`` variant (compiled with ``max-autotune-no-cudagraphs``); ``regret_samples``: random
     hidden states on which the compiled decode graph's codes are checked with ``argmax_regret``."""
     from rsd.backbones.openvla_shaped import OpenVLAShapedBackbone
+    from rsd.backbones.openvla_inputs import observation_spec
     from rsd.config import RSDConfig
     from rsd.fastpath import CudaGraphFn, GraphedRSDDecoder, argmax_regret
     from rsd.policy import RSDPolicy
@@ -179,7 +172,7 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
     eager_bb = OpenVLAShapedBackbone(size, device=dev, seed=seed, num_images=num_images)
     out["build_s"] = time.perf_counter() - t0
     model, shape = eager_bb.model, eager_bb.shape
-    obs = _fake_observation(shape, seed)
+    obs = observation_spec(shape).fake(seed)
     groups = eager_bb.inputs(obs, instruction)
     images, ids, proprio, _ = groups[0]
     with torch.inference_mode():
