@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from rsd.backbones.openvla_arch import OpenVLAShape
-from rsd.backbones.openvla_inputs import PROMPT_TEMPLATE
+from rsd.backbones.openvla_inputs import PROMPT_TEMPLATE, observation_spec
 from rsd.backbones.openvla_shaped import random_openvla_model
 
 INSTRUCTIONS = ("pick up the black bowl between the plate and the ramekin and place it on the plate",
@@ -96,8 +96,5 @@ def build_tiny_oft_checkpoint(directory: str | Path, *, stats_keys: tuple[str, .
 
 
 def tiny_observation(seed: int = 0, batch: int | None = None) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    lead = () if batch is None else (batch,)
-    return {"full_image": rng.integers(0, 256, (*lead, 28, 28, 3), dtype=np.uint8),
-            "wrist_image": rng.integers(0, 256, (*lead, 28, 28, 3), dtype=np.uint8),
-            "state": rng.uniform(-0.2, 0.2, (*lead, 8)).astype(np.float32)}
+    """A valid observation for the tiny checkpoint: both cameras at 28 px and the 8-d state."""
+    return observation_spec(OpenVLAShape.tiny()).fake(seed, batch=batch)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rsd.backbones.openvla_inputs import observation_spec
 from rsd.fastpath import CudaGraphFn, GraphedRSDDecoder
 from rsd.speculative import greedy_decode
 
@@ -20,27 +21,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _obs(shape, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    s = shape.image_size
-    return {"full_image": rng.integers(0, 256, (s, s, 3), dtype=np.uint8),
-            "wrist_image": rng.integers(0, 256, (s, s, 3), dtype=np.uint8),
-            "state": rng.uniform(-1, 1, 8).astype(np.float32)}
-
-
 def test_fast_backbone_matches_eager_7b(shaped_7b, shaped_7b_fast) -> None:
     """Fast path (optimize_for_inference + CUDA graphs) vs the plain eager module, same weights."""
     texts = ["pick up the black bowl between the plate and the ramekin and place it on the plate",
              "open the top drawer and put the bowl inside"]
     for seed, text in enumerate(texts + texts[1:]):
-        obs = _obs(shaped_7b.shape, seed)
+        obs = observation_spec(shaped_7b.shape).fake(seed)
         eager, fast = shaped_7b.encode(obs, text), shaped_7b_fast.encode(obs, text)
         assert fast.shape == (1, 4096) and fast.dtype == torch.float32 and torch.isfinite(fast).all()
         assert _rel(fast, eager) < 1e-2, _rel(fast, eager)  # bf16 tolerance
     assert shaped_7b_fast._graphed.num_graphs == 2  # one graph per prompt length; the third call replayed one
     # the graphs of the plain module alone reproduce eager (same kernels)
     graphed = CudaGraphFn(shaped_7b.model.rsd_hidden, device="cuda")
-    (images, ids, proprio, _), = shaped_7b.inputs(_obs(shaped_7b.shape, 9), texts[0])
+    (images, ids, proprio, _), = shaped_7b.inputs(observation_spec(shaped_7b.shape).fake(9), texts[0])
     with torch.inference_mode():
         assert _rel(graphed(images, ids, proprio), shaped_7b.model.rsd_hidden(images, ids, proprio)) < 1e-3
 

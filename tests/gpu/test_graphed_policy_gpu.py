@@ -31,13 +31,6 @@ def _parts(cfg: RSDConfig, device: torch.device, seed: int = 1) -> tuple[RFSQHea
     return head.to(device).eval(), tok.to(device).eval()
 
 
-def _observation(seed: int, size: int = 32) -> dict:
-    rng = np.random.default_rng(seed)
-    return {"full_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            "wrist_image": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
-            "state": rng.uniform(-1, 1, 8).astype(np.float32)}
-
-
 @pytest.mark.parametrize("sizes", ["tiny", "default_heads"])
 def test_graphed_policy_equals_eager_greedy_policy(cuda, sizes: str) -> None:
     from rsd.backbones.tiny import TinyBackbone
@@ -52,7 +45,7 @@ def test_graphed_policy_equals_eager_greedy_policy(cuda, sizes: str) -> None:
     graphed = RSDPolicy(backbone, head, tok, stats, config=cfg, device=cuda, graphed=True)
     seen = []
     for seed in range(6):
-        obs, text = _observation(seed), INSTRUCTIONS[seed % len(INSTRUCTIONS)]
+        obs, text = backbone.observation_spec.fake(seed), INSTRUCTIONS[seed % len(INSTRUCTIONS)]
         want, got = eager.predict_chunk(obs, text), graphed.predict_chunk(obs, text)
         assert got.info["graphed"] and not want.info["graphed"]
         assert np.array_equal(got.actions, want.actions), np.abs(got.actions - want.actions).max()

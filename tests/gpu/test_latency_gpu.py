@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from rsd.backbones.openvla_inputs import observation_spec
 from rsd.fastpath import CudaGraphFn, GraphedRSDDecoder, argmax_regret
 from rsd.gpu_bench import LIBERO_INSTRUCTION, time_cuda
 from rsd.speculative import SpeculativeDecoder, greedy_decode
@@ -34,10 +35,7 @@ def _bench(benchmark, fn):
 
 @pytest.fixture(scope="module")
 def inputs(shaped_7b):
-    rng = np.random.default_rng(0)
-    obs = {"full_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-           "wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-           "state": rng.uniform(-1, 1, 8).astype(np.float32)}
+    obs = observation_spec(shaped_7b.shape).fake(0)
     (images, ids, proprio, _), = shaped_7b.inputs(obs, LIBERO_INSTRUCTION)
     model = shaped_7b.model
     with torch.inference_mode():

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from rsd.observation import STATE, ObservationSpec
+
 pytestmark = pytest.mark.gpu
 
 PATH = os.environ.get("RSD_OPENVLA_OFT_PATH")
@@ -27,10 +29,8 @@ def oft():
 
 
 def _obs(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {"full_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-            "wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
-            "state": np.array([-0.05, 0.0, 1.1, 3.1, 0.0, 0.0, 0.03, -0.03], np.float32)}
+    """Fake cameras and a LIBERO-like proprio vector (the arm above the table, gripper open)."""
+    return {**ObservationSpec().fake(seed), STATE: np.array([-0.05, 0.0, 1.1, 3.1, 0.0, 0.0, 0.03, -0.03], np.float32)}
 
 
 @needs_checkpoint

@@ -19,6 +19,7 @@ from rsd.errors import (
     DTypeError,
     ShapeError,
 )
+from rsd.observation import FULL_IMAGE, WRIST_IMAGE, ObservationSpec
 from tests._hf_tiny import build_tiny_hf_vlm
 
 pytestmark = pytest.mark.integration
@@ -48,20 +49,20 @@ def left(vlm_dir) -> HFBackbone:
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (len(INSTRUCTIONS), 224, 224, 3), dtype=np.uint8)
+    return ObservationSpec(images=(FULL_IMAGE,)).fake(0, batch=len(INSTRUCTIONS))[FULL_IMAGE]  # [B, 224, 224, 3]
 
 
 def test_shape_dtype_finite(right: HFBackbone, images: np.ndarray) -> None:
     assert right.hidden_dim == D
-    hidden = right.encode({"full_image": images}, INSTRUCTIONS)
+    hidden = right.encode({FULL_IMAGE: images}, INSTRUCTIONS)
     assert hidden.shape == (len(INSTRUCTIONS), D) and hidden.dtype == torch.float32
     assert torch.isfinite(hidden).all()
-    one = right.encode({"full_image": images[0]}, INSTRUCTIONS[0])  # unbatched image -> B = 1
+    one = right.encode({FULL_IMAGE: images[0]}, INSTRUCTIONS[0])  # unbatched image -> B = 1
     assert one.shape == (1, D)
 
 
 def test_hidden_is_frozen_but_usable_for_training_a_head(right: HFBackbone, images: np.ndarray) -> None:
-    hidden = right.encode({"full_image": images}, INSTRUCTIONS)
+    hidden = right.encode({FULL_IMAGE: images}, INSTRUCTIONS)
     assert not hidden.requires_grad and not hidden.is_inference()
     head = torch.nn.Linear(D, 3)
     head(hidden).square().mean().backward()  # inference tensors would raise here
@@ -75,7 +76,7 @@ def test_prompt_is_openvla_prompt_with_image_token(right: HFBackbone) -> None:
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_last_real_token_matches_manual_selection(request, side: str, images: np.ndarray) -> None:
     backbone: HFBackbone = request.getfixturevalue(side)
-    inputs = backbone.inputs({"full_image": images}, INSTRUCTIONS)
+    inputs = backbone.inputs({FULL_IMAGE: images}, INSTRUCTIONS)
     ids, pad = inputs["input_ids"], backbone.processor.tokenizer.pad_token_id
     lengths = (ids != pad).sum(dim=1)
     assert len(set(lengths.tolist())) == len(INSTRUCTIONS), "prompts must differ in length so padding happens"
@@ -89,7 +90,7 @@ def test_last_real_token_matches_manual_selection(request, side: str, images: np
         assert (real[0] == 0) if side == "right" else (real[-1] == ids.shape[1] - 1)
         rows.append(states[b, real[-1]])
     manual = torch.stack(rows).float()
-    assert torch.equal(backbone.encode({"full_image": images}, INSTRUCTIONS), manual)
+    assert torch.equal(backbone.encode({FULL_IMAGE: images}, INSTRUCTIONS), manual)
     if side == "right":  # there, the naive "last position" pick lands on padding for the shorter prompts
         assert not torch.allclose(manual, states[:, -1].float())
 
@@ -97,24 +98,24 @@ def test_last_real_token_matches_manual_selection(request, side: str, images: np
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batch_equals_each_element_alone(request, side: str, images: np.ndarray) -> None:
     backbone: HFBackbone = request.getfixturevalue(side)
-    batch = backbone.encode({"full_image": images}, INSTRUCTIONS)
-    alone = torch.cat([backbone.encode({"full_image": images[i]}, text) for i, text in enumerate(INSTRUCTIONS)])
+    batch = backbone.encode({FULL_IMAGE: images}, INSTRUCTIONS)
+    alone = torch.cat([backbone.encode({FULL_IMAGE: images[i]}, text) for i, text in enumerate(INSTRUCTIONS)])
     assert torch.allclose(batch, alone, rtol=1e-4, atol=1e-5), (batch - alone).abs().max()
 
 
 def test_left_and_right_padding_agree(left: HFBackbone, right: HFBackbone, images: np.ndarray) -> None:
-    a = left.encode({"full_image": images}, INSTRUCTIONS)
-    b = right.encode({"full_image": images}, INSTRUCTIONS)
+    a = left.encode({FULL_IMAGE: images}, INSTRUCTIONS)
+    b = right.encode({FULL_IMAGE: images}, INSTRUCTIONS)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
 
 
 def test_deterministic_and_input_sensitive(vlm_dir, right: HFBackbone, images: np.ndarray) -> None:
-    obs = {"full_image": images}
+    obs = {FULL_IMAGE: images}
     first = right.encode(obs, INSTRUCTIONS)
     assert torch.equal(first, right.encode(obs, INSTRUCTIONS))
     assert torch.equal(first, HFBackbone.from_pretrained(vlm_dir, padding_side="right").encode(obs, INSTRUCTIONS))
-    other_text = right.encode({"full_image": images[:1]}, "open the bottom drawer")
-    other_image = right.encode({"full_image": images[1:2]}, INSTRUCTIONS[0])
+    other_text = right.encode({FULL_IMAGE: images[:1]}, "open the bottom drawer")
+    other_image = right.encode({FULL_IMAGE: images[1:2]}, INSTRUCTIONS[0])
     assert not torch.allclose(first[:1], other_text, atol=1e-4)
     assert not torch.allclose(first[:1], other_image, atol=1e-4)
 
@@ -126,21 +127,21 @@ def test_spec_round_trip_and_registry(tmp_path, vlm_dir, right: HFBackbone, imag
     assert spec["name"] == "hf" and spec["kwargs"]["path_or_id"] == str(vlm_dir.resolve())
     loaded = load_backbone(spec, tmp_path)
     built = build_backbone("hf", path_or_id=vlm_dir, padding_side="right")
-    obs = {"full_image": images}
+    obs = {FULL_IMAGE: images}
     expected = right.encode(obs, INSTRUCTIONS)
     assert torch.equal(loaded.encode(obs, INSTRUCTIONS), expected)
     assert torch.equal(built.encode(obs, INSTRUCTIONS), expected)
 
 
 def test_bad_observations(right: HFBackbone, images: np.ndarray) -> None:
-    with pytest.raises(ShapeError, match="full_image"):
-        right.encode({"wrist_image": images}, "open the drawer")
+    with pytest.raises(ShapeError, match=FULL_IMAGE):
+        right.encode({WRIST_IMAGE: images}, "open the drawer")
     with pytest.raises(DTypeError, match="uint8"):
-        right.encode({"full_image": images.astype(np.float32)}, INSTRUCTIONS)
+        right.encode({FULL_IMAGE: images.astype(np.float32)}, INSTRUCTIONS)
     with pytest.raises(ShapeError, match=r"\[H, W, 3\]"):
-        right.encode({"full_image": images[..., :1]}, INSTRUCTIONS)
+        right.encode({FULL_IMAGE: images[..., :1]}, INSTRUCTIONS)
     with pytest.raises(ShapeError, match="2 instructions for a batch of 3"):
-        right.encode({"full_image": images}, INSTRUCTIONS[:2])
+        right.encode({FULL_IMAGE: images}, INSTRUCTIONS[:2])
 
 
 def test_dead_hidden_state_is_loud(vlm_dir, images: np.ndarray) -> None:
@@ -148,8 +149,8 @@ def test_dead_hidden_state_is_loud(vlm_dir, images: np.ndarray) -> None:
     with torch.no_grad():
         backbone.model.model.language_model.norm.weight.zero_()  # the final RMSNorm now outputs zeros
     with pytest.raises(DeadHiddenStateError, match="all zero"):
-        backbone.encode({"full_image": images}, INSTRUCTIONS)
-    unchecked = backbone.encode({"full_image": images}, INSTRUCTIONS, check=False)  # the caller checks it once
+        backbone.encode({FULL_IMAGE: images}, INSTRUCTIONS)
+    unchecked = backbone.encode({FULL_IMAGE: images}, INSTRUCTIONS, check=False)  # the caller checks it once
     assert unchecked.shape == (len(INSTRUCTIONS), D) and not unchecked.any()
 
 
@@ -197,8 +198,8 @@ def test_offline_local_dir_loads(monkeypatch, vlm_dir, right: HFBackbone, images
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     backbone = HFBackbone.from_pretrained(str(vlm_dir), padding_side="right")
-    assert torch.equal(backbone.encode({"full_image": images}, INSTRUCTIONS),
-                       right.encode({"full_image": images}, INSTRUCTIONS))
+    assert torch.equal(backbone.encode({FULL_IMAGE: images}, INSTRUCTIONS),
+                       right.encode({FULL_IMAGE: images}, INSTRUCTIONS))
 
 
 def test_missing_weights_file_raises(tmp_path, vlm_dir) -> None:
@@ -249,8 +250,8 @@ def test_remote_code_only_when_trusted(tmp_path, vlm_dir, right: HFBackbone, ima
         HFBackbone.from_pretrained(remote)
     backbone = HFBackbone.from_pretrained(remote, trust_remote_code=True, padding_side="right")
     assert type(backbone.model).__name__ == "RsdTinyRemoteVLM"
-    assert torch.allclose(backbone.encode({"full_image": images}, INSTRUCTIONS),
-                          right.encode({"full_image": images}, INSTRUCTIONS), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(backbone.encode({FULL_IMAGE: images}, INSTRUCTIONS),
+                          right.encode({FULL_IMAGE: images}, INSTRUCTIONS), rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_with_missing_weights_is_refused(tmp_path, vlm_dir) -> None:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from policy_factory import fake_observation, tiny_l1_policy, tiny_rsd_policy
+from rsd.observation import STATE
 from rsd.policy import load_policy
 
 pytestmark = pytest.mark.integration
@@ -20,8 +21,10 @@ def test_tiny_backbone_save_load_identical(tmp_path, make):
     loaded = load_policy(tmp_path / "policy")
     assert type(loaded) is type(policy)
     np.testing.assert_array_equal(loaded.predict_chunk(obs, INSTR).actions, before)
-    # the policy looks at its inputs: another observation, or another instruction, changes the chunk
-    assert not np.array_equal(loaded.predict_chunk(fake_observation(8), INSTR).actions, before)
+    # the policy looks at its inputs: another observation, or another instruction, changes the chunk (random RSD
+    # heads give nearby observations the same codes, so the other one is far: other images, proprio moved by 1)
+    other = {**fake_observation(8), STATE: obs[STATE] + 1.0}
+    assert not np.array_equal(loaded.predict_chunk(other, INSTR).actions, before)
     assert not np.array_equal(loaded.predict_chunk(obs, "open the drawer").actions, before)
 
 

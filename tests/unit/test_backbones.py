@@ -24,6 +24,7 @@ from rsd.backbones import (
 from rsd.backbones.hf import HFBackbone, hf_offline_mode, last_real_token_index
 from rsd.backbones.tiny import WEIGHTS_FILE, instruction_buckets_of, stable_bucket
 from rsd.config import RSDConfig
+from rsd.observation import ObservationSpec
 from rsd.errors import (
     CheckpointMismatchError,
     CheckpointNotFoundError,
@@ -41,14 +42,8 @@ S = 32  # test image size
 
 
 def make_obs(batch: int | None = None, size: int = S, seed: int = 0) -> dict:
-    """design.md observation dict; batch=None gives the unbatched form."""
-    rng = np.random.default_rng(seed)
-    lead = () if batch is None else (batch,)
-    return {
-        "full_image": rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8),
-        "wrist_image": rng.integers(0, 256, (*lead, size, size, 3), dtype=np.uint8),
-        "state": rng.standard_normal((*lead, CFG.proprio_dim)).astype(np.float32),
-    }
+    """A valid observation (rsd.observation) for a TinyBackbone of image_size ``size``; batch=None: unbatched."""
+    return ObservationSpec(image_size=size, proprio_dim=CFG.proprio_dim).fake(seed, batch=batch)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +147,13 @@ def test_tiny_missing_key_names_it(tiny: TinyBackbone, key: str) -> None:
     obs = make_obs()
     del obs[key]
     with pytest.raises(ShapeError, match=key):
+        tiny.encode(obs, "open the drawer")
+
+
+def test_tiny_missing_wrist_camera_says_how_to_do_without(tiny: TinyBackbone) -> None:
+    obs = make_obs()
+    del obs["wrist_image"]
+    with pytest.raises(ShapeError, match=r"render the episode.*use_wrist=False"):
         tiny.encode(obs, "open the drawer")
 
 
