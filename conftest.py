@@ -9,8 +9,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent
 
 # Marker implied by the folder a test lives in (a test may add more, e.g. `benchmark` or `gpu`).
-_FOLDER_MARKERS = {"unit": "unit", "integration": "integration", "sim": "sim", "gpu": "gpu", "faults": "unit"}
-# a test in tests/faults marked with one of these (explicitly) is not also `unit`: it runs LIBERO or needs CUDA
+_FOLDER_MARKERS = {"unit": "unit", "integration": "integration", "sim": "sim", "gpu": "gpu", "faults": "unit",
+                   "contracts": "unit"}
+# a test in tests/faults or tests/contracts marked with one of these (explicitly) is not also `unit`: it runs
+# LIBERO or needs CUDA
+_MIXED_FOLDERS = ("faults", "contracts")
 _SLOW_MARKERS = ("sim", "gpu", "integration")
 
 
@@ -18,8 +21,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT).parts
         if len(parts) >= 2 and parts[0] == "tests" and parts[1] in _FOLDER_MARKERS:
-            slow_fault = parts[1] == "faults" and any(item.get_closest_marker(m) for m in _SLOW_MARKERS)
-            if not slow_fault:
+            slow = parts[1] in _MIXED_FOLDERS and any(item.get_closest_marker(m) for m in _SLOW_MARKERS)
+            if not slow:
                 item.add_marker(getattr(pytest.mark, _FOLDER_MARKERS[parts[1]]))
         if item.get_closest_marker("gpu") is not None and not _cuda_available():
             item.add_marker(pytest.mark.skip(reason="needs CUDA: no CUDA device visible to torch (run on a GPU machine: pytest -m gpu)"))

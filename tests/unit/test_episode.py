@@ -6,33 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from rsd.observation import RAW
 from rsd.policy.protocol import ActionChunk
 from rsd.sim import protocol
 from rsd.sim.episode import run_episode
+from tests._fake_env import FakeEnv  # held to the env contract (tests/contracts)
 
 pytestmark = pytest.mark.unit
-
-
-class FakeEnv:
-    """Succeeds when the summed dx of the executed actions reaches ``target``; records what it saw."""
-
-    def __init__(self, target: float = 1e9) -> None:
-        self.target = target
-        self.actions: list[np.ndarray] = []
-
-    def reset(self, init_state_index: int) -> dict:
-        self.actions, self.total = [], 0.0
-        return {"state": np.zeros(8, np.float32), "t": 0}
-
-    def step(self, action: np.ndarray):
-        self.actions.append(np.asarray(action))
-        waiting = len(self.actions) <= protocol.NUM_STEPS_WAIT
-        if not waiting:
-            self.total += float(action[0])
-        return {"t": len(self.actions)}, (self.total >= self.target) or waiting  # done during the wait: ignored
-
-    def frame(self) -> np.ndarray:
-        return np.zeros((4, 4, 3), np.uint8)
 
 
 class CountingPolicy:
@@ -45,7 +25,7 @@ class CountingPolicy:
 
     def predict_chunk(self, observation, instruction):
         self.calls += 1
-        self.seen.append(observation["t"])
+        self.seen.append(observation[RAW]["t"])  # FakeEnv: steps since the reset
         if self.calls == self.raise_on_call:
             raise ValueError("policy exploded")
         actions = np.zeros((self.chunk_len, 7), np.float32)
@@ -55,7 +35,7 @@ class CountingPolicy:
 
 
 def test_episode_loop_follows_the_protocol() -> None:
-    env, policy, frames = FakeEnv(target=2.05), CountingPolicy(chunk_len=8), []
+    env, policy, frames = FakeEnv(target=2.05, render=True), CountingPolicy(chunk_len=8), []
     out = run_episode(env, policy, "do it", 0, max_steps=220, on_frame=frames.append)
     assert out.success and out.error is None
     assert out.steps == 21  # 21 * 0.1 >= 2.05
