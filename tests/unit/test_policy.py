@@ -37,7 +37,7 @@ def test_policies_implement_the_protocol():
         assert set(np.unique(chunk.actions[:, -1])) <= {-1.0, 0.0, 1.0}  # env gripper convention
 
 
-def test_rsd_info_holds_the_seed_diagnostics():
+def test_rsd_info_holds_the_decode_diagnostics():
     policy = tiny_rsd_policy()
     actions, info = policy.generate_action(fake_observation(), INSTR)
     cfg = tiny_config()
@@ -59,7 +59,7 @@ def test_speculative_exact_equals_greedy_policy():
 
 
 def test_rows_are_not_tiled():
-    """The seed tiled one action 8 times; a decoded chunk from varied codes has distinct rows."""
+    """Tiling one action 8 times is a known failure (docs/failure-modes.md); a decoded chunk from varied codes has distinct rows."""
     chunk = tiny_rsd_policy(seed=1).predict_chunk(fake_observation(1), INSTR)
     assert len({tuple(row) for row in chunk.actions[:, :6].round(6)}) > 1
 

@@ -1,0 +1,139 @@
+"""The house rules (docs/design.md), checked on the source: no import cycle, the never-rules, file sizes.
+
+Every ``import`` counts, also the ones inside functions (a lazy import still ties two modules together).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+PKG = Path(__file__).resolve().parents[2] / "rsd"
+MAX_LINES = 400
+
+# The model pipeline: never imports the simulator, the evaluation or the command line.
+CORE = ("rsd.errors", "rsd.config", "rsd.stats", "rsd.fingerprint", "rsd.checkpoint", "rsd.filelock",
+        "rsd.observation", "rsd.images", "rsd.layout", "rsd.normalize", "rsd.action_space", "rsd.tokenizer",
+        "rsd.heads", "rsd.speculative", "rsd.fastpath", "rsd.backbones", "rsd.suites", "rsd.prompt",
+        "rsd.policy.protocol", "rsd.policy.identity",
+        "rsd.policy.postprocess", "rsd.policy.learned", "rsd.policy.oft", "rsd.policy.roundtrip")
+OUTSIDE_CORE = ("rsd.sim", "rsd.eval", "rsd.cli", "rsd.collect", "rsd.train", "rsd.bench", "rsd.gpu_bench", "rsd.info")
+# The simulator: never reaches model internals; it knows policies only through their protocol.
+SIM = ("rsd.sim",)
+MODEL_INTERNALS = ("rsd.backbones", "rsd.heads", "rsd.tokenizer", "rsd.speculative", "rsd.fastpath",
+                   "rsd.layout", "rsd.action_space", "rsd.policy.learned", "rsd.policy.oft", "rsd.policy.roundtrip",
+                   "rsd.policy.factory", "rsd.eval", "rsd.cli")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def _imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """rsd modules ``path`` imports anywhere in its body (``from rsd.x import y`` counts as rsd.x.y when
+    that is a module, else rsd.x)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target.startswith("rsd") and target != name:
+                found.add(target)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    return {name: _imports(path, name, known) for name, path in modules.items()}
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles(_graph()) == []
+
+
+def test_core_never_imports_sim_eval_or_cli() -> None:
+    graph = _graph()
+    bad = {m: sorted(t for t in deps if _under(t, OUTSIDE_CORE)) for m, deps in graph.items() if _under(m, CORE)}
+    assert {m: d for m, d in bad.items() if d} == {}
+
+
+def test_sim_never_imports_model_internals() -> None:
+    graph = _graph()
+    bad = {m: sorted(t for t in deps if _under(t, MODEL_INTERNALS)) for m, deps in graph.items() if _under(m, SIM)}
+    assert {m: d for m, d in bad.items() if d} == {}
+
+
+def test_no_module_over_400_lines() -> None:
+    sizes = {str(p.relative_to(PKG.parent)): len(p.read_text().splitlines()) for p in PKG.rglob("*.py")}
+    assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_the_rules_can_fail() -> None:
+    """The checks see lazy imports and cycles: a synthetic graph with both is caught."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    src = PKG / "policy" / "protocol.py"
+    if src.exists():
+        assert "numpy" in src.read_text() and "import torch" not in src.read_text()
+    tree_with_lazy = ast.parse("def f():\n    from rsd.sim import libero\n")
+    assert any(isinstance(n, ast.ImportFrom) for n in ast.walk(tree_with_lazy))
