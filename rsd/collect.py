@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let a saved policy's backbone run its checkpoint's own Python code when its "
                              "policy.json asks for it (refused without this flag)")
+    parser.add_argument("--no-center-crop", dest="center_crop", action="store_false",
+                        help="openvla-oft:PATH only: feed the model uncropped images (as `rsd eval --no-center-crop`)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -57,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from rsd.eval.cli import parse_task_ids
     from rsd.limits import check_seed
     from rsd.policy.factory import check_device, check_fast, make_policy
+    from rsd.policy.identity import model_center_crop
 
     if args.fast:  # before LIBERO is touched or anything is written
         check_fast(args.policy, args.device)
     check_device(args.device)
     check_seed(args.seed)
+    model_center_crop(args.policy, args.center_crop)
     if args.episodes_per_task < 1:
         raise ConfigError(f"--episodes-per-task must be >= 1, got {args.episodes_per_task}.")
     from rsd.sim.libero import list_tasks
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     report = collect(args.suite, task_ids, args.episodes_per_task, args.out,
                      policy=make_policy(args.policy, suite=args.suite, device=args.device, fast=args.fast,
-                                        trust_remote_code=args.trust_remote_code),
+                                        trust_remote_code=args.trust_remote_code, center_crop=args.center_crop),
                      policy_spec=args.policy, render=args.render, camera_size=args.camera_size, seed=args.seed,
                      command=shlex.join(["rsd", *sys.argv[1:]]), progress=not args.no_progress)
     wall = time.perf_counter() - t0

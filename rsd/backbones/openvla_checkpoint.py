@@ -69,7 +69,7 @@ def check_suite(names: str | list[str], stats_keys: list[str], suite: str, *,
     problems = []
     for name in names:
         if _is_base_model(name):
-            problems.append(f"{name!r} is an OpenVLA base model, never fine-tuned on LIBERO (0% success in the seed)")
+            problems.append(f"{name!r} is an OpenVLA base model, never fine-tuned on LIBERO (about 0% success there)")
         named = suites_named_in(name)
         if named and suite not in named:
             problems.append(f"the name {name!r} says it was fine-tuned on {sorted(named)}, not {suite!r}")

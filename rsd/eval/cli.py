@@ -15,6 +15,7 @@ directory, whose ``summary.json`` etc. would be overwritten, is refused; so is a
   a second eval of the same DIR is refused, naming the holder). A killed eval loses at most the episodes in
   flight; ``--resume`` skips every (task, trial) already recorded.
 - ``run.json``: what the episodes depend on (suite, seed, render, camera size, protocol, ``fast``, the device,
+  whether an OpenVLA-OFT model sees centre-cropped images (``--no-center-crop``),
   and what stands behind ``--policy``: its kind, statistics key and a content hash of its files,
   ``rsd.policy.factory.policy_identity``; the ``--policy`` text itself is kept for reading only, so the same
   policy named by a relative or an absolute path resumes). ``--resume`` refuses a difference with
@@ -82,8 +83,11 @@ def parse_task_ids(text: str | None) -> tuple[int, ...] | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="libero_spatial", choices=protocol.SUITES)
     parser.add_argument("--policy", required=True,
-                        help="expert, expert-rfsq[:DIR], openvla-oft:PATH[@UNNORM_KEY], or a directory saved by "
-                             "RSDPolicy/L1Policy (rsd.policy.factory)")
+                        help="expert, expert-rfsq[:DIR], openvla-oft:PATH, or a directory saved by "
+                             "RSDPolicy/L1Policy (rsd.policy.factory). openvla-oft:PATH must be fine-tuned for "
+                             "--suite; openvla-oft:PATH@UNNORM_KEY is the deliberate override: it runs the checkpoint "
+                             "on --suite with the statistics dataset_statistics.json[UNNORM_KEY], guard rails off "
+                             "(recorded in run.json)")
     parser.add_argument("--trials", type=int, default=protocol.NUM_TRIALS_PER_TASK,
                         help="trials per task; trial i starts from init state i (default 50)")
     parser.add_argument("--tasks", default=None, help="task ids, e.g. '0,3' or '0-4' (default: all)")
@@ -108,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let a saved policy's backbone run its checkpoint's own Python code when its "
                              "policy.json asks for it (refused without this flag)")
+    parser.add_argument("--no-center-crop", dest="center_crop", action="store_false",
+                        help="openvla-oft:PATH only: feed the model uncropped images. OpenVLA-OFT's LIBERO checkpoints "
+                             "were trained with random-crop augmentation and are evaluated with a 0.9-area centre "
+                             "crop of both views (the default); use this only for a checkpoint trained without it. "
+                             "Recorded in run.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -133,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                         resume=args.resume, seed=args.seed, camera_size=args.camera_size,
                         max_episodes=args.max_episodes, command=shlex.join(["rsd", *sys.argv[1:]]),
                         progress=not args.no_progress, device=args.device, fast=args.fast,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, center_crop=args.center_crop)
     check_out_dir(config.out)  # before LIBERO is imported to resolve the tasks
     task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)
     return evaluate(config, task_ids).exit_code

@@ -51,6 +51,7 @@ class EvalConfig:
     plot: bool = True  # summary.png (matplotlib)
     fast: bool = False  # learned policies on the CUDA fast path (rsd.policy.factory); recorded in run.json
     trust_remote_code: bool = False  # --trust-remote-code: a saved policy's backbone may run its checkpoint's code
+    center_crop: bool = True  # OpenVLA-OFT's centre crop of the model's images (--no-center-crop); in run.json
 
     def __post_init__(self) -> None:
         protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
@@ -78,6 +79,10 @@ class EvalConfig:
             from rsd.policy.factory import check_fast
 
             check_fast(self.policy, self.device)
+        if not self.center_crop:  # only openvla-oft:PATH takes it: refused before anything is written
+            from rsd.policy.identity import model_center_crop
+
+            model_center_crop(self.policy, self.center_crop)
         if self.device is not None:  # a CUDA device on a machine without one: refused before anything is written
             from rsd.policy.factory import check_device
 
@@ -93,7 +98,7 @@ class EvalConfig:
         hash of its files), computed once: hashing a checkpoint reads all of it."""
         from rsd.policy.factory import policy_identity
 
-        return policy_identity(self.policy)
+        return policy_identity(self.policy, center_crop=self.center_crop)
 
     def run_record(self) -> dict[str, Any]:
         """What every recorded episode depends on (written to ``run.json``). ``policy`` is the ``--policy`` text
@@ -106,7 +111,8 @@ class EvalConfig:
                 "policy_unnorm_key": identity["unnorm_key"], "policy_content": identity["content"],
                 "device": policy_device(self.policy, self.device), "seed": self.seed, "render": self.render,
                 "camera_size": self.camera_size, "max_steps": self.max_steps,
-                "num_steps_wait": protocol.NUM_STEPS_WAIT, "fast": self.fast}
+                "num_steps_wait": protocol.NUM_STEPS_WAIT, "fast": self.fast,
+                "policy_center_crop": identity["center_crop"]}
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,8 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
                 from rsd.policy.factory import make_policy
 
                 policy_factory = partial(make_policy, config.policy, suite=config.suite, device=config.device,
-                                         fast=config.fast, trust_remote_code=config.trust_remote_code)
+                                         fast=config.fast, trust_remote_code=config.trust_remote_code,
+                                         center_crop=config.center_crop)
             runner = _default_runner(config, policy_factory) if todo else None
             if isinstance(runner, SerialRunner):  # its constructor made the policy: the start succeeded
                 started()
@@ -199,7 +206,8 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
         summary = summarize(records, keys)
         summary.update({
             "suite": config.suite, "policy": config.policy, "seed": config.seed, "render": config.render,
-            "camera_size": config.camera_size, "fast": config.fast, "trials": config.trials, "tasks": list(task_ids),
+            "camera_size": config.camera_size, "fast": config.fast,
+            "center_crop": config.policy_identity["center_crop"], "trials": config.trials, "tasks": list(task_ids),
             "protocol": {"max_steps": config.max_steps, "num_steps_wait": protocol.NUM_STEPS_WAIT,
                          "dummy_action": list(protocol.DUMMY_ACTION), "success": "done flag of env.step",
                          "seeding": "random/numpy/torch seeded before every episode"},

@@ -28,12 +28,13 @@ PLOT_NAME = "summary.png"
 LOCK_NAME = ".lock"
 # run.json keys the recorded episodes depend on (their outcome; for fast, their latencies): --resume matches them all
 RUN_KEYS = ("suite", "policy_kind", "policy_unnorm_key", "policy_content", "device", "seed", "render", "camera_size",
-            "max_steps", "num_steps_wait", "fast")
+            "max_steps", "num_steps_wait", "fast", "policy_center_crop")
 # what a run.json written before a key existed meant by its absence
 RUN_KEY_DEFAULTS: dict[str, Any] = {"fast": False}
 # how a --resume refusal names a key
 RUN_KEY_LABELS = {"policy_kind": "policy kind", "policy_unnorm_key": "policy statistics key (@KEY)",
-                  "policy_content": "policy content (hash of the files behind --policy)", "device": "device (--device)"}
+                  "policy_content": "policy content (hash of the files behind --policy)", "device": "device (--device)",
+                  "policy_center_crop": "OpenVLA-OFT centre crop (--no-center-crop)"}
 # keys every run.json of rsd eval has held: what makes a directory an rsd eval run (is_run_dir)
 RUN_MARKERS = ("suite", "policy", "seed", "max_steps", "num_steps_wait")
 

@@ -54,7 +54,8 @@ from typing import Any, Mapping
 import torch
 
 from rsd.errors import CheckpointNotFoundError, ConfigError, WrongBaseModelError
-from rsd.policy.identity import POLICY_NAMES, is_scripted, policy_identity, split_oft, unknown_policy
+from rsd.policy.identity import (POLICY_NAMES, is_scripted, model_center_crop, policy_identity, split_oft,
+                                 unknown_policy)
 from rsd.policy.learned import KINDS, L1Policy, RSDPolicy, read_policy_meta, saved_speculative
 from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR, RFSQRoundTripPolicy
 
@@ -139,7 +140,7 @@ def _announce_fast(policy: Any) -> None:
     print(f"rsd: --fast: {type(policy).__name__}: {'; '.join(parts)}", file=sys.stderr)
 
 
-def _openvla_oft(body: str, suite: str | None, device: str | None) -> Any:
+def _openvla_oft(body: str, suite: str | None, device: str | None, center_crop: bool) -> Any:
     """``PATH`` or ``PATH@UNNORM_KEY`` (the text after ``openvla-oft:``) -> ``OFTL1Policy`` for ``suite``."""
     path, key = split_oft(body)
     if not path:
@@ -159,7 +160,8 @@ def _openvla_oft(body: str, suite: str | None, device: str | None) -> Any:
     try:
         backbone = OpenVLAOFTBackbone.from_pretrained(directory, suite, unnorm_key=key,
                                                       allow_suite_mismatch=key is not None,
-                                                      device=_default_device(device), local_files_only=True)
+                                                      device=_default_device(device), local_files_only=True,
+                                                      center_crop=center_crop)
     except WrongBaseModelError as exc:
         raise WrongBaseModelError(
             f"{exc} From the command line: --policy openvla-oft:{path}@UNNORM_KEY names the statistics to use "
@@ -168,7 +170,7 @@ def _openvla_oft(body: str, suite: str | None, device: str | None) -> Any:
 
 
 def make_policy(spec: str, *, suite: str | None = None, device: str | None = None, fast: bool = False,
-                trust_remote_code: bool = False) -> Any:
+                trust_remote_code: bool = False, center_crop: bool = True) -> Any:
     """Resolve a ``--policy`` value to a Policy (see the module docstring).
 
     ``suite`` is the LIBERO suite the policy will run on (needed by ``openvla-oft:``; the others ignore it).
@@ -176,9 +178,12 @@ def make_policy(spec: str, *, suite: str | None = None, device: str | None = Non
     ``fast``: the CUDA fast path (module docstring); ConfigError where it cannot apply.
     ``trust_remote_code``: a saved policy whose backbone asks to run its checkpoint's own code loads only with
     True (``rsd.policy.load_policy``); otherwise it raises RemoteCodeNotAllowedError.
+    ``center_crop``: OpenVLA-OFT's centre crop of both views for ``openvla-oft:PATH`` (OFT's default; False for a
+    checkpoint trained without crop augmentation); ConfigError when False for any other policy.
     """
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
+    model_center_crop(spec, center_crop)  # a switch that cannot apply is refused before anything loads
     if fast:
         check_fast(spec, device)
         device = device or "cuda"
@@ -188,7 +193,7 @@ def make_policy(spec: str, *, suite: str | None = None, device: str | None = Non
         directory = Path(spec.split(":", 1)[1]) if ":" in spec else DEFAULT_TOKENIZER_DIR
         return RFSQRoundTripPolicy.from_dir(_expert(), directory)
     if spec == "openvla-oft" or spec.startswith("openvla-oft:"):
-        policy = _openvla_oft(spec.removeprefix("openvla-oft").removeprefix(":"), suite, device)
+        policy = _openvla_oft(spec.removeprefix("openvla-oft").removeprefix(":"), suite, device, center_crop)
         if fast:
             policy.backbone.set_fast(True, compile=True)
             _announce_fast(policy)

@@ -13,7 +13,7 @@ from typing import Any
 from rsd.errors import CheckpointNotFoundError, ConfigError
 from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR
 
-__all__ = ["POLICY_NAMES", "policy_identity", "split_oft", "is_scripted", "unknown_policy"]
+__all__ = ["POLICY_NAMES", "policy_identity", "model_center_crop", "split_oft", "is_scripted", "unknown_policy"]
 
 _SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
 _EXPERT_SOURCES = ("experts.py", "task_plans.py")  # the scripted expert is its code: state machine + task table
@@ -46,21 +46,47 @@ def _checkpoint_file(relative: Path) -> bool:
     return not any(part.startswith(".") for part in relative.parts) and relative.suffix != ".md"
 
 
-def _hf_checkpoint_of(directory: Path) -> Path | None:
-    """The local checkpoint folder a saved policy's backbone references (``HFBackbone``'s ``path_or_id``)."""
+def _saved_backbone_spec(directory: Path) -> dict[str, Any] | None:
+    """The ``backbone`` entry of a saved policy's ``policy.json`` (None when there is none to read: the load
+    says what is wrong)."""
     import json
 
     try:
-        meta = json.loads((directory / "policy.json").read_text())
-        ref = meta["backbone"]["kwargs"]["path_or_id"]
-    except (OSError, ValueError, KeyError, TypeError):  # not that layout: the load says what is wrong
+        spec = json.loads((directory / "policy.json").read_text())["backbone"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+    return spec if isinstance(spec, dict) else None
+
+
+def _hf_checkpoint_of(directory: Path) -> Path | None:
+    """The local checkpoint folder a saved policy's backbone references (``HFBackbone``'s ``path_or_id``)."""
+    ref = ((_saved_backbone_spec(directory) or {}).get("kwargs") or {}).get("path_or_id")
     return Path(ref) if isinstance(ref, str) and Path(ref).is_dir() else None
 
 
-def policy_identity(spec: str) -> dict[str, Any]:
-    """What stands behind ``spec`` (see the module docstring): ``{"kind", "unnorm_key", "content"}`` where
-    ``content`` hashes the files the policy loads (``rsd.fingerprint``):
+def model_center_crop(spec: str, center_crop: bool = True) -> bool | None:
+    """Whether the model behind ``spec`` sees OpenVLA-OFT's centre-cropped images (``rsd.images``): the
+    ``center_crop`` switch for ``openvla-oft:PATH``, what a saved policy's ``policy.json`` says for an
+    OpenVLA-OFT backbone (cropping unless it says otherwise), None for a policy that sees no OFT pixels.
+    ConfigError when ``center_crop=False`` is asked of a policy it cannot apply to."""
+    if spec == "openvla-oft" or spec.startswith("openvla-oft:"):
+        return bool(center_crop)
+    saved = _saved_backbone_spec(Path(spec).expanduser()) if not is_scripted(spec) else None
+    if saved is not None and saved.get("name") == "openvla-oft":
+        if not center_crop:
+            raise ConfigError(f"{spec} is a saved policy: its OpenVLA-OFT backbone's crop setting is part of its "
+                              f"policy.json (backbone kwargs center_crop), not of --no-center-crop.")
+        return bool(saved.get("kwargs", {}).get("center_crop", True))
+    if not center_crop:
+        raise ConfigError(f"--no-center-crop switches off OpenVLA-OFT's centre crop of openvla-oft:PATH policies; "
+                          f"{spec!r} does not see OpenVLA-OFT images.")
+    return None
+
+
+def policy_identity(spec: str, *, center_crop: bool = True) -> dict[str, Any]:
+    """What stands behind ``spec`` (see the module docstring): ``{"kind", "unnorm_key", "content",
+    "center_crop"}`` where ``center_crop`` is :func:`model_center_crop` and ``content`` hashes the files the
+    policy loads (``rsd.fingerprint``):
 
     - ``expert``: the scripted expert's source; ``expert-rfsq[:DIR]``: that and the tokenizer directory (the
       packaged one by default), every file;
@@ -70,10 +96,14 @@ def policy_identity(spec: str) -> dict[str, Any]:
 
     The same files reached by a relative or an absolute path give the same identity. ConfigError for an unknown
     spec, CheckpointNotFoundError for a folder that does not exist."""
-    from rsd.fingerprint import hash_file_list, hash_tree
-
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
+    return {**_identity(spec), "center_crop": model_center_crop(spec, center_crop)}
+
+
+def _identity(spec: str) -> dict[str, Any]:
+    from rsd.fingerprint import hash_file_list, hash_tree
+
     expert = hash_file_list(_SIM_DIR, [Path(name) for name in _EXPERT_SOURCES])
     if spec == "expert":
         return {"kind": "expert", "unnorm_key": None, "content": expert}

@@ -210,7 +210,7 @@ def _reads_info_success(source: str) -> list[int]:
 
 
 def test_no_code_reads_info_success() -> None:
-    """LIBERO never sets info['success']; success is the ``done`` flag of env.step (reference.md §2)."""
+    """LIBERO never sets info['success']; success is the ``done`` flag of env.step (OpenVLA-OFT protocol: docs/oft-images.md and README)."""
     offenders = [f"{p.relative_to(ROOT)}:{n}" for p in sorted((ROOT / "rsd").rglob("*.py"))
                  for n in _reads_info_success(p.read_text())]
     assert offenders == []

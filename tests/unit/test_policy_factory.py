@@ -111,3 +111,39 @@ def test_rsd_eval_passes_its_suite_to_the_policy(checkpoint: Path, tmp_path: Pat
 def test_fast_openvla_oft_on_cpu_is_refused_before_loading(checkpoint: Path) -> None:
     with pytest.raises(ConfigError, match=r"--fast .*needs a CUDA device.*--device cuda"):
         make_policy(f"openvla-oft:{checkpoint}", suite="libero_spatial", device="cpu", fast=True)
+
+
+def test_no_center_crop_reaches_the_backbone_and_changes_what_the_model_sees(checkpoint: Path,
+                                                                             direct_actions: np.ndarray) -> None:
+    policy = make_policy(f"openvla-oft:{checkpoint}", suite="libero_spatial", device="cpu", center_crop=False)
+    assert policy.backbone.center_crop is False
+    chunk = policy.predict_chunk(tiny_observation(3), INSTRUCTIONS[0])
+    assert chunk.info["center_crop"] is False
+    assert not np.array_equal(chunk.actions, direct_actions)  # uncropped pixels, other actions
+    assert make_policy(f"openvla-oft:{checkpoint}", suite="libero_spatial", device="cpu").backbone.center_crop
+
+
+@pytest.mark.parametrize("spec", ["expert", "expert-rfsq"])
+def test_no_center_crop_is_refused_where_it_cannot_apply(spec: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--no-center-crop"):
+        make_policy(spec, suite="libero_spatial", center_crop=False)
+    with pytest.raises(ConfigError, match="--no-center-crop"):
+        ev.EvalConfig(suite="libero_spatial", policy=spec, out=tmp_path / "x", center_crop=False)
+
+
+def test_the_crop_setting_is_recorded_in_run_json_and_resume_checks_it(checkpoint: Path, tmp_path: Path) -> None:
+    from rsd.errors import ResumeMismatchError
+    from rsd.eval.rundir import check_run_record, write_json_atomic
+
+    spec = f"openvla-oft:{checkpoint}"
+    cropped = ev.EvalConfig(suite="libero_spatial", policy=spec, out=tmp_path / "r", device="cpu")
+    uncropped = ev.EvalConfig(suite="libero_spatial", policy=spec, out=tmp_path / "r", device="cpu",
+                              center_crop=False, resume=True)
+    assert cropped.run_record()["policy_center_crop"] is True
+    assert uncropped.run_record()["policy_center_crop"] is False
+    assert ev.EvalConfig(suite="libero_spatial", policy="expert", out=tmp_path / "e").run_record()["policy_center_crop"] is None
+    path = tmp_path / "run.json"
+    write_json_atomic(path, cropped.run_record())
+    with pytest.raises(ResumeMismatchError, match="centre crop"):
+        check_run_record(path, uncropped.run_record(), resume=True, has_records=True)
+    check_run_record(path, cropped.run_record(), resume=True, has_records=True)
