@@ -101,6 +101,8 @@ def ensure_libero_config() -> Path:
         current = yaml.safe_load(config_file.read_text())
     if current != wanted:
         _write_atomic(config_file, yaml.safe_dump(wanted, sort_keys=False))
+    elif config_file.stat().st_mode & 0o044 != 0o044 and config_file.stat().st_uid == os.getuid():
+        os.chmod(config_file, 0o644)  # an owner-only file an older rsd wrote: readable for the next user too
     os.environ["LIBERO_CONFIG_PATH"] = str(config_dir)
     return config_dir
 

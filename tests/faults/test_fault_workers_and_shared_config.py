@@ -60,3 +60,14 @@ def test_libero_config_is_readable_by_other_users(tmp_path: Path, monkeypatch: p
         assert stat.S_IMODE(directory.stat().st_mode) == 0o755, directory
     assert set(yaml.safe_load(config_file.read_text())) == {"benchmark_root", "bddl_files", "init_states",
                                                             "datasets", "assets"}
+
+
+def test_an_owner_only_config_from_an_older_rsd_is_opened_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A current config.yaml left 0600 by an older rsd is made 0644 without being rewritten."""
+    monkeypatch.setenv("RSD_HOME", str(tmp_path / "rsd"))
+    monkeypatch.setenv("LIBERO_CONFIG_PATH", "")
+    config_file = libero.ensure_libero_config() / "config.yaml"
+    config_file.chmod(0o600)
+    before = config_file.stat().st_ino
+    libero.ensure_libero_config()
+    assert stat.S_IMODE(config_file.stat().st_mode) == 0o644 and config_file.stat().st_ino == before
