@@ -33,7 +33,7 @@ HELP = "latency table for the pipeline parts"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", choices=["default", "tiny"], default="default",
-                        help="head/tokenizer sizes: the seed's defaults or the tiny test sizes (default: %(default)s)")
+                        help="head/tokenizer sizes: the default sizes (C=8 H=16 L=8 G=7, D=4096) or the tiny test sizes (default: %(default)s)")
     parser.add_argument("--backbone", choices=["tiny", "openvla-shaped"], default="tiny",
                         help="backbone to time: the CPU TinyBackbone, or the 7B OpenVLA-shaped model (CUDA only)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")

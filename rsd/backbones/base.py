@@ -127,8 +127,8 @@ def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: bool =
     norm as a float)``, read in the same host sync as the checks).
 
     Raises DTypeError (not a floating tensor), ShapeError (not [B, expected_dim] with B >= 1),
-    DeadHiddenStateError (non-finite values, or a row that is exactly zero: the seed's
-    "vision encoder / loading problem" symptom).
+    DeadHiddenStateError (non-finite values, or a row that is exactly zero: the
+    symptom of a vision encoder that failed to load; docs/failure-modes.md).
     """
     if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
         kind = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__

@@ -1,6 +1,6 @@
 """`HFBackbone`: a Hugging Face vision-language model as a backbone.
 
-The hidden state is the one the seed's inference path uses: run the model with
+The hidden state is the one an RSD head reads from an OpenVLA-class model: run the model with
 ``output_hidden_states=True`` (bf16 autocast on CUDA) and take the final layer's hidden state
 ``hidden_states[-1]`` [B, T, D] at the LAST REAL (non-pad) token of each batch element -> float32 [B, D].
 

@@ -195,7 +195,7 @@ def run_breakdown(backbone: str = "openvla-shaped", device: str = "cuda", iters:
         for part in out["floors_ms"]:
             out["floors_ms"][part]["floor"] = max(out["floors_ms"][part].values())
 
-    cfg = RSDConfig(hidden_dim=eager_bb.hidden_dim)  # the seed's sizes: C=8 H=16 L=8 G=7 k=3 (D=4096 for 7b)
+    cfg = RSDConfig(hidden_dim=eager_bb.hidden_dim)  # the default sizes: C=8 H=16 L=8 G=7 k=3 (D=4096 for 7b)
     head, draft, tok, stats = random_rsd_parts(cfg, dev, seed)
     with torch.inference_mode():
         hidden = eager_bb.encode(obs, instruction)  # float32 [1, D]
