@@ -13,14 +13,13 @@ Statistics files follow OpenVLA-OFT's ``dataset_statistics.json``::
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from rsd.errors import CheckpointNotFoundError, ConfigError, NonFiniteError, ShapeError, UnknownUnnormKeyError
+from rsd.errors import ConfigError, NonFiniteError, ShapeError, UnknownUnnormKeyError
 
 __all__ = [
     "NormStats",
@@ -187,11 +186,11 @@ def resolve_unnorm_key(stats: Mapping[str, Any], suite: str) -> str:
 
 def load_dataset_statistics(path: str | Path) -> dict[str, dict[str, NormStats]]:
     """Read an OpenVLA-OFT ``dataset_statistics.json`` into ``{key: {"action": NormStats, "proprio": NormStats}}``."""
+    from rsd.checkpoint import read_json  # a JSON object, or a typed error naming the file
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"dataset statistics not found at {path}; OpenVLA-OFT checkpoints ship "
-                                      f"`dataset_statistics.json` next to the weights.")
-    raw = json.loads(path.read_text())
+    raw = read_json(path, what="dataset statistics", hint="OpenVLA-OFT checkpoints ship `dataset_statistics.json` "
+                                                          "next to the weights; download the checkpoint again.")
     out: dict[str, dict[str, NormStats]] = {}
     for key, entry in raw.items():
         if not isinstance(entry, Mapping) or "action" not in entry:

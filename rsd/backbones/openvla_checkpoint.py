@@ -28,6 +28,7 @@ from rsd.backbones.openvla_arch import OpenVLAModel, OpenVLAShape
 from rsd.backbones.openvla_llama import LlamaSpec
 from rsd.backbones.openvla_towers import TOWERS
 from rsd.checkpoint import load_safetensors
+from rsd.checkpoint import read_json as read_json_object
 from rsd.errors import (CheckpointMismatchError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError,
                         WrongBaseModelError)
 from rsd.suites import LIBERO_SUITES
@@ -107,9 +108,10 @@ def resolve_checkpoint_dir(path_or_id: str | os.PathLike, local_files_only: bool
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointNotFoundError(f"{what} not found: {path}. An OpenVLA-OFT checkpoint directory ships it.")
-    return json.loads(path.read_text())
+    """A JSON object of the checkpoint folder: CheckpointNotFoundError when it is missing, CheckpointMismatchError
+    naming the file when it is cut, not UTF-8 JSON or not an object (``rsd.checkpoint.read_json``)."""
+    return read_json_object(path, what=what, hint="An OpenVLA-OFT checkpoint directory ships it; download the "
+                                                  "checkpoint again.")
 
 
 def text_spec(text_config: Mapping[str, Any]) -> LlamaSpec:
@@ -136,7 +138,7 @@ def text_spec(text_config: Mapping[str, Any]) -> LlamaSpec:
 def shape_from_config(config: Mapping[str, Any], *, num_images: int) -> OpenVLAShape:
     """The module tree a ``config.json`` describes; anything rsd does not implement raises ConfigError.
 
-    Tower sizes come from ``timm_model_ids`` (``rsd.backbones.openvla_shaped.TOWERS``: OpenVLA's DINOv2
+    Tower sizes come from ``timm_model_ids`` (``rsd.backbones.openvla_towers.TOWERS``: OpenVLA's DINOv2
     ViT-L/14-reg4 and SigLIP So400m/14, plus their tiny test versions)."""
     if not config.get("use_fused_vision_backbone"):
         raise ConfigError("config.json: use_fused_vision_backbone must be true (OpenVLA's DINOv2 + SigLIP towers).")

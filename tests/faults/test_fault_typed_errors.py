@@ -140,3 +140,18 @@ def test_a_cut_openvla_checkpoint_file_is_named(tmp_path: Path, victim: str) -> 
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CorruptCheckpointError, match=path.name):
         load_oft_state_dict(ckpt, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("victim", ["config.json", "dataset_statistics.json", "preprocessor_config.json"])
+@pytest.mark.parametrize("text", ['{"cut', "[1, 2]"], ids=["cut", "not_an_object"])
+def test_a_cut_openvla_checkpoint_json_is_named(tmp_path: Path, victim: str, text: str) -> None:
+    """A cut or foreign JSON file of an OpenVLA-OFT checkpoint is a CheckpointMismatchError naming the file, not a
+    bare JSONDecodeError / AttributeError from deep inside the load."""
+    from rsd.backbones.openvla import OpenVLAOFTBackbone
+    from rsd.errors import CheckpointMismatchError
+    from tests._openvla_tiny import build_tiny_oft_checkpoint
+
+    ckpt = build_tiny_oft_checkpoint(tmp_path / "openvla-7b-oft-finetuned-libero-spatial")
+    (ckpt / victim).write_text(text)
+    with pytest.raises(CheckpointMismatchError, match=victim):
+        OpenVLAOFTBackbone.from_pretrained(ckpt, "libero_spatial", device="cpu", dtype="float32")
