@@ -132,7 +132,6 @@ def center_crop_image(img: np.ndarray, area: float = CENTER_CROP_AREA) -> np.nda
     h, w = img.shape[:2]
     if h < 2 or w < 2:
         raise ShapeError(f"center crop needs an image of at least 2 x 2 pixels, got {h} x {w}")
-    v = img.astype(np.float32) * np.float32(1.0 / 255.0)
     side = np.sqrt(np.float32(area))
     lo = (np.float32(1.0) - side) / np.float32(2.0)
     hi = lo + side
@@ -145,11 +144,17 @@ def center_crop_image(img: np.ndarray, area: float = CENTER_CROP_AREA) -> np.nda
 
     y0, y1, fy = taps(h)
     x0, x1, fx = taps(w)
-    fx, fy = fx[None, :, None], fy[:, None, None]
-    upper, lower = v[y0], v[y1]  # the two source rows of every output row
-    top = upper[:, x0] + (upper[:, x1] - upper[:, x0]) * fx
-    bottom = lower[:, x0] + (lower[:, x1] - lower[:, x0]) * fx
-    out = np.clip(top + (bottom - top) * fy, 0.0, 1.0)
+    v = img.astype(np.float32) * np.float32(1.0 / 255.0)
+    columns = np.concatenate([x0, x1])
+
+    def lerp_columns(rows: np.ndarray) -> np.ndarray:
+        """Source rows ``rows`` lerped between their two source columns: ``left + (right - left) * fx``."""
+        both = np.take(v[rows], columns, axis=1)  # one gather of both columns (the arithmetic is TF's)
+        left, right = both[:, :w], both[:, w:]
+        return left + (right - left) * fx[None, :, None]
+
+    top, bottom = lerp_columns(y0), lerp_columns(y1)
+    out = np.clip(top + (bottom - top) * fy[:, None, None], 0.0, 1.0)
     return (out * np.float32(255.5)).astype(np.uint8)  # truncation: TF's convert_image_dtype
 
 
