@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "RSDPolicy/L1Policy (rsd.policy.factory). openvla-oft:PATH must be fine-tuned for "
                              "--suite; openvla-oft:PATH@UNNORM_KEY is the deliberate override: it runs the checkpoint "
                              "on --suite with the statistics dataset_statistics.json[UNNORM_KEY], guard rails off "
-                             "(recorded in run.json)")
+                             "when UNNORM_KEY is another dataset's (recorded in run.json)")
     parser.add_argument("--trials", type=int, default=protocol.NUM_TRIALS_PER_TASK,
                         help="trials per task; trial i starts from init state i (default 50)")
     parser.add_argument("--tasks", default=None, help="task ids, e.g. '0,3' or '0-4' (default: all)")

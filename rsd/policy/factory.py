@@ -10,10 +10,11 @@
                              ``rsd.policy.oft.OFTL1Policy``) from the local checkpoint directory ``PATH``,
                              loaded for ``suite`` (what ``rsd eval --suite`` passes); a checkpoint not fine-tuned
                              for that suite raises :class:`WrongBaseModelError`;
-  ``openvla-oft:PATH@KEY``   the same with the statistics ``dataset_statistics.json[KEY]`` named explicitly, which
-                             turns that suite guard off (a ``libero_spatial`` checkpoint on ``libero_object`` on
-                             purpose: ``@libero_spatial_no_noops``); being part of the spec, the key is recorded in
-                             ``run.json`` and checked by ``--resume``;
+  ``openvla-oft:PATH@KEY``   the same with the statistics ``dataset_statistics.json[KEY]`` named explicitly; a key
+                             of another dataset than the suite turns the guard rails off (a ``libero_spatial``
+                             checkpoint on ``libero_object`` on purpose: ``@libero_spatial_no_noops``), the suite's
+                             own key keeps them on; being part of the spec, the key is recorded in ``run.json`` and
+                             checked by ``--resume``;
 - a directory                a learned policy saved by ``RSDPolicy`` / ``L1Policy`` (:func:`load_policy`).
 
 Anything else raises :class:`ConfigError` listing the names. Model code is imported only when the spec
@@ -157,15 +158,17 @@ def _openvla_oft(body: str, suite: str | None, device: str | None, center_crop: 
     from rsd.backbones.openvla import OpenVLAOFTBackbone
     from rsd.policy.oft import OFTL1Policy
 
+    # @KEY of another dataset is the deliberate override; naming the suite's own statistics keeps the guard rails
+    override = key is not None and key not in (suite, f"{suite}_no_noops")
     try:
-        backbone = OpenVLAOFTBackbone.from_pretrained(directory, suite, unnorm_key=key,
-                                                      allow_suite_mismatch=key is not None,
+        backbone = OpenVLAOFTBackbone.from_pretrained(directory, suite, unnorm_key=key, allow_suite_mismatch=override,
                                                       device=_default_device(device), local_files_only=True,
                                                       center_crop=center_crop)
     except WrongBaseModelError as exc:
         raise WrongBaseModelError(
-            f"{exc} From the command line: --policy openvla-oft:{path}@UNNORM_KEY names the statistics to use "
-            f"and runs it on {suite} anyway.") from exc
+            f"{exc} From the command line: --policy openvla-oft:{path}@UNNORM_KEY with the statistics key of the "
+            f"dataset the checkpoint was fine-tuned on runs it on {suite} anyway (@{suite} or @{suite}_no_noops "
+            f"keeps these checks on).") from exc
     return OFTL1Policy(backbone)
 
 

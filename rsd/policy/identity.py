@@ -21,8 +21,8 @@ POLICY_NAMES: dict[str, str] = {
     "expert": "scripted privileged expert (reads object poses from the raw LIBERO obs)",
     "expert-rfsq": "the expert's chunks round-tripped through the RFSQ tokenizer (expert-rfsq:DIR for another one)",
     "openvla-oft:PATH": "OpenVLA-OFT's L1 pipeline from a local checkpoint dir fine-tuned for --suite "
-                        "(openvla-oft:PATH@UNNORM_KEY runs it with other statistics on purpose: the suite guard "
-                        "is off)",
+                        "(openvla-oft:PATH@UNNORM_KEY runs it with another dataset's statistics on purpose: the "
+                        "suite guard is off)",
     "<dir>": "a directory saved by RSDPolicy/L1Policy.save_pretrained",
 }
 

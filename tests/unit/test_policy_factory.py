@@ -65,8 +65,16 @@ def test_unnorm_key_suffix_runs_a_checkpoint_on_another_suite_on_purpose(checkpo
     assert (policy.backbone.suite, policy.backbone.unnorm_key) == ("libero_object", "libero_spatial_no_noops")
     # same weights, same statistics: the suite only gates loading, the actions are the spatial ones
     np.testing.assert_array_equal(policy.predict_chunk(tiny_observation(3), INSTRUCTIONS[0]).actions, direct_actions)
-    with pytest.raises(UnknownUnnormKeyError, match="libero_spatial_no_noops"):
-        make_policy(f"openvla-oft:{checkpoint}@libero_object_no_noops", suite="libero_object", device="cpu")
+    with pytest.raises(UnknownUnnormKeyError, match="libero_spatial_no_noops"):  # the key must exist
+        make_policy(f"openvla-oft:{checkpoint}@bridge_orig", suite="libero_object", device="cpu")
+
+
+@pytest.mark.parametrize("key", ["libero_object", "libero_object_no_noops"])
+def test_the_suites_own_key_keeps_the_guard_rails_on(checkpoint: Path, key: str) -> None:
+    """@KEY overrides the suite check only for another dataset's statistics: naming the suite's own key on a
+    checkpoint fine-tuned for another suite is still refused as the wrong model."""
+    with pytest.raises(WrongBaseModelError, match=r"libero_spatial.*not 'libero_object'"):
+        make_policy(f"openvla-oft:{checkpoint}@{key}", suite="libero_object", device="cpu")
 
 
 def test_a_directory_whose_name_holds_an_at_sign_is_a_path(checkpoint: Path, tmp_path: Path) -> None:
