@@ -13,10 +13,10 @@ from typing import Any
 from rsd.errors import CheckpointNotFoundError, ConfigError
 from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR
 
-__all__ = ["POLICY_NAMES", "policy_identity", "model_center_crop", "split_oft", "is_scripted", "unknown_policy"]
+__all__ = ["POLICY_NAMES", "policy_identity", "expert_sources", "model_center_crop", "split_oft", "is_scripted",
+           "unknown_policy"]
 
 _SIM_DIR = Path(__file__).resolve().parents[1] / "sim"
-_EXPERT_SOURCES = ("experts.py", "task_plans.py")  # the scripted expert is its code: state machine + task table
 POLICY_NAMES: dict[str, str] = {
     "expert": "scripted privileged expert (reads object poses from the raw LIBERO obs)",
     "expert-rfsq": "the expert's chunks round-tripped through the RFSQ tokenizer (expert-rfsq:DIR for another one)",
@@ -88,8 +88,8 @@ def policy_identity(spec: str, *, center_crop: bool = True) -> dict[str, Any]:
     "center_crop"}`` where ``center_crop`` is :func:`model_center_crop` and ``content`` hashes the files the
     policy loads (``rsd.fingerprint``):
 
-    - ``expert``: the scripted expert's source; ``expert-rfsq[:DIR]``: that and the tokenizer directory (the
-      packaged one by default), every file;
+    - ``expert``: the scripted expert's source (:func:`expert_sources`); ``expert-rfsq[:DIR]``: that and the
+      tokenizer directory (the packaged one by default), every file;
     - ``openvla-oft:PATH[@KEY]``: every file of the checkpoint folder but hidden ones and ``*.md`` (the
       safetensors shards included, read in full), and ``KEY``;
     - a saved policy directory: every file below it, and the local checkpoint folder its backbone references.
@@ -101,10 +101,40 @@ def policy_identity(spec: str, *, center_crop: bool = True) -> dict[str, Any]:
     return {**_identity(spec), "center_crop": model_center_crop(spec, center_crop)}
 
 
+def expert_sources(sim_dir: Path | None = None) -> list[Path]:
+    """The files the scripted expert is made of (``rsd.sim.experts`` is its code): ``experts.py`` and every
+    ``rsd.sim`` module it imports, directly or through another of them (its task table, its controller, ...),
+    relative to ``sim_dir`` and sorted. Read from the imports, so a module the expert starts to use is hashed
+    without anyone listing it. ``sim_dir``: the folder of ``rsd.sim`` (default: this package's)."""
+    import ast
+
+    sim_dir = _SIM_DIR if sim_dir is None else Path(sim_dir)
+    found: set[str] = set()
+    todo = ["experts"]
+    while todo:
+        name = todo.pop()
+        path = sim_dir / f"{name}.py"
+        if name in found or not path.is_file():
+            continue
+        found.add(name)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1:  # from . import x / from .x import y, inside rsd.sim
+                    module = "rsd.sim" + (f".{module}" if module else "")
+                if module == "rsd.sim":
+                    todo += [alias.name for alias in node.names]
+                elif module.startswith("rsd.sim."):
+                    todo.append(module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[2] for a in node.names if a.name.startswith("rsd.sim.")]
+    return sorted(Path(f"{name}.py") for name in found)
+
+
 def _identity(spec: str) -> dict[str, Any]:
     from rsd.fingerprint import hash_file_list, hash_tree
 
-    expert = hash_file_list(_SIM_DIR, [Path(name) for name in _EXPERT_SOURCES])
+    expert = hash_file_list(_SIM_DIR, expert_sources(_SIM_DIR))
     if spec == "expert":
         return {"kind": "expert", "unnorm_key": None, "content": expert}
     if spec == "expert-rfsq" or spec.startswith("expert-rfsq:"):

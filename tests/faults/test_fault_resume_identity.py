@@ -118,3 +118,30 @@ def test_a_run_json_without_the_policy_hash_is_not_resumed_blindly(tmp_path: Pat
     (out / ev.RUN_NAME).write_text(json.dumps(record))  # what an older rsd wrote
     with pytest.raises(ConfigError, match="older rsd"):
         ev.evaluate(_config(out, "expert", resume=True), [0], runner=Succeeds())
+
+
+def test_the_expert_identity_covers_every_sim_module_it_imports(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scripted expert is its code: a controller or helper module experts.py imports (here through another
+    one) is part of its hash, so --resume notices when it changes; a sim module it does not import is not."""
+    from rsd.policy import identity
+
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    (sim / "experts.py").write_text("from rsd.sim import control\nfrom rsd.sim.task_plans import PLANS\n"
+                                    "import rsd.sim.geometry\nfrom rsd.policy.protocol import ActionChunk\n")
+    (sim / "control.py").write_text("from .gains import K\n")
+    (sim / "gains.py").write_text("K = 1\n")
+    (sim / "task_plans.py").write_text("PLANS = {}\n")
+    (sim / "geometry.py").write_text("")
+    (sim / "libero.py").write_text("")  # the env: not the expert
+    assert identity.expert_sources(sim) == [Path(n) for n in ("control.py", "experts.py", "gains.py", "geometry.py",
+                                                              "task_plans.py")]
+    monkeypatch.setattr(identity, "_SIM_DIR", sim)
+    before = identity.policy_identity("expert")["content"]
+    (sim / "libero.py").write_text("# edited\n")
+    assert identity.policy_identity("expert")["content"] == before
+    (sim / "gains.py").write_text("K = 2\n")  # the controller's gain changed: another expert
+    assert identity.policy_identity("expert")["content"] != before
+    real = identity.expert_sources()
+    assert {Path("experts.py"), Path("task_plans.py")} <= set(real)
