@@ -8,9 +8,11 @@ The public surface, one concept per module (see docs/design.md)::
     rsd.heads                       RFSQHead, DraftHead, L1ActionHead
     rsd.speculative                 SpeculativeDecoder, greedy_decode
     rsd.normalize                   NormStats, BoundsQ99Normalizer, gripper conventions
+    rsd.observation                 the observation contract (keys, ObservationSpec: validate, fake)
+    rsd.images                      camera frame -> OpenVLA-OFT's exact model input (oft_model_input)
     rsd.backbones                   Backbone protocol, TinyBackbone, HFBackbone, OpenVLA-OFT
     rsd.policy                      Policy protocol, ActionChunk, RSDPolicy, L1Policy, load_policy
-    rsd.sim                         LIBERO protocol, env, scripted experts
+    rsd.sim                         LIBERO protocol, env, the episode loop, scripted experts
     rsd.eval                        the evaluation runner (`rsd eval`)
     rsd.collect                     `rsd collect`: demonstrations recorded to HDF5
 
