@@ -17,7 +17,7 @@
 #  4. downloads the cp312 manylinux wheels the image lacks (mujoco 3.3.7, gymnasium, ...; bddl built from
 #     its sdist) and the Debian GL loader packages (only rendered runs use them);
 #  5. writes MANIFEST.json (SHA-256 of every file; device_eval.sh verifies it) and checks that the bundle plus
-#     the travelling working tree stay under 60 MiB (the device tool carries at most 64 MiB per call).
+#     the travelling working tree stay under 62 MiB (the device tool carries at most 64 MiB per call).
 # Downloads, the trace and the WebP files are cached under ${RSD_HOME:-~/.cache/rsd}/device_bundle.
 set -euo pipefail
 
@@ -26,7 +26,7 @@ cd "$ROOT"
 PY="${RSD_BUNDLE_PYTHON:-$ROOT/.venv/bin/python}"
 SUITES="libero_spatial,libero_object"
 RETRACE=0
-LIMIT_MIB=60
+LIMIT_MIB=62  # 2 MiB under the device tool's 64 MiB (.bundle 55.5 MiB + working tree 4.6 MiB on 2026-11-30)
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --suites) SUITES="$2"; shift 2 ;;
