@@ -37,8 +37,9 @@ import torch
 
 from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
 from rsd.backbones.openvla_arch import OpenVLAModel, enable_fast_path
-from rsd.backbones.openvla_checkpoint import (DTYPES, check_preprocessor, check_suite, load_oft_state_dict, read_json,
-                                              resolve_checkpoint_dir, shape_from_config, strict_assign)
+from rsd.backbones.openvla_checkpoint import (BASE_MODELS, DTYPES, check_preprocessor, check_suite, load_oft_state_dict,
+                                              read_json, resolve_checkpoint_dir, shape_from_config, strict_assign,
+                                              suites_named_in)
 from rsd.backbones.openvla_inputs import group_by_prompt, observation_tensors, ungroup
 from rsd.prompt import openvla_prompt
 from rsd.errors import (
@@ -49,8 +50,12 @@ from rsd.errors import (
 )
 from rsd.images import center_crop_image
 from rsd.observation import IMAGE_KEYS
+from rsd.suites import LIBERO_SUITES
 
-__all__ = ["OpenVLAOFTBackbone"]
+# re-exported: what this module exported before the guard rails and the file loading moved to openvla_checkpoint
+# (OFTL1Policy moved to rsd.policy.oft: importing it here would tie backbones and policies in a circle)
+__all__ = ["OpenVLAOFTBackbone", "LIBERO_SUITES", "BASE_MODELS", "check_suite", "suites_named_in", "shape_from_config",
+           "load_oft_state_dict"]
 
 # the backbone
 

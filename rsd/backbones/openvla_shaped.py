@@ -21,12 +21,17 @@ from torch import nn
 from rsd.backbones.base import check_hidden, instructions_for_batch, register_backbone
 from rsd.backbones.openvla_arch import OpenVLAModel, OpenVLAShape, enable_fast_path
 from rsd.backbones.openvla_inputs import group_by_prompt, observation_tensors, ungroup
-from rsd.prompt import openvla_prompt
-from rsd.backbones.openvla_llama import RMSNorm
+from rsd.backbones.openvla_llama import LlamaSpec, RMSNorm
+from rsd.backbones.openvla_towers import ViTSpec
 from rsd.errors import ConfigError
 from rsd.observation import IMAGE_KEYS
+from rsd.prompt import PROMPT_TEMPLATE, openvla_prompt
 
-__all__ = ["OpenVLAShapedBackbone", "random_openvla_model", "stand_in_token_ids"]
+__all__ = ["OpenVLAShapedBackbone", "random_openvla_model", "stand_in_token_ids",
+           # re-exported: what this module exported before the architecture moved to openvla_arch / _towers /
+           # _llama / _inputs
+           "ViTSpec", "LlamaSpec", "OpenVLAShape", "OpenVLAModel", "PROMPT_TEMPLATE", "IMAGE_KEYS",
+           "observation_tensors", "group_by_prompt", "ungroup", "enable_fast_path"]
 
 
 # random weights (timing only)
