@@ -12,5 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# One results directory per commit: a rerun on the same code resumes it; new code (whose policy hash differs, which
+# --resume refuses) starts its own.
+OUT="runs/quickstart/$(git rev-parse --short HEAD 2>/dev/null || echo local)"
 exec .venv/bin/rsd eval --suite libero_spatial --policy expert-rfsq --trials 3 --no-render --video none \
-    --out runs/quickstart --resume "$@"
+    --out "$OUT" --resume "$@"
