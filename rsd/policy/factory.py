@@ -99,12 +99,14 @@ def check_device(device: str | None) -> None:
 
 def policy_device(spec: str, device: str | None) -> str | None:
     """The device a policy spec runs on (what ``make_policy`` resolves; None for scripted policies, which run
-    no network): ``device``, or cuda when torch sees one, else cpu."""
+    no network): ``device``, or cuda when torch sees one, else cpu. A CUDA device is named with its index
+    (``cuda`` and ``cuda:0`` are the same device, and ``run.json`` records them alike)."""
     if is_scripted(spec):
         return None
-    import torch
-
-    return str(torch.device(_default_device(device)))
+    dev = torch.device(_default_device(device))
+    if dev.type == "cuda" and dev.index is None:  # rsd never calls set_device: plain cuda is device 0 of the
+        dev = torch.device("cuda", 0)  # visible ones (CUDA_VISIBLE_DEVICES picks which GPU that is)
+    return str(dev)
 
 
 def check_fast(spec: str, device: str | None) -> None:

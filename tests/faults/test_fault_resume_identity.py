@@ -50,8 +50,18 @@ def test_resume_refuses_another_device(tmp_path: Path, monkeypatch: pytest.Monke
     out = tmp_path / "eval"
     _first_half(out, str(policy), device="cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: the default device is cuda
-    with pytest.raises(ConfigError, match=r"device \(--device\): recorded 'cpu' vs now 'cuda'"):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(ConfigError, match=r"device \(--device\): recorded 'cpu' vs now 'cuda:0'"):
         ev.evaluate(_config(out, str(policy), resume=True), [0], runner=Succeeds())
+
+
+def test_cuda_and_cuda_0_are_the_same_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rsd.policy.factory import policy_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert policy_device("some/dir", "cuda") == policy_device("some/dir", "cuda:0") == policy_device("some/dir", None)
+    assert policy_device("some/dir", "cuda:1") == "cuda:1" and policy_device("expert", "cuda") is None
 
 
 def test_the_same_policy_by_relative_and_absolute_path_resumes(tmp_path: Path,
