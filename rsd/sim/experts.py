@@ -3,13 +3,22 @@
 :class:`ScriptedExpert` implements the :class:`rsd.policy.Policy` protocol. It reads only the privileged
 part of the observation, ``observation["raw"]`` (object poses ``<object>_pos`` / ``_quat``, ``robot0_eef_pos``,
 ``robot0_eef_quat``, ``robot0_gripper_qpos``), and the instruction, which selects a :class:`TaskPlan` from
-:data:`PLANS`. Every chunk is ``C = 8`` env-ready actions run open loop::
+:data:`PLANS`. Actions are env-ready (``rsd.sim.expert_control``)::
 
     a[:3]  position delta in [-1, 1] (x 0.05 m, OSC_POSE)   a[3:6] rotation that holds the start orientation
     a[6]   gripper, -1 open / +1 close
 
-A pick-and-place state machine decides its phase from the observed state at each chunk boundary (closed loop
-between chunks)::
+Two entry points share one phase machine and one control law:
+
+- ``predict_chunk`` (the Policy protocol; ``rsd eval --policy expert``): ``C = 8`` actions run open loop, the
+  first from the observation, the next 7 from the site pose the previous ones are predicted to reach
+  (``expert_control.rollout``): 8 actions that slow down as the site is predicted to near its target (equal
+  only where the command sits at a speed limit or at rest: in LIBERO the arm's own motion bends every path);
+- ``predict_step`` (demonstrations; :class:`StepwiseExpert` is it as a Policy of 1-action chunks): one action per
+  control step (20 Hz), each from that step's observation.
+
+The pick-and-place state machine decides its phase and the chunk's :class:`~rsd.sim.expert_control.Command`
+from the observed state once every ``C = 8`` steps (its counters and timeouts count chunks)::
 
     approach -> descend -> grasp -> lift -> carry -> lower -> release -> retreat -> verify
        ^                              |        |                                      |
@@ -36,41 +45,17 @@ import numpy as np
 from rsd.errors import ConfigError, NonFiniteError, ShapeError
 from rsd.observation import RAW
 from rsd.policy.protocol import ActionChunk
+from rsd.sim import expert_control as control
+from rsd.sim.expert_control import CHUNK_LEN, Command, mat_to_rotvec, quat_to_mat
 from rsd.sim.task_plans import PLANS, ObjectGrasp, TaskPlan, normalize_instruction, plan_for
 
-__all__ = ["ObjectGrasp", "TaskPlan", "PLANS", "ScriptedExpert", "plan_for", "normalize_instruction", "PHASES"]
+__all__ = ["ObjectGrasp", "TaskPlan", "PLANS", "ScriptedExpert", "StepwiseExpert", "plan_for",
+           "normalize_instruction", "PHASES", "CHUNK_LEN"]
 
-CHUNK_LEN = 8  # C: actions per chunk (OpenVLA-OFT's open-loop chunk)
-ROT_UNIT_RAD = 0.5  # OSC_POSE: a[3:6] = 1 rotates the orientation goal 0.5 rad
 OPEN, CLOSE = -1.0, 1.0
 
 PHASES: tuple[str, ...] = ("approach", "descend", "grasp", "lift", "carry", "lower", "release", "retreat",
                            "verify", "regrasp")
-
-# ---------------------------------------------------------------- rotations (quaternions are x, y, z, w)
-
-
-def _quat_to_mat(q: np.ndarray) -> np.ndarray:
-    x, y, z, w = q / np.linalg.norm(q)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def _mat_to_rotvec(r: np.ndarray) -> np.ndarray:
-    """Rotation matrix [3, 3] -> axis * angle [3] (angle in [0, pi])."""
-    cos = float(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))
-    angle = math.acos(cos)
-    if angle < 1e-9:
-        return np.zeros(3)
-    if math.pi - angle < 1e-6:  # 180°: axis from the symmetric part
-        axis = np.sqrt(np.maximum((np.diag(r) + 1.0) / 2.0, 0.0))
-        return axis * angle
-    axis = np.array([r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1]]) / (2.0 * math.sin(angle))
-    return axis * angle
-
 
 # ---------------------------------------------------------------- the expert
 
@@ -99,14 +84,23 @@ def _read(raw: Mapping[str, Any], key: str, n: int) -> np.ndarray:
 class ScriptedExpert:
     """Privileged pick-and-place expert for the 20 libero_spatial / libero_object tasks (Policy protocol).
 
-    ``predict_chunk(observation, instruction)`` -> :class:`ActionChunk` with float32 actions ``[8, 7]`` and
-    ``info = {"phase", "attempt", "target", "destination"}``. ``reset()`` clears the episode state; call it
-    at the start of every episode. ``plans`` replaces the built-in task table (keys: normalized instructions).
+    ``predict_chunk(observation, instruction)`` -> :class:`ActionChunk` with 8 float32 actions ``[8, 7]`` for open
+    loop execution; ``predict_step(observation, instruction)`` -> one action ``[1, 7]`` per control step, closed
+    loop (the phase machine decides on every 8th call). ``info = {"phase", "attempt", "target", "destination",
+    "num_calls"}``. ``reset()`` clears the episode state; call it at the start of every episode (one entry point
+    per episode). ``plans`` replaces the built-in task table (keys: normalized instructions).
     """
 
-    # controller (per chunk: the OSC response to a constant action over 8 steps is ~0.09 m per unit action)
+    # controller (a constant action held over 8 steps moves the site ~0.085 m per unit action: expert_control)
     move_gain = 8.0  # action per metre of position error
     fine_gain = 6.0  # slower near objects
+    # the gains above are multiplied by this in the per-step law (expert_control.action). A constant action held
+    # for a chunk (0.085 m per unit action) leaves 1 - 8 x 0.085 = 0.32 of the error with move_gain; the law
+    # re-applied every step (0.05 m x RESPONSE = 0.0105 m per unit action and step) leaves (1 - 0.0105 g)^8 of
+    # it, 0.34 for g = 1.5 move_gain. Measured on benchmark init states 0-9 of libero_spatial tasks
+    # 0, 4, 9 (open-loop chunks): 1.0 -> 29/30 in 159.5 steps, 1.5 -> 30/30 in 141.7, 2.0 -> 30/30 in 134.0;
+    # the tiled chunks it replaces took 140.9 there.
+    step_gain = 1.5
     min_action = 0.12  # smallest commanded speed while the target is not reached
     integral_gain = 3.0  # action per metre of summed per-chunk error (reset at each phase change)
     integral_max = 0.5
@@ -134,6 +128,7 @@ class ScriptedExpert:
 
     def reset(self) -> None:
         self._plan: TaskPlan | None = None
+        self._mode: str | None = None  # "chunk" or "step": the entry point this episode uses
         self._phase = "approach"
         self._phase_chunks = 0
         self._attempt = 1
@@ -143,15 +138,40 @@ class ScriptedExpert:
         self._held: np.ndarray | None = None  # eef - object while carrying [3]
         self._release_at: np.ndarray | None = None  # site position when the gripper opened [3]
         self._err_sum = np.zeros(3)  # position error summed over this phase's chunks (integral action) [m]
+        self._command: Command | None = None  # this chunk's decision
+        self._steps = 0  # predict_step calls this episode
         self.num_calls = 0
 
     def predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> ActionChunk:
+        """8 actions ``[8, 7]`` run open loop: a fresh decision, then the control law rolled forward on the site
+        pose its own actions are predicted to reach (``expert_control.rollout``)."""
+        plan, obs = self._begin(observation, instruction, "chunk")
+        command = self._decide_chunk(obs, plan)
+        actions = control.rollout(command, obs.eef, self._rot_vec(obs), self._gains())  # [8, 7]
+        return self._answer(actions, plan)
+
+    def predict_step(self, observation: Mapping[str, Any], instruction: str) -> ActionChunk:
+        """One action ``[1, 7]`` from this step's observation; the phase machine decides on every 8th call."""
+        plan, obs = self._begin(observation, instruction, "step")
+        if self._steps % CHUNK_LEN == 0:
+            self._decide_chunk(obs, plan)
+        self._steps += 1
+        assert self._command is not None
+        a = control.action(self._command, obs.eef, self._rot_vec(obs), self._gains())
+        return self._answer(a[None, :], plan)  # [1, 7]
+
+    def _begin(self, observation: Mapping[str, Any], instruction: str, mode: str) -> tuple[TaskPlan, _Obs]:
         plan = plan_for(instruction, self.plans)
         if self._plan is None:
             self._plan = plan
         elif plan is not self._plan:
             raise ConfigError(f"instruction changed within an episode ({self._plan.instruction!r} -> "
                               f"{plan.instruction!r}); call reset() between episodes")
+        if self._mode is None:
+            self._mode = mode
+        elif mode != self._mode:
+            raise ConfigError(f"predict_{mode} after predict_{self._mode} within one episode; call reset() "
+                              f"between episodes and use one entry point per episode")
         if not isinstance(observation, Mapping) or RAW not in observation:
             raise ShapeError(f"the scripted expert needs observation[{RAW!r}] (LIBERO's privileged obs dict)")
         obs = self._observe(observation[RAW], plan)
@@ -159,20 +179,20 @@ class ScriptedExpert:
             yaw = plan.grasp.yaw
             c, s_ = math.cos(yaw), math.sin(yaw)
             self._ref_rot = np.array([[c, -s_, 0.0], [s_, c, 0.0], [0.0, 0.0, 1.0]]) @ obs.eef_rot
-        target, gripper, gain = self._decide(obs, plan)
-        actions = self._chunk(obs, target, gripper, gain)
-        self._last_eef = obs.eef
+        return plan, obs
+
+    def _answer(self, actions: np.ndarray, plan: TaskPlan) -> ActionChunk:
         self.num_calls += 1
         info = {"phase": self._phase, "attempt": self._attempt, "target": plan.target,
                 "destination": plan.destination, "num_calls": self.num_calls}
-        return ActionChunk(actions=actions, info=info)
+        return ActionChunk(actions=actions.astype(np.float32), info=info)
 
     # -- observation
 
     @staticmethod
     def _observe(raw: Mapping[str, Any], plan: TaskPlan) -> _Obs:
         q = _read(raw, "robot0_gripper_qpos", 2)
-        return _Obs(eef=_read(raw, "robot0_eef_pos", 3), eef_rot=_quat_to_mat(_read(raw, "robot0_eef_quat", 4)),
+        return _Obs(eef=_read(raw, "robot0_eef_pos", 3), eef_rot=quat_to_mat(_read(raw, "robot0_eef_quat", 4)),
                     opening=float(q[0] - q[1]), target=_read(raw, f"{plan.target}_pos", 3),
                     destination=_read(raw, f"{plan.destination}_pos", 3))
 
@@ -185,8 +205,7 @@ class ScriptedExpert:
         self._err_sum = np.zeros(3)
 
     def _rot_error(self, obs: _Obs) -> float:
-        assert self._ref_rot is not None
-        return float(np.linalg.norm(_mat_to_rotvec(self._ref_rot @ obs.eef_rot.T)))
+        return float(np.linalg.norm(self._rot_vec(obs)))
 
     def _moved(self, obs: _Obs) -> float:
         return math.inf if self._last_eef is None else float(np.linalg.norm(obs.eef - self._last_eef))
@@ -302,25 +321,37 @@ class ScriptedExpert:
             raise AssertionError(f"unhandled phase {phase!r}")
         raise AssertionError(f"phase machine did not settle (phase {self._phase!r})")
 
-    # -- actions
+    # -- the chunk's command
 
-    def _chunk(self, obs: _Obs, target: np.ndarray, gripper: float, gain: float) -> np.ndarray:
-        """Constant action over the chunk: PI control of the site towards ``target``, orientation hold.
+    def _gains(self) -> control.Gains:
+        return control.Gains(min_action=self.min_action, floor_tol=self.reach_tol / 2, rot_gain=self.rot_gain,
+                             step_gain=self.step_gain)
+
+    def _rot_vec(self, obs: _Obs) -> np.ndarray:
+        """World-frame rotation from the site's orientation to the one held [3] (axis * angle)."""
+        assert self._ref_rot is not None
+        return mat_to_rotvec(self._ref_rot @ obs.eef_rot.T)
+
+    def _decide_chunk(self, obs: _Obs, plan: TaskPlan) -> Command:
+        """The phase machine's decision for the next ``CHUNK_LEN`` steps, with the integral action of the chunk.
 
         The integral term matters where the arm is stretched out: there small commands barely move it.
         """
+        target, gripper, gain = self._decide(obs, plan)
         self._phase_chunks += 1
         err = target - obs.eef
         if float(np.linalg.norm(err)) < self.integral_zone:  # only near the target: no wind-up on long moves
             self._err_sum = self._err_sum + err
-        pos = gain * err + np.clip(self.integral_gain * self._err_sum, -self.integral_max, self.integral_max)
-        peak = float(np.max(np.abs(pos)))
-        if peak > 1.0:  # keep the direction, cap the speed
-            pos = pos / peak
-        elif self.min_action > peak > 0.0 and float(np.linalg.norm(err)) > self.reach_tol / 2:
-            pos = pos * (self.min_action / peak)  # small commands barely move the arm: keep a floor
-        assert self._ref_rot is not None
-        rot_err = _mat_to_rotvec(self._ref_rot @ obs.eef_rot.T)  # world-frame rotation still to do [rad]
-        rot = np.clip(self.rot_gain * rot_err / ROT_UNIT_RAD, -1.0, 1.0)
-        action = np.concatenate([pos, rot, [gripper]]).astype(np.float32)
-        return np.repeat(action[None, :], CHUNK_LEN, axis=0)
+        integral = np.clip(self.integral_gain * self._err_sum, -self.integral_max, self.integral_max)
+        self._command = Command(target=target, gripper=gripper, gain=gain, integral=integral)
+        self._last_eef = obs.eef
+        return self._command
+
+
+class StepwiseExpert(ScriptedExpert):
+    """The expert as a Policy of one-action chunks: ``predict_chunk`` is ``predict_step``, so the episode loop
+    (``rsd.sim.episode.run_episode``) queries it at every control step. ``rsd collect --policy expert`` records
+    its demonstrations with it."""
+
+    def predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> ActionChunk:
+        return self.predict_step(observation, instruction)

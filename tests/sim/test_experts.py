@@ -4,6 +4,8 @@ The first tests need no LIBERO (task table, input checks, and the phase machine 
 world, a missed grasp included); the last ones run real unrendered LIBERO episodes under the protocol
 (``rsd.sim.episode.run_episode``): 2 init states for each of the 20 tasks, pooled per suite.
 
+The per-step entry point and the open-loop chunk's rollout without LIBERO: tests/unit/test_expert_steps.py.
+
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/sim/test_experts.py -q`` (the LIBERO part takes
 about 4-6 min on 2 CPU cores: 40 episodes of ~4 s plus 20 env creations).
 """
@@ -19,25 +21,12 @@ import pytest
 
 from rsd.errors import ConfigError, NonFiniteError, ShapeError
 from rsd.policy.protocol import ActionChunk, Policy
-from rsd.sim.experts import PLANS, ScriptedExpert, normalize_instruction, plan_for
+from rsd.sim.experts import PLANS, ScriptedExpert, StepwiseExpert, normalize_instruction, plan_for
 from rsd.stats import wilson_interval
+from tests._expert_world import BOWL, SOUP, KinematicWorld
+from tests._expert_world import raw_obs as _raw
 
 pytestmark = pytest.mark.sim
-
-SOUP = "pick up the alphabet soup and place it in the basket"
-BOWL = "pick up the black bowl between the plate and the ramekin and place it on the plate"
-
-
-def _raw(eef=(-0.15, 0.0, 0.25), opening=0.078, obj=(0.1, -0.2, 0.038), dest=(0.0, 0.26, -0.005),
-         target="alphabet_soup_1", destination="basket_1") -> dict:
-    return {
-        "robot0_eef_pos": np.asarray(eef, dtype=np.float64),
-        "robot0_eef_quat": np.array([1.0, 0.0, 0.0, 0.0]),  # (x, y, z, w): pointing down
-        "robot0_gripper_qpos": np.array([opening / 2, -opening / 2]),
-        f"{target}_pos": np.asarray(obj, dtype=np.float64),
-        f"{destination}_pos": np.asarray(dest, dtype=np.float64),
-    }
-
 
 # ---------------------------------------------------------------- without LIBERO
 
@@ -97,63 +86,27 @@ def test_instruction_change_within_an_episode_raises_until_reset() -> None:
     assert expert.predict_chunk({"raw": bowl_raw}, BOWL).info["phase"] == "approach"
 
 
-class KinematicWorld:
-    """A point-mass stand-in for LIBERO: the site moves 0.25 x 0.05 m per unit action and step; closing on the
-    object within 1 cm of its grasp point holds it (except on the first attempt when ``slip_once``: the
-    fingers close on nothing); released objects fall into the basket if above it, else onto the floor."""
-
-    def __init__(self, slip_once: bool) -> None:
-        self.plan = PLANS[normalize_instruction(SOUP)]
-        self.eef = np.array([-0.15, 0.0, 0.25])
-        self.obj = np.array([0.1, -0.2, 0.038])
-        self.dest = np.array([0.0, 0.26, -0.005])
-        self.opening = 0.078
-        self.held: np.ndarray | None = None
-        self.slips_left = 1 if slip_once else 0
-        self.missed = False  # this closing went past the object
-
-    def raw(self) -> dict:
-        return _raw(self.eef, self.opening, self.obj, self.dest)
-
-    def step(self, action: np.ndarray) -> None:
-        self.eef = self.eef + 0.25 * 0.05 * np.asarray(action[:3], dtype=np.float64)
-        if action[6] > 0:  # closing
-            grasp_pt = self.obj + np.asarray(self.plan.grasp.offset)
-            if self.held is None and not self.missed and self.opening <= 0.07 \
-                    and np.linalg.norm(self.eef - grasp_pt) < 0.01:
-                if self.slips_left:
-                    self.slips_left -= 1
-                    self.missed = True
-                else:
-                    self.held = self.eef - self.obj
-            width = 0.063 if self.held is not None else 0.0
-            self.opening = max(width, self.opening - 0.01)
-        else:
-            self.opening = min(0.078, self.opening + 0.01)
-            self.missed = False
-            if self.held is not None:
-                self.held = None
-                inside = np.all(np.abs((self.obj - self.dest)[:2]) < 0.06)
-                self.obj[2] = self.dest[2] + 0.05 if inside else 0.038
-        if self.held is not None:
-            self.obj = self.eef - self.held
-
-    def placed(self) -> bool:
-        return self.held is None and bool(np.all(np.abs((self.obj - self.dest)[:2]) < 0.06)) \
-            and abs(self.obj[2] - (self.dest[2] + 0.05)) < 1e-9
-
-
+@pytest.mark.parametrize("per_step", [False, True], ids=["open-loop-chunks", "per-step"])
 @pytest.mark.parametrize("slip_once", [False, True])
-def test_phase_machine_places_the_object_and_retries_a_missed_grasp(slip_once: bool) -> None:
-    world, expert = KinematicWorld(slip_once), ScriptedExpert()
+def test_phase_machine_places_the_object_and_retries_a_missed_grasp(slip_once: bool, per_step: bool) -> None:
+    """Both entry points: 8-action chunks run open loop, and one action per step (phases decided every 8th)."""
+    world = KinematicWorld(slip_once)
+    expert = StepwiseExpert() if per_step else ScriptedExpert()
     phases, attempts = [], []
     for _ in range(280 // 8):
-        chunk = expert.predict_chunk({"raw": world.raw()}, SOUP)
+        if per_step:
+            for _step in range(8):
+                chunk = expert.predict_chunk({"raw": world.raw()}, SOUP)
+                assert chunk.actions.shape == (1, 7)
+                world.step(chunk.actions[0])
+        else:
+            chunk = expert.predict_chunk({"raw": world.raw()}, SOUP)
+            assert chunk.actions.shape == (8, 7)
+            for action in chunk.actions:
+                world.step(action)
         assert np.all(np.abs(chunk.actions) <= 1.0)
         phases.append(chunk.info["phase"])
         attempts.append(chunk.info["attempt"])
-        for action in chunk.actions:
-            world.step(action)
         if world.placed():
             break
     assert world.placed(), f"object at {world.obj} not in the basket at {world.dest}; phases {phases}"
@@ -206,3 +159,41 @@ def test_expert_solves_every_task(suite: str) -> None:
     low, _ = wilson_interval(wins, len(results))
     failed = {key: steps for key, (ok, steps) in results.items() if not ok}
     assert low >= MIN_WILSON_LOW, f"{suite}: {wins}/{len(results)} (Wilson low {low:.3f}); failed (task, init): {failed}"
+
+
+@_needs_libero
+def test_expert_rfsq_round_trips_chunks_whose_rows_differ() -> None:
+    """In LIBERO the open-loop expert's chunks change within the chunk wherever its command is not at a speed
+    limit (there a straight full-speed move repeats its action), and ``expert-rfsq`` (the packaged tokenizer's
+    round trip) then executes 8 distinct actions too."""
+    from rsd.policy.factory import make_policy
+    from rsd.sim import protocol
+    from rsd.sim.libero import make_env
+
+    policy = make_policy("expert-rfsq")
+    inner, sent = policy.inner, []
+    expert_chunk = inner.predict_chunk
+
+    def recorded(observation, instruction):
+        chunk = expert_chunk(observation, instruction)
+        sent.append(chunk.actions)
+        return chunk
+
+    inner.predict_chunk = recorded
+    checked = []
+    with make_env("libero_spatial", 0, render=False) as env:
+        policy.reset()
+        obs = env.reset(0)
+        for _ in range(protocol.NUM_STEPS_WAIT):
+            obs, _ = env.step(protocol.dummy_action())
+        for _chunk in range(8):  # approach and descend
+            chunk = policy.predict_chunk(obs, env.task.instruction)
+            speed = np.abs(sent[-1][:, :3]).max(axis=1)  # [8]
+            if np.all((speed < 0.99) & (speed > inner.min_action + 0.01)):  # no row at a speed limit
+                checked.append(chunk.info["phase"])
+                assert len(np.unique(sent[-1], axis=0)) == 8  # what the tokenizer got
+                assert len(np.unique(chunk.actions, axis=0)) == 8  # what it executes
+                assert np.all(chunk.actions[:, 6] == -1.0)
+            for action in chunk.actions:
+                obs, _ = env.step(action)
+    assert len(checked) >= 2, checked
