@@ -185,7 +185,8 @@ def reset_inner_env(inner: Any, what: str, attempts: int = RESET_ATTEMPTS) -> An
                         f"objects: check its BDDL file.") from last
 
 class LiberoEnv:
-    """One LIBERO task env. ``reset(i)`` starts from init state i; ``step(a)`` returns ``(obs, done)``.
+    """One LIBERO task env. ``reset(i)`` starts from benchmark init state i, ``reset_scene(seed)`` from a fresh
+    randomized scene; ``step(a)`` returns ``(obs, done)``.
 
     ``done`` is LIBERO's success flag returned by ``env.step`` (``info['success']`` is never set by
     LIBERO and never read here). Use as a context manager or call ``close()``.
@@ -211,6 +212,7 @@ class LiberoEnv:
                                       **kwargs)
         self.raw_env.seed(seed)  # protocol: env.seed(0) once per task env (LIBERO: np.random.seed)
         self._raw_obs: dict[str, Any] | None = None
+        self._scene_state: np.ndarray | None = None
         self._steps = 0
         self._closed = False
 
@@ -242,9 +244,38 @@ class LiberoEnv:
                               f"got {init_state_index!r}")
         reset_inner_env(self.raw_env.env, f"{self.task.suite} task {self.task.task_id}")
         raw = self.raw_env.set_init_state(self._init_states[int(init_state_index)])
+        self._scene_state = None
         self._raw_obs = raw
         self._steps = 0
         return make_observation(raw, with_images=self.render)
+
+    def reset_scene(self, seed: int) -> dict[str, Any]:
+        """A fresh randomized scene instead of a benchmark init state: LIBERO's ``env.reset()`` (objects placed by
+        the BDDL's placement samplers) under ``numpy.random.seed(seed)``, then ``set_init_state`` of the state it
+        produced, the path ``reset(i)`` takes. The samplers draw from numpy's global generator: it is seeded for
+        the reset only and its state restored afterwards, so the same seed gives the same scene in any process,
+        whatever ran before. The scene's state is ``scene_state`` (float64 [S], an init state like the benchmark's).
+        """
+        self._check_open()
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 32:
+            raise ConfigError(f"scene seed must be an int in [0, 2**32), got {seed!r}")
+        rng_state = np.random.get_state()
+        try:
+            np.random.seed(int(seed))
+            reset_inner_env(self.raw_env.env, f"{self.task.suite} task {self.task.task_id} (scene seed {seed})")
+        finally:
+            np.random.set_state(rng_state)
+        state = np.array(self.raw_env.get_sim_state(), dtype=np.float64)
+        raw = self.raw_env.set_init_state(state)
+        self._scene_state = state
+        self._raw_obs = raw
+        self._steps = 0
+        return make_observation(raw, with_images=self.render)
+
+    @property
+    def scene_state(self) -> np.ndarray | None:
+        """The init state of the last ``reset_scene`` (float64 [S], a copy), None before one."""
+        return None if self._scene_state is None else self._scene_state.copy()
 
     def step(self, action: Any) -> tuple[dict[str, Any], bool]:
         """Apply one env-ready action float [7] (gripper -1 open / +1 close) -> ``(obs, done)``."""
