@@ -8,9 +8,10 @@ module turns a command and an observed (or predicted) site pose into one env act
     a[3:6] = clip(rot_gain * rotvec(ref_rot eef_rot^T) / 0.5 rad)   rotation towards the start orientation
     a[6]   = gripper, -1 open / +1 close
 
-Closed loop, each step's action comes from that step's observation. Open loop (:func:`rollout`), the steps after
-the first come from a predicted pose: the site moves ``STEP_M * RESPONSE * a[:3]`` and the orientation
-``ROT_UNIT_RAD * RESPONSE * a[3:6]`` per step. ``RESPONSE`` was measured in LIBERO (OSC_POSE, 20 Hz control): a
+Closed loop, each step's action comes from that step's observation, with the error taken ``damping`` steps of
+the site's observed velocity ahead (the arm lags its commands: without it the per-step law overshoots). Open
+loop (:func:`rollout`), the steps after the first come from a predicted pose: the site moves
+``STEP_M * RESPONSE * a[:3]`` and the orientation ``ROT_UNIT_RAD * RESPONSE * a[3:6]`` per step. ``RESPONSE`` was measured in LIBERO (OSC_POSE, 20 Hz control): a
 constant action held for 8 steps moves the site 0.074-0.092 m per unit action (x and z, |a| from 0.1 to 1) and
 turns the gripper 0.36-0.46 rad per unit action (roll and yaw, |a| 0.1 and 0.5), libero_object task 0 from init
 state 0, i.e. 0.18-0.23 of the commanded 0.05 m (0.5 rad) per step; 0.21 is their mean.
@@ -68,6 +69,7 @@ class Gains:
     floor_tol: float  # [m] no speed floor closer than this to the target
     rot_gain: float  # fraction of the orientation error commanded per step
     step_gain: float  # the command's gain is multiplied by this for per-step (re-observed) actions
+    damping: float = 0.0  # [steps] closed loop: the error is taken this many steps of observed velocity ahead
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,14 @@ class Command:
     integral: np.ndarray  # [3]
 
 
-def action(cmd: Command, eef: np.ndarray, rot_err: np.ndarray, gains: Gains) -> np.ndarray:
+def action(cmd: Command, eef: np.ndarray, rot_err: np.ndarray, gains: Gains,
+           velocity: np.ndarray | None = None) -> np.ndarray:
     """One env action float64 [7] from the site position ``eef`` [3] and the world-frame rotation still to do
-    ``rot_err`` [3] (axis * angle, ``mat_to_rotvec(ref_rot @ eef_rot.T)``)."""
+    ``rot_err`` [3] (axis * angle, ``mat_to_rotvec(ref_rot @ eef_rot.T)``). ``velocity`` [3] (m per step, observed)
+    damps the approach: the error is taken where the site will be ``gains.damping`` steps ahead."""
     err = cmd.target - eef
-    pos = gains.step_gain * cmd.gain * err + cmd.integral
+    ahead = err if velocity is None else err - gains.damping * velocity
+    pos = gains.step_gain * cmd.gain * ahead + cmd.integral
     peak = float(np.max(np.abs(pos)))
     if peak > 1.0:  # keep the direction, cap the speed
         pos = pos / peak

@@ -55,9 +55,9 @@ def _at_speed_limit(chunk: np.ndarray) -> bool:
 
 
 def test_demonstration_chunks_are_not_tiled() -> None:
-    """No 8-step window of a per-step demonstration repeats one action, except at a speed limit; wherever the
-    arm speeds up, slows down or corrects, the actions change within the window (the control law sees each
-    step's site position). In LIBERO no recorded window is tiled at all (tests/sim/test_collect_train.py)."""
+    """No 8-step window of a per-step demonstration repeats one action, except at a speed limit; wherever the arm
+    speeds up, slows down or corrects, the actions change within the window (the control law sees each step's
+    site position). In LIBERO no recorded window is tiled at all (tests/sim/test_collect_train.py)."""
     actions, phases = _demonstration(KinematicWorld())
     chunks = action_chunks([Demo("d", actions.astype(np.float64), SOUP)], chunk_len=CHUNK_LEN)  # [N, 8, 7]
     assert chunks.shape[0] == actions.shape[0] - CHUNK_LEN + 1
@@ -92,6 +92,7 @@ def test_open_loop_chunk_is_the_closed_loop_where_the_world_responds_as_predicte
     """Where the site moves exactly ``RESPONSE`` of the command per step, the chunk equals the 8 per-step actions."""
     chunked, stepped = KinematicWorld(response=control.RESPONSE), KinematicWorld(response=control.RESPONSE)
     a, b = ScriptedExpert(), ScriptedExpert()
+    b.damping = 0.0  # the closed loop's damping acts on the observed velocity, which the open loop has not
     for _ in range(6):
         chunk = a.predict_chunk({"raw": chunked.raw()}, SOUP).actions  # [8, 7]
         steps = []
@@ -128,3 +129,11 @@ def test_per_step_phases_change_only_on_chunk_boundaries() -> None:
     _actions, phases = _demonstration(KinematicWorld(slip_once=True))
     changes = [t for t in range(1, len(phases)) if phases[t] != phases[t - 1]]
     assert changes and all(t % CHUNK_LEN == 0 for t in changes), changes
+
+
+def test_damping_takes_the_error_where_the_observed_motion_will_carry_the_site() -> None:
+    command = control.Command(target=np.array([0.02, 0.0, 0.0]), gripper=1.0, gain=8.0, integral=np.zeros(3))
+    gains = control.Gains(min_action=0.0, floor_tol=0.004, rot_gain=0.3, step_gain=1.5, damping=2.0)
+    moving = np.array([0.004, 0.0, 0.0])  # towards the target, m per step
+    np.testing.assert_allclose(control.action(command, np.zeros(3), np.zeros(3), gains, moving)[0], 12.0 * 0.012)
+    np.testing.assert_allclose(control.action(command, np.zeros(3), np.zeros(3), gains)[0], 12.0 * 0.02)  # open loop
