@@ -38,7 +38,7 @@ def mem_available_bytes() -> int | None:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except OSError:  # allowed: no /proc/meminfo (not Linux): the memory warning is skipped, nothing else
         return None
     return None
 

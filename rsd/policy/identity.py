@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rsd.errors import CheckpointNotFoundError, ConfigError
+from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
 from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR
 
 __all__ = ["POLICY_NAMES", "policy_identity", "expert_sources", "model_center_crop", "split_oft", "is_scripted",
@@ -47,15 +47,18 @@ def _checkpoint_file(relative: Path) -> bool:
 
 
 def _saved_backbone_spec(directory: Path) -> dict[str, Any] | None:
-    """The ``backbone`` entry of a saved policy's ``policy.json`` (None when there is none to read: the load
-    says what is wrong)."""
-    import json
-
-    try:
-        spec = json.loads((directory / "policy.json").read_text())["backbone"]
-    except (OSError, ValueError, KeyError, TypeError):
+    """The ``backbone`` entry of a saved policy's ``policy.json``, read by the one strict reader (a missing,
+    invalid or incomplete ``policy.json`` is a typed error naming it, here as at load time); None for a
+    directory that is not a path (a scripted spec)."""
+    if not directory.is_dir():
         return None
-    return spec if isinstance(spec, dict) else None
+    from rsd.policy.learned import read_policy_meta
+
+    spec = read_policy_meta(directory)["backbone"]
+    if not isinstance(spec, dict):
+        raise CheckpointMismatchError(f"{directory / 'policy.json'}: 'backbone' must be an object (the spec "
+                                      f"save_pretrained writes), got {type(spec).__name__}.")
+    return spec
 
 
 def _hf_checkpoint_of(directory: Path) -> Path | None:

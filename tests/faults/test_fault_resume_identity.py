@@ -155,3 +155,14 @@ def test_the_expert_identity_covers_every_sim_module_it_imports(tmp_path: Path,
     assert identity.policy_identity("expert")["content"] != before
     real = identity.expert_sources()
     assert {Path("experts.py"), Path("task_plans.py")} <= set(real)
+
+
+def test_a_broken_policy_json_is_named_when_the_run_is_identified(tmp_path: Path) -> None:
+    """policy_identity reads policy.json with the strict reader: no silent 'not a policy' for a cut file."""
+    from rsd.errors import CheckpointMismatchError
+    from rsd.policy.identity import policy_identity
+
+    policy = tiny_rsd_policy().save_pretrained(tmp_path / "policy")
+    (policy / "policy.json").write_text('{"format": 1, "kind": "rsd"')  # cut
+    with pytest.raises(CheckpointMismatchError, match="policy.json"):
+        policy_identity(str(policy))
