@@ -29,23 +29,12 @@ import numpy as np
 from rsd.errors import ConfigError
 from rsd.observation import RAW
 from rsd.sim import protocol
+from rsd.sim.protocol import object_names
 
 __all__ = ["collect", "object_names", "benchmark_match", "SCENE_SEED_START", "SCENE_MATCH_TOL"]
 
 SCENE_SEED_START = 1000  # default first scene seed (any seed >= protocol.NUM_TRIALS_PER_TASK is allowed)
 SCENE_MATCH_TOL = 1e-3  # [m, rad, m/s] a scene this close to a benchmark init state in every state value is it
-
-
-def object_names(raw: dict[str, Any]) -> list[str]:
-    """The objects whose pose LIBERO's raw obs reports (``<name>_pos`` and ``<name>_quat``; not the robot's
-    ``robot0_*`` keys, not the relative ``*_to_robot0_eef_*`` ones), sorted."""
-    names = []
-    for key in raw:
-        if key.endswith("_pos") and not key.startswith("robot0_") and "_to_robot0_eef" not in key:
-            name = key[: -len("_pos")]
-            if f"{name}_quat" in raw:
-                names.append(name)
-    return sorted(names)
 
 
 def benchmark_match(state: np.ndarray, init_states: np.ndarray, tol: float = SCENE_MATCH_TOL) -> int | None:

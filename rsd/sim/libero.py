@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from rsd.errors import ConfigError, EnvResetError, NonFiniteError, ShapeError, SimSetupError
-from rsd.observation import FULL_IMAGE, RAW, STATE, WRIST_IMAGE
+from rsd.observation import FULL_IMAGE, OBJECT_NAMES, OBJECT_POSES, RAW, STATE, WRIST_IMAGE
 from rsd.sim import protocol
 from rsd.sim.setup import (SETUP_HINT, RendererInfo, ensure_libero_config, import_robosuite, libero_package_root,
                            probe_renderer, rsd_home, select_renderer, setup_libero)
@@ -135,9 +135,12 @@ def make_observation(raw: dict[str, Any], *, with_images: bool) -> dict[str, Any
 
     ``full_image`` / ``wrist_image``: uint8 [224, 224, 3] (``protocol.preprocess_image``: rotated 180°,
     JPEG round trip, Lanczos resize; no center crop, that belongs to the policy), only ``with_images``;
-    ``state``: float32 [8] proprio; ``raw``: the LIBERO obs dict itself (privileged policies only).
+    ``state``: float32 [8] proprio; ``object_poses`` float32 [K, 7] + ``object_names`` (K str, sorted): the task
+    objects' poses (privileged, for low-dimensional policies); ``raw``: the LIBERO obs dict itself (scripted experts).
     """
-    obs: dict[str, Any] = {STATE: protocol.proprio_from_obs(raw), RAW: raw}
+    names = tuple(protocol.object_names(raw))
+    obs: dict[str, Any] = {STATE: protocol.proprio_from_obs(raw), OBJECT_POSES: protocol.object_poses(raw, names),
+                           OBJECT_NAMES: names, RAW: raw}
     if with_images:
         for key, src in ((FULL_IMAGE, protocol.AGENTVIEW_KEY), (WRIST_IMAGE, protocol.WRIST_KEY)):
             if src not in raw:

@@ -135,6 +135,33 @@ def proprio_from_obs(obs: Mapping[str, Any]) -> np.ndarray:
     return state.astype(np.float32)
 
 
+def object_names(raw: Mapping[str, Any]) -> list[str]:
+    """The objects whose pose LIBERO's raw obs reports (``<name>_pos`` and ``<name>_quat``; not the robot's
+    ``robot0_*`` keys, not the relative ``*_to_robot0_eef_*`` ones), sorted."""
+    names = []
+    for key in raw:
+        if key.endswith("_pos") and not key.startswith("robot0_") and "_to_robot0_eef" not in key:
+            name = key[: -len("_pos")]
+            if f"{name}_quat" in raw:
+                names.append(name)
+    return sorted(names)
+
+
+def object_poses(raw: Mapping[str, Any], names: list[str] | tuple[str, ...]) -> np.ndarray:
+    """Raw LIBERO obs -> float32 [K, 7]: ``<name>_pos`` 3 + ``<name>_quat`` 4 (x, y, z, w) per name, in order."""
+    rows = []
+    for name in names:
+        pos = np.asarray(raw[f"{name}_pos"], dtype=np.float64)
+        quat = np.asarray(raw[f"{name}_quat"], dtype=np.float64)
+        if pos.shape != (3,) or quat.shape != (4,):
+            raise ShapeError(f"obs[{name!r}_pos/_quat] must be (3,) and (4,), got {pos.shape} and {quat.shape}.")
+        rows.append(np.concatenate([pos, quat]))
+    poses = np.stack(rows) if rows else np.zeros((0, 7))
+    if not np.isfinite(poses).all():
+        raise NonFiniteError(f"object poses of {list(names)} contain NaN/inf.")
+    return poses.astype(np.float32)
+
+
 # ---------------------------------------------------------------- actions
 
 def validate_action(action: Any) -> np.ndarray:

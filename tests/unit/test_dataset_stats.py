@@ -14,7 +14,8 @@ from rsd.dataset_stats import (dataset_statistics, demo_proprio, noop_mask, stat
                                write_dataset_statistics)
 from rsd.errors import ConfigError, ShapeError
 from rsd.normalize import load_dataset_statistics, resolve_unnorm_key
-from rsd.sim.collect import SCENE_MATCH_TOL, benchmark_match, object_names
+from rsd.sim.collect import SCENE_MATCH_TOL, benchmark_match
+from rsd.sim.protocol import object_names
 from rsd.sim.demos import Demo, DemoWriter, read_demos
 
 pytestmark = pytest.mark.unit

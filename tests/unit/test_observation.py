@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rsd.errors import ConfigError, DTypeError, NonFiniteError, ShapeError
-from rsd.observation import FULL_IMAGE, IMAGE_KEYS, RAW, STATE, WRIST_IMAGE, ObservationSpec
+from rsd.observation import (FULL_IMAGE, IMAGE_KEYS, OBJECT_NAMES, OBJECT_POSES, POSE_DIM, RAW, STATE, WRIST_IMAGE,
+                             ObservationSpec)
 
 pytestmark = pytest.mark.unit
 
@@ -64,3 +65,28 @@ def test_torch_tensors_are_arrays_too_and_other_values_are_refused() -> None:
         spec.validate({**obs, STATE: [0.0] * 8})
     with pytest.raises(ShapeError, match=r"lacks \['wrist_image'\].*render the episode.*; or drop the wrist camera"):
         spec.validate({k: v for k, v in obs.items() if k != WRIST_IMAGE}, hint="or drop the wrist camera")
+
+
+OBJECTS = ObservationSpec(images=(), objects=True)
+
+
+@pytest.mark.parametrize("batch", [None, 2])
+def test_fake_object_poses_are_valid(batch: int | None) -> None:
+    obs = OBJECTS.fake(seed=3, batch=batch)
+    assert OBJECTS.validate(obs) is obs
+    assert obs[OBJECT_POSES].shape == ((batch,) if batch else ()) + (len(obs[OBJECT_NAMES]), POSE_DIM)
+
+
+@pytest.mark.parametrize("edit, err, match", [
+    (lambda o: o.pop(OBJECT_POSES), ShapeError, "object_poses"),
+    (lambda o: o.update(object_names=o[OBJECT_NAMES][:2]), ShapeError, "K = 2"),
+    (lambda o: o.update(object_names=["bowl", 3, "x"]), DTypeError, "names"),
+    (lambda o: o.update(object_poses=np.full((3, 7), np.inf, np.float32)), NonFiniteError, "NaN/inf"),
+    (lambda o: o.update(object_poses=np.zeros((3, 7), np.int32)), DTypeError, "float32"),
+    (lambda o: o.update(object_poses=np.zeros((2, 3, 7), np.float32)), ShapeError, "batch"),
+])
+def test_object_poses_are_checked(edit, err, match) -> None:
+    obs = OBJECTS.fake()
+    edit(obs)
+    with pytest.raises(err, match=match):
+        OBJECTS.validate(obs)
