@@ -86,3 +86,8 @@ class OutputLockedError(ConfigError):
 
 class EnvResetError(SimSetupError):
     """A LIBERO env failed to reset (``__cause__`` holds LIBERO's error)."""
+
+
+class SpeculativeMismatchError(RSDError, RuntimeError):
+    """Speculative decoding in ``exact`` mode gave codes that differ from greedy decoding of the same hidden state
+    (``rsd eval --check-greedy``): exact speculative decoding must equal greedy, so the decoder is broken."""

@@ -30,6 +30,7 @@ from rsd.config import RSDConfig
 from rsd.errors import (ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError,
                         NonFiniteError, ShapeError)
 from rsd.normalize import NormStats
+from rsd.policy.greedy_check import compare_with_greedy
 from rsd.policy.postprocess import ActionPostprocessor
 from rsd.policy.protocol import ActionChunk
 from rsd.speculative import SpeculativeDecoder, greedy_decode
@@ -183,7 +184,8 @@ class RSDPolicy(_LearnedPolicy):
     def __init__(self, backbone: Any, head: torch.nn.Module, tokenizer: torch.nn.Module, action_stats: NormStats, *,
                  config: RSDConfig, draft: torch.nn.Module | None = None, speculative: bool | None = None,
                  mode: str = "exact", threshold: float | None = None, device: str | torch.device = "cpu",
-                 unnorm_key: str | None = None, graphed: bool = False, compile_heads: bool = False) -> None:
+                 unnorm_key: str | None = None, graphed: bool = False, compile_heads: bool = False,
+                 check_greedy: bool = False) -> None:
         super().__init__(backbone, config, action_stats, device=device, unnorm_key=unnorm_key)
         tok_cfg = tokenizer.config
         expected = dict(chunk_len=config.chunk_len, action_dim=config.action_dim, latent_dim=config.latent_dim,
@@ -204,6 +206,10 @@ class RSDPolicy(_LearnedPolicy):
             raise ConfigError("compile_heads=True compiles the graphed decoder: pass graphed=True as well.")
         if self.speculative:
             self._decoder = SpeculativeDecoder(self.draft, self.head, mode=mode, threshold=threshold)
+        if check_greedy and not self.speculative:
+            raise ConfigError("check_greedy=True compares speculative codes with greedy decoding, and this policy "
+                              "decodes greedily: pass speculative=True (with a draft head) or check_greedy=False.")
+        self.check_greedy = bool(check_greedy)  # rsd.policy.greedy_check: every chunk also decoded greedily
         if graphed:
             self.use_graphed_heads(compile=compile_heads)
 
@@ -228,6 +234,11 @@ class RSDPolicy(_LearnedPolicy):
             if self._decoder is not None:
                 codes, stats = self._decoder.decode(hidden)
                 info["spec_stats"] = stats.to_dict()
+                if self.check_greedy:  # outside tokens_ms; its own time is greedy_check_ms
+                    t_check = time.perf_counter()
+                    info["greedy_check"] = compare_with_greedy(self.head, hidden, codes, self._decoder.mode)
+                    timing["greedy_check_ms"] = 1e3 * (time.perf_counter() - t_check)
+                    t0 += time.perf_counter() - t_check
             else:
                 codes = greedy_decode(self.head, hidden)
             _sync(self.device)
@@ -258,8 +269,10 @@ class RSDPolicy(_LearnedPolicy):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device = "cpu",
                         speculative: bool | None = None, mode: str | None = None,
-                        threshold: float | None = None, graphed: bool = False,
-                        compile_heads: bool = False, trust_remote_code: bool = False) -> "RSDPolicy":
+                        threshold: float | None = None, graphed: bool = False, compile_heads: bool = False,
+                        trust_remote_code: bool = False, check_greedy: bool = False) -> "RSDPolicy":
+        """Load a saved RSD policy; ``speculative``/``mode``/``threshold`` override how it was saved to decode
+        (a ``mode`` given here comes with its own ``threshold``: the saved threshold belongs to the saved mode)."""
         from rsd.backbones import load_backbone
         from rsd.heads import DraftHead, RFSQHead
         from rsd.tokenizer import RFSQTokenizer
@@ -277,8 +290,9 @@ class RSDPolicy(_LearnedPolicy):
         return cls(backbone, head, tokenizer, NormStats.from_dict(meta["action_stats"]), config=config, draft=draft,
                    speculative=saved_speculative(meta) if speculative is None else speculative,
                    mode=mode or spec.get("mode", "exact"),
-                   threshold=threshold if threshold is not None else spec.get("threshold"),
-                   device=device, unnorm_key=meta.get("unnorm_key"), graphed=graphed, compile_heads=compile_heads)
+                   threshold=threshold if threshold is not None or mode is not None else spec.get("threshold"),
+                   device=device, unnorm_key=meta.get("unnorm_key"), graphed=graphed, compile_heads=compile_heads,
+                   check_greedy=check_greedy)
 
 
 # ----------------------------------------------------------------------------------------------------------------
