@@ -34,9 +34,13 @@ Python code (:func:`load_policy`).
 - an RSD policy that decodes greedily is built with ``graphed=True, compile_heads=True``: heads + argmax +
   layout + detokenize as one compiled CUDA graph, whose codes are eager's argmax up to float-rounding ties
   (``rsd.fastpath.argmax_regret``);
-- an RSD policy saved with speculative decoding keeps its speculative decoder (the graphed decoder is
-  greedy, and ``--fast`` never changes how a policy decodes): only its backbone gets faster, which is said on
-  stderr (each chunk's ``info`` also carries ``speculative: True, graphed: False``).
+- an RSD policy saved with speculative decoding (or asked to decode speculatively by ``--decode``) keeps its
+  speculative decoder (the graphed decoder is greedy, and ``--fast`` never changes how a policy decodes): only its
+  backbone gets faster, which is said on stderr (each chunk's ``info`` also carries ``speculative: True,
+  graphed: False``); ``--decode greedy`` on a speculative policy puts its heads on the graph.
+
+``decode`` / ``threshold`` / ``check_greedy`` (``rsd eval --decode/--threshold/--check-greedy``) choose how a saved
+RSD policy decodes (``rsd.policy.decode.resolve_decode``; ConfigError for any other policy, before it loads).
 
 ``--fast`` never passes silently: a scripted policy (``expert``, ``expert-rfsq``), a device that is not CUDA,
 or a learned policy with nothing on a fast path (e.g. a speculative RSD policy or an L1 policy on a backbone
@@ -55,6 +59,7 @@ from typing import Any, Mapping
 import torch
 
 from rsd.errors import CheckpointNotFoundError, ConfigError, WrongBaseModelError
+from rsd.policy.decode import DecodeChoice, resolve_decode
 from rsd.policy.identity import (POLICY_NAMES, is_scripted, model_center_crop, policy_identity, split_oft,
                                  unknown_policy)
 from rsd.policy.learned import KINDS, L1Policy, RSDPolicy, read_policy_meta, saved_speculative
@@ -109,11 +114,11 @@ def policy_device(spec: str, device: str | None) -> str | None:
     return str(dev)
 
 
-def check_fast(spec: str, device: str | None) -> None:
+def check_fast(spec: str, device: str | None, *, speculative: bool | None = None) -> None:
     """Raise :class:`ConfigError` when ``fast=True`` cannot apply to ``spec`` on ``device``, without loading it:
     a scripted policy (nothing to speed up), an explicit ``device`` that is not CUDA, the default device
     (None) on a machine where torch sees no CUDA, or a saved policy directory with nothing on a fast path
-    (``rsd.policy.fast_plan`` reads its ``policy.json``)."""
+    (``rsd.policy.fast_plan`` reads its ``policy.json``; ``speculative`` overrides how it was saved to decode)."""
     if is_scripted(spec):
         raise ConfigError(f"--fast speeds up learned policies (their backbone and RSD heads on CUDA); {spec!r} is a "
                           f"scripted policy with no network to speed up: drop --fast.")
@@ -127,7 +132,7 @@ def check_fast(spec: str, device: str | None) -> None:
         raise ConfigError(f"--fast runs the policy through CUDA graphs and needs a CUDA device, got --device "
                           f"{device}: pass --device cuda (on a GPU machine) or drop --fast.")
     if Path(spec).is_dir():
-        fast_plan(spec)
+        fast_plan(spec, speculative=speculative)
 
 
 def _announce_fast(policy: Any) -> None:
@@ -137,8 +142,8 @@ def _announce_fast(policy: Any) -> None:
     if getattr(backbone, "fast", False):
         parts.append(f"backbone {type(backbone).__name__}: compiled, CUDA graphs")
     if isinstance(policy, RSDPolicy):
-        parts.append("RSD decoder: speculative, kept as saved (the graphed decoder is greedy-only); only the "
-                     "backbone is faster" if policy.speculative else
+        parts.append(f"RSD decoder: speculative ({policy.mode}), kept (the graphed decoder is greedy-only); only "
+                     f"the backbone is faster" if policy.speculative else
                      "RSD heads + argmax + detokenize: one compiled CUDA graph")
     print(f"rsd: --fast: {type(policy).__name__}: {'; '.join(parts)}", file=sys.stderr)
 
@@ -175,7 +180,8 @@ def _openvla_oft(body: str, suite: str | None, device: str | None, center_crop: 
 
 
 def make_policy(spec: str, *, suite: str | None = None, device: str | None = None, fast: bool = False,
-                trust_remote_code: bool = False, center_crop: bool = True) -> Any:
+                trust_remote_code: bool = False, center_crop: bool = True, decode: str = "saved",
+                threshold: float | int | None = None, check_greedy: bool | None = None) -> Any:
     """Resolve a ``--policy`` value to a Policy (see the module docstring).
 
     ``suite`` is the LIBERO suite the policy will run on (needed by ``openvla-oft:``; the others ignore it).
@@ -185,12 +191,15 @@ def make_policy(spec: str, *, suite: str | None = None, device: str | None = Non
     True (``rsd.policy.load_policy``); otherwise it raises RemoteCodeNotAllowedError.
     ``center_crop``: OpenVLA-OFT's centre crop of both views for ``openvla-oft:PATH`` (OFT's default; False for a
     checkpoint trained without crop augmentation); ConfigError when False for any other policy.
+    ``decode``, ``threshold``, ``check_greedy``: how a saved RSD policy decodes (``rsd.policy.decode``); anything but
+    the defaults is a ConfigError for any other policy, before it loads.
     """
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
     model_center_crop(spec, center_crop)  # a switch that cannot apply is refused before anything loads
+    choice = resolve_decode(spec, decode, threshold, check_greedy)
     if fast:
-        check_fast(spec, device)
+        check_fast(spec, device, speculative=choice.speculative)
         device = device or "cuda"
     if spec == "expert":
         return _expert()
@@ -205,7 +214,8 @@ def make_policy(spec: str, *, suite: str | None = None, device: str | None = Non
         return policy
     path = Path(spec)
     if path.is_dir():
-        policy = load_policy(path, device=_default_device(device), fast=fast, trust_remote_code=trust_remote_code)
+        policy = load_policy(path, device=_default_device(device), fast=fast, trust_remote_code=trust_remote_code,
+                             decode=choice)
         if fast:
             _announce_fast(policy)
         return policy
@@ -220,20 +230,22 @@ class FastPlan:
     backbone: bool
 
 
-def fast_plan(directory: str | Path) -> FastPlan:
+def fast_plan(directory: str | Path, *, speculative: bool | None = None) -> FastPlan:
     """Read ``directory/policy.json`` and say what ``load_policy(directory, fast=True)`` will speed up, without
     loading anything. ConfigError for an unknown kind, and for a policy with nothing on a fast path (a
-    speculative or L1 policy whose backbone has no ``set_fast``)."""
+    speculative or L1 policy whose backbone has no ``set_fast``). ``speculative`` (``--decode``; None: as saved)
+    overrides how an RSD policy was saved to decode."""
     directory = Path(directory)
-    return _fast_plan(read_policy_meta(directory), directory)
+    return _fast_plan(read_policy_meta(directory), directory, speculative)
 
 
-def _fast_plan(meta: Mapping[str, Any], directory: Path) -> FastPlan:
+def _fast_plan(meta: Mapping[str, Any], directory: Path, speculative: bool | None = None) -> FastPlan:
     from rsd.backbones.base import backbone_class
 
     kind = meta["kind"]
     backbone_cls = backbone_class(meta.get("backbone", {}).get("name", ""))
-    plan = FastPlan(graph_heads=kind == RSDPolicy.kind and not saved_speculative(meta),
+    speculative = saved_speculative(meta) if speculative is None else speculative
+    plan = FastPlan(graph_heads=kind == RSDPolicy.kind and not speculative,
                     backbone=hasattr(backbone_cls, "set_fast"))
     if not (plan.graph_heads or plan.backbone):
         what = "decodes speculatively (kept: the graphed decoder is greedy-only)" if kind == RSDPolicy.kind \
@@ -244,7 +256,8 @@ def _fast_plan(meta: Mapping[str, Any], directory: Path) -> FastPlan:
 
 
 def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fast: bool = False,
-                trust_remote_code: bool = False) -> RSDPolicy | L1Policy:
+                trust_remote_code: bool = False, decode: str | DecodeChoice = "saved",
+                threshold: float | int | None = None, check_greedy: bool | None = None) -> RSDPolicy | L1Policy:
     """Load any saved learned policy (RSD or L1) from ``directory`` by the kind in its ``policy.json``.
 
     ``fast`` (CUDA ``device`` only) puts what has one on rsd's fast path (:func:`fast_plan`): a backbone with
@@ -255,14 +268,21 @@ def load_policy(directory: str | Path, *, device: str | torch.device = "cpu", fa
 
     ``trust_remote_code`` is the only switch that lets a backbone run its checkpoint's own Python code: a
     ``policy.json`` asking for it raises RemoteCodeNotAllowedError unless it is True.
+
+    ``decode`` (a ``--decode`` mode, or a :class:`DecodeChoice` already resolved), ``threshold`` and ``check_greedy``
+    choose how an RSD policy decodes (``rsd.policy.decode.resolve_decode``); ConfigError where they cannot apply.
     """
     directory = Path(directory)
+    choice = decode if isinstance(decode, DecodeChoice) else resolve_decode(str(directory), decode, threshold,
+                                                                            check_greedy)
     if fast and torch.device(device).type != "cuda":
         raise ConfigError(f"fast=True runs the policy through CUDA graphs and needs a CUDA device, got {device}: "
                           f"load it on cuda or pass fast=False (rsd eval: --device cuda, or drop --fast).")
     meta = read_policy_meta(directory)
-    plan = _fast_plan(meta, directory) if fast else FastPlan(graph_heads=False, backbone=False)
-    policy = KINDS[meta["kind"]].from_pretrained(directory, device=device, trust_remote_code=trust_remote_code)
+    plan = _fast_plan(meta, directory, choice.speculative) if fast else FastPlan(graph_heads=False, backbone=False)
+    overrides = choice.overrides() if meta["kind"] == RSDPolicy.kind else {}
+    policy = KINDS[meta["kind"]].from_pretrained(directory, device=device, trust_remote_code=trust_remote_code,
+                                                 **overrides)
     if plan.graph_heads:
         policy.use_graphed_heads(compile=True)
     if plan.backbone:
