@@ -7,6 +7,8 @@ One concept per module:
 - ``rsd.eval.runners``     who runs the episodes: ``SerialRunner``, ``ParallelRunner`` (spawned workers),
   ``EpisodeWorker``, ``VideoSink``
 - ``rsd.eval.report``      ``summarize``, ``format_table``, ``summary.png``, versions and renderer
+- ``rsd.eval.decoding``    how an RSD policy decoded: per-episode ``SpecTally``, ``RecordingPolicy``, ``summarize_spec``
+- ``rsd.eval.compare``     several runs side by side from their ``summary.json`` (``scripts/compare_runs.py``)
 - ``rsd.eval.evaluation``  ``EvalConfig`` (the settings, checked) and ``evaluate`` (one run, lock to summary)
 - ``rsd.eval.cli``         the ``rsd eval`` options and ``run(args)``
 

@@ -37,6 +37,15 @@ as one compiled CUDA graph; a speculative RSD policy keeps its speculative decod
 faster). Actions match the eager policy's within each part's tolerance (bf16 rounding, argmax ties), the
 latencies do not, so ``fast`` is recorded in ``run.json`` and ``summary.json`` and ``--resume`` needs the same
 value. A scripted policy, a non-CUDA device or a policy with nothing on a fast path is a ConfigError.
+
+``--decode {saved,greedy,exact,relaxed,match_rate}`` (``rsd.policy.decode``) chooses how a saved RSD policy decodes
+(default: as saved), ``--threshold`` the acceptance threshold of ``relaxed`` (levels) / ``match_rate`` (fraction);
+``--check-greedy`` (on by default for ``exact``) also decodes every chunk greedily and compares: for ``exact`` a
+difference is a ``SpeculativeMismatchError`` (the episode errors, the eval exits 1), for ``relaxed``/``match_rate``
+it is counted. All three are recorded in ``run.json`` (``--resume`` needs the same) and ``summary.json`` (``decode``).
+Speculative policies add to each ``episodes.jsonl`` line and to every summary block a ``speculative`` record
+(``rsd.eval.decoding``: chunks, mean accepted draft layers, per-layer acceptance, greedy-check counts); the
+table shows them. ``scripts/compare_runs.py RUN_DIR...`` puts several runs side by side.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from rsd.errors import ConfigError
 from rsd.eval.evaluation import EvalConfig, evaluate
 from rsd.eval.rundir import check_out_dir
 from rsd.eval.runners import VIDEO_MODES
+from rsd.policy.decode import DECODE_MODES
 from rsd.sim import protocol
 
 __all__ = ["HELP", "add_arguments", "run", "parse_task_ids"]
@@ -109,6 +119,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "graph (codes = eager argmax up to float ties); a speculative RSD policy keeps its "
                              "decoder, only its backbone is sped up. Needs a CUDA --device and a learned policy "
                              "(error otherwise); recorded in run.json, --resume needs the same value")
+    parser.add_argument("--decode", choices=DECODE_MODES, default="saved",
+                        help="how a saved RSD policy decodes: saved (as saved; default), greedy (RFSQ head alone), "
+                             "exact / relaxed / match_rate (speculative with its draft head and that acceptance rule). "
+                             "Anything but saved needs an RSD policy directory; recorded in run.json, --resume needs "
+                             "the same")
+    parser.add_argument("--threshold", type=_number, default=None,
+                        help="acceptance threshold of --decode relaxed (levels, an int >= 0; needed) or match_rate "
+                             "(fraction of equal tokens in [0, 1]; default 0.7); refused for other modes")
+    parser.add_argument("--check-greedy", action=argparse.BooleanOptionalAction, default=None,
+                        help="also decode every chunk greedily and compare the codes (default on for --decode exact, "
+                             "where a difference is a SpeculativeMismatchError; relaxed/match_rate count differences). "
+                             "Its time is inside the policy latency; the summary also gives the latency without it")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let a saved policy's backbone run its checkpoint's own Python code when its "
                              "policy.json asks for it (refused without this flag)")
@@ -118,6 +140,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "crop of both views (the default); use this only for a checkpoint trained without it. "
                              "Recorded in run.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _number(text: str) -> int | float:
+    """``--threshold``: an int when the text is one (relaxed counts levels), else a float."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _resolve_tasks(suite: str, tasks: tuple[int, ...] | None, trials: int) -> list[int]:
@@ -142,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
                         resume=args.resume, seed=args.seed, camera_size=args.camera_size,
                         max_episodes=args.max_episodes, command=shlex.join(["rsd", *sys.argv[1:]]),
                         progress=not args.no_progress, device=args.device, fast=args.fast,
-                        trust_remote_code=args.trust_remote_code, center_crop=args.center_crop)
+                        trust_remote_code=args.trust_remote_code, center_crop=args.center_crop,
+                        decode=args.decode, threshold=args.threshold, check_greedy=args.check_greedy)
     check_out_dir(config.out)  # before LIBERO is imported to resolve the tasks
     task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)
     return evaluate(config, task_ids).exit_code

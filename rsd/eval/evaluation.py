@@ -52,6 +52,9 @@ class EvalConfig:
     fast: bool = False  # learned policies on the CUDA fast path (rsd.policy.factory); recorded in run.json
     trust_remote_code: bool = False  # --trust-remote-code: a saved policy's backbone may run its checkpoint's code
     center_crop: bool = True  # OpenVLA-OFT's centre crop of the model's images (--no-center-crop); in run.json
+    decode: str = "saved"  # how an RSD policy decodes (--decode: rsd.policy.decode); in run.json
+    threshold: float | int | None = None  # --threshold of --decode relaxed / match_rate
+    check_greedy: bool | None = None  # --check-greedy (None: on for --decode exact)
 
     def __post_init__(self) -> None:
         protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
@@ -75,10 +78,11 @@ class EvalConfig:
             if not self.tasks:
                 raise ConfigError("--tasks selects no task.")
             object.__setattr__(self, "tasks", tuple(int(t) for t in self.tasks))
+        choice = self.decode_choice  # --decode that cannot apply: refused before anything is written
         if self.fast:  # before anything is written: a scripted policy or an explicit non-CUDA --device
             from rsd.policy.factory import check_fast
 
-            check_fast(self.policy, self.device)
+            check_fast(self.policy, self.device, speculative=choice.speculative)
         if not self.center_crop:  # only openvla-oft:PATH takes it: refused before anything is written
             from rsd.policy.identity import model_center_crop
 
@@ -91,6 +95,14 @@ class EvalConfig:
     @property
     def max_steps(self) -> int:
         return protocol.max_steps_for(self.suite)
+
+    @functools.cached_property
+    def decode_choice(self) -> Any:
+        """``--decode/--threshold/--check-greedy`` checked against the policy and resolved
+        (``rsd.policy.decode.DecodeChoice``; reads only a saved policy's ``policy.json``)."""
+        from rsd.policy.decode import resolve_decode
+
+        return resolve_decode(self.policy, self.decode, self.threshold, self.check_greedy)
 
     @functools.cached_property
     def policy_identity(self) -> dict[str, Any]:
@@ -112,7 +124,7 @@ class EvalConfig:
                 "device": policy_device(self.policy, self.device), "seed": self.seed, "render": self.render,
                 "camera_size": self.camera_size, "max_steps": self.max_steps,
                 "num_steps_wait": protocol.NUM_STEPS_WAIT, "fast": self.fast,
-                "policy_center_crop": identity["center_crop"]}
+                "policy_center_crop": identity["center_crop"], **self.decode_choice.record()}
 
 
 @dataclass(frozen=True)
@@ -174,7 +186,9 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
 
                 policy_factory = partial(make_policy, config.policy, suite=config.suite, device=config.device,
                                          fast=config.fast, trust_remote_code=config.trust_remote_code,
-                                         center_crop=config.center_crop)
+                                         center_crop=config.center_crop, decode=config.decode_choice.mode,
+                                         threshold=config.decode_choice.threshold,
+                                         check_greedy=config.decode_choice.check_greedy)
             runner = _default_runner(config, policy_factory) if todo else None
             if isinstance(runner, SerialRunner):  # its constructor made the policy: the start succeeded
                 started()
@@ -206,7 +220,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
         summary = summarize(records, keys)
         summary.update({
             "suite": config.suite, "policy": config.policy, "seed": config.seed, "render": config.render,
-            "camera_size": config.camera_size, "fast": config.fast,
+            "camera_size": config.camera_size, "fast": config.fast, "decode": config.decode_choice.summary(),
             "center_crop": config.policy_identity["center_crop"], "trials": config.trials, "tasks": list(task_ids),
             "protocol": {"max_steps": config.max_steps, "num_steps_wait": protocol.NUM_STEPS_WAIT,
                          "dummy_action": list(protocol.DUMMY_ACTION), "success": "done flag of env.step",
@@ -222,7 +236,8 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
         started()  # the runner did not raise: the run started (episodes may be cut by Ctrl-C)
         write_json_atomic(out / SUMMARY_NAME, summary)
         if config.plot:
-            title = f"{config.suite} · {config.policy}{' · fast' if config.fast else ''} · seed {config.seed}"
+            decode = "" if config.decode == "saved" else f" · {config.decode}"
+            title = f"{config.suite} · {config.policy}{decode}{' · fast' if config.fast else ''} · seed {config.seed}"
             plot_summary(summary, out / PLOT_NAME, title)
     print(format_table(summary))
     print(f"wrote {out / SUMMARY_NAME}{', ' + str(out / PLOT_NAME) if config.plot else ''} and {out / RESULTS_NAME} "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rsd.errors import ConfigError
+from rsd.eval.decoding import SpecTally
 
 __all__ = ["EpisodeKey", "EpisodeResult", "ResultsFile", "latest_by_key"]
 
@@ -35,7 +36,9 @@ class EpisodeKey:
 
 @dataclass(frozen=True)
 class EpisodeResult:
-    """One line of ``episodes.jsonl``. ``steps`` counts policy actions executed (settle steps excluded)."""
+    """One line of ``episodes.jsonl``. ``steps`` counts policy actions executed (settle steps excluded).
+    ``speculative``: how an RSD policy decoded speculatively in the episode (``rsd.eval.decoding.SpecTally``; None for
+    other policies and in lines of runs recorded before it existed)."""
 
     suite: str
     task_id: int
@@ -53,6 +56,7 @@ class EpisodeResult:
     video: str | None  # relative to the eval dir
     seed: int
     traceback: str | None = None
+    speculative: SpecTally | None = None
 
     @property
     def key(self) -> EpisodeKey:
@@ -61,6 +65,7 @@ class EpisodeResult:
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
         data["chunk_latencies_ms"] = [round(x, 4) for x in self.chunk_latencies_ms]
+        data["speculative"] = None if self.speculative is None else self.speculative.to_dict()
         return json.dumps(data, sort_keys=True, allow_nan=False)
 
     @classmethod
@@ -72,6 +77,10 @@ class EpisodeResult:
             raise ConfigError(f"episode record lacks {missing}.")
         kwargs = {k: v for k, v in data.items() if k in names}
         kwargs["chunk_latencies_ms"] = tuple(float(x) for x in kwargs["chunk_latencies_ms"])
+        if kwargs.get("speculative") is not None:
+            if not isinstance(kwargs["speculative"], Mapping):
+                raise ConfigError(f"episode record's speculative is {kwargs['speculative']!r}, not an object.")
+            kwargs["speculative"] = SpecTally.from_dict(kwargs["speculative"])
         return cls(**kwargs)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rsd.eval.decoding import summarize_spec
 from rsd.eval.records import EpisodeKey, EpisodeResult, latest_by_key
 from rsd.stats import percentiles, rate_estimate
 
@@ -30,13 +31,15 @@ def _task_block(records: Sequence[EpisodeResult]) -> dict[str, Any]:
         "mean_steps_success": float(np.mean(ok_steps)) if ok_steps else None,
         "latency_p50_ms": lat["p50"], "latency_p90_ms": lat["p90"],
         "errors": sum(r.error is not None for r in records),
+        "speculative": summarize_spec(records),
     }
 
 
 def summarize(records: Sequence[EpisodeResult], keys: Sequence[EpisodeKey]) -> dict[str, Any]:
     """``overall`` and ``per_task`` blocks over the requested ``keys`` (last record of each; missing ones are
     counted in ``missing``, not as failures). Each block: n, successes, rate, ci_low, ci_high (Wilson 95 %),
-    mean_steps, mean_steps_success, latency_p50_ms, latency_p90_ms (over every chunk), errors."""
+    mean_steps, mean_steps_success, latency_p50_ms, latency_p90_ms (over every chunk), errors, and speculative (how
+    an RSD policy decoded speculatively: ``rsd.eval.decoding.summarize_spec``; None for other policies)."""
     latest = latest_by_key(records)
     wanted = [latest[k] for k in sorted(keys) if k in latest]
     per_task: dict[str, Any] = {}
@@ -61,18 +64,23 @@ def _fmt_ms(x: float | None) -> str:
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
-    """The per-task table printed at the end of an eval."""
+    """The per-task table printed at the end of an eval; with speculative decoding also the mean accepted draft
+    layers (``acc``) and the chunks checked against greedy / differing from it (``greedy``), and per-layer
+    acceptance rates under the table."""
+    spec = summary["overall"].get("speculative") is not None
     head = f"{'task':>4}  {'n':>3}  {'succ':>4}  {'rate':>6}  {'95% CI':>13}  {'steps':>6}  {'p50 ms':>7}  " \
-           f"{'p90 ms':>7}  {'err':>3}  name"
+           f"{'p90 ms':>7}  {'err':>3}  {_spec_columns(None) + '  ' if spec else ''}name"
     lines = [head, "-" * len(head)]
 
     def row(label: str, b: Mapping[str, Any], name: str) -> str:
+        extra = _spec_columns(b.get("speculative")) + "  " if spec else ""
         if b["n"] == 0:
-            return f"{label:>4}  {0:>3}  {'-':>4}  {'-':>6}  {'-':>13}  {'-':>6}  {'-':>7}  {'-':>7}  {0:>3}  {name}"
+            return (f"{label:>4}  {0:>3}  {'-':>4}  {'-':>6}  {'-':>13}  {'-':>6}  {'-':>7}  {'-':>7}  {0:>3}  "
+                    f"{extra}{name}")
         ci = f"{100 * b['ci_low']:.1f}-{100 * b['ci_high']:.1f}"
         return (f"{label:>4}  {b['n']:>3}  {b['successes']:>4}  {100 * b['rate']:>5.1f}%  {ci:>13}  "
                 f"{b['mean_steps']:>6.1f}  {_fmt_ms(b['latency_p50_ms']):>7}  {_fmt_ms(b['latency_p90_ms']):>7}  "
-                f"{b['errors']:>3}  {name}")
+                f"{b['errors']:>3}  {extra}{name}")
 
     for tid, b in summary["per_task"].items():
         lines.append(row(tid, b, b.get("name", "")))
@@ -80,7 +88,36 @@ def format_table(summary: Mapping[str, Any]) -> str:
     lines.append(row("all", summary["overall"], ""))
     if summary.get("missing"):
         lines.append(f"({summary['missing']} requested episodes not run yet: rerun with --resume)")
+    if spec:
+        lines.extend(_spec_lines(summary["overall"]["speculative"]))
     return "\n".join(lines)
+
+
+def _spec_columns(block: Mapping[str, Any] | None) -> str:
+    """``acc`` (mean accepted draft layers) and ``greedy`` (chunks differing/checked) cells; the header for None."""
+    if block is None:
+        return f"{'acc':>5}  {'greedy':>11}"
+    acc = block.get("mean_accepted_layers")
+    checked = block.get("greedy_checked_chunks", 0)
+    greedy = f"{block.get('greedy_mismatched_chunks', 0)}/{checked}" if checked else "-"
+    return f"{_fmt_num(acc):>5}  {greedy:>11}"
+
+
+def _spec_lines(block: Mapping[str, Any]) -> list[str]:
+    rates = ", ".join(f"L{i} {'-' if r is None else format(100 * r, '.1f') + '%'} ({a}/{n})" for i, (r, a, n) in
+                      enumerate(zip(block["layer_acceptance_rate"], block["layer_accepted"], block["layer_attempted"])))
+    lines = [f"speculative: {block['chunks']} chunks, mean accepted draft layers "
+             f"{_fmt_num(block['mean_accepted_layers'])}; acceptance per draft layer given the layers below: {rates}"]
+    if block.get("greedy_checked_chunks"):
+        lines.append(f"greedy check: {block['greedy_mismatched_chunks']} of {block['greedy_checked_chunks']} chunks "
+                     f"differ from greedy decoding ({block['greedy_tokens_differing']} codes); policy latency "
+                     f"without the check p50 {_fmt_ms(block.get('latency_without_check_p50_ms'))} ms, p90 "
+                     f"{_fmt_ms(block.get('latency_without_check_p90_ms'))} ms")
+    return lines
+
+
+def _fmt_num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def plot_summary(summary: Mapping[str, Any], path: Path, title: str) -> None:

@@ -28,13 +28,15 @@ PLOT_NAME = "summary.png"
 LOCK_NAME = ".lock"
 # run.json keys the recorded episodes depend on (their outcome; for fast, their latencies): --resume matches them all
 RUN_KEYS = ("suite", "policy_kind", "policy_unnorm_key", "policy_content", "device", "seed", "render", "camera_size",
-            "max_steps", "num_steps_wait", "fast", "policy_center_crop")
+            "max_steps", "num_steps_wait", "fast", "policy_center_crop", "decode", "decode_threshold", "check_greedy")
 # what a run.json written before a key existed meant by its absence
-RUN_KEY_DEFAULTS: dict[str, Any] = {"fast": False}
+RUN_KEY_DEFAULTS: dict[str, Any] = {"fast": False, "decode": "saved", "decode_threshold": None, "check_greedy": False}
 # how a --resume refusal names a key
 RUN_KEY_LABELS = {"policy_kind": "policy kind", "policy_unnorm_key": "policy statistics key (@KEY)",
                   "policy_content": "policy content (hash of the files behind --policy)", "device": "device (--device)",
-                  "policy_center_crop": "OpenVLA-OFT centre crop (--no-center-crop)"}
+                  "policy_center_crop": "OpenVLA-OFT centre crop (--no-center-crop)", "decode": "decoding (--decode)",
+                  "decode_threshold": "acceptance threshold (--threshold)",
+                  "check_greedy": "greedy check (--check-greedy)"}
 # keys every run.json of rsd eval has held: what makes a directory an rsd eval run (is_run_dir)
 RUN_MARKERS = ("suite", "policy", "seed", "max_steps", "num_steps_wait")
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from rsd.errors import ConfigError
+from rsd.eval.decoding import RecordingPolicy
 from rsd.eval.records import EpisodeKey, EpisodeResult
 from rsd.sim import protocol
 from rsd.sim.episode import EpisodeOutcome, run_episode
@@ -100,12 +101,13 @@ class EpisodeWorker:
         t0 = time.perf_counter()
         name, instruction = "", ""
         sink: VideoSink | None = None
+        policy = RecordingPolicy(self.policy)  # tallies how an RSD policy decoded (rsd.eval.decoding)
         try:
             env = self._get_env(key.task_id)
             name, instruction = env.task.name, env.task.instruction
             if s.video != "none":
                 sink = VideoSink(s.out / VIDEO_DIR / f"{key.suite}_task{key.task_id:02d}_trial{key.trial:02d}.mp4")
-            outcome = run_episode(env, self.policy, instruction, key.init_state_index, protocol.max_steps_for(s.suite),
+            outcome = run_episode(env, policy, instruction, key.init_state_index, protocol.max_steps_for(s.suite),
                                   seed=s.seed, on_frame=sink)
         except Exception as exc:  # env creation / video set-up: an episode error like any other
             outcome = EpisodeOutcome.failed(exc)
@@ -120,7 +122,7 @@ class EpisodeWorker:
             init_state_index=key.init_state_index, success=outcome.success, steps=outcome.steps,
             error=outcome.error, latency_p50_ms=lat["p50"], latency_p90_ms=lat["p90"],
             chunk_latencies_ms=outcome.chunk_latencies_ms, wall_s=time.perf_counter() - t0, video=video,
-            seed=s.seed, traceback=outcome.traceback)
+            seed=s.seed, traceback=outcome.traceback, speculative=policy.tally())
 
     def close(self) -> None:
         if self._env is not None:
