@@ -1,0 +1,96 @@
+"""``scripts/compare_runs.py`` (``rsd.eval.compare``): one row per run from summary.json, --per-task, --markdown,
+and a directory without a summary refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import pytest
+
+from rsd import eval as ev
+from rsd.errors import ConfigError
+from rsd.eval import compare
+from rsd.eval.decoding import SpecTally
+from tests._eval_stubs import Succeeds
+from tests.policy_factory import tiny_rsd_policy
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Speculative:
+    """Trial i succeeds when i is even; each episode decoded 4 chunks, 2 layers accepted in all, all checked."""
+
+    def results(self, keys: Sequence[ev.EpisodeKey]) -> Iterator[ev.EpisodeResult]:
+        for key in keys:
+            spec = SpecTally(chunks=4, accepted_layers_sum=2, layer_accepted=(2, 0), layer_attempted=(4, 2),
+                             greedy_checked=4, greedy_mismatched=key.trial % 2, greedy_check_ms=(0.5,) * 4)
+            yield ev.EpisodeResult(suite=key.suite, task_id=key.task_id, task_name=f"task_{key.task_id}",
+                                   instruction="i", trial=key.trial, init_state_index=key.trial,
+                                   success=key.trial % 2 == 0, steps=30, error=None, latency_p50_ms=3.0,
+                                   latency_p90_ms=4.0, chunk_latencies_ms=(3.0, 3.0, 4.0, 4.0), wall_s=0.1,
+                                   video=None, seed=7, speculative=spec)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    policy = tiny_rsd_policy(speculative=True).save_pretrained(root / "policy")
+    base = dict(suite="libero_spatial", trials=4, render=False, video="none", progress=False, plot=False)
+    expert = ev.EvalConfig(policy="expert", out=root / "expert", command="rsd eval --policy expert", **base)
+    ev.evaluate(expert, [0, 1], runner=Succeeds())
+    exact = ev.EvalConfig(policy=str(policy), out=root / "exact", decode="exact", device="cpu",
+                          command="rsd eval --policy P --decode exact", **base)
+    ev.evaluate(exact, [0, 1], runner=_Speculative())
+    return root / "expert", root / "exact"
+
+
+def test_one_row_per_run_with_rate_interval_latency_and_decoding(runs: tuple[Path, Path],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert compare.main([str(d) for d in runs]) == 0
+    text = capsys.readouterr().out
+    assert "expert" in text and "saved" in text and "rsd eval --policy expert" in text
+    rows = compare.run_rows([compare.load_run(d) for d in runs])
+    expert, exact = (dict(zip(compare.COLUMNS, r)) for r in rows)
+    assert (expert["n"], expert["succ"], expert["rate"], expert["95% CI"]) == ("8", "8", "100.0%", "67.6-100.0")
+    assert (expert["acc layers"], expert["greedy diff"]) == ("-", "-")
+    assert exact["decode"] == "exact +check" and exact["command"] == "rsd eval --policy P --decode exact"
+    assert (exact["n"], exact["succ"], exact["rate"]) == ("8", "4", "50.0%")
+    assert exact["95% CI"] == "21.5-78.5"  # Wilson 95 % of 4/8
+    assert (exact["p50 ms"], exact["p90 ms"]) == ("3.5", "4.0")
+    assert (exact["acc layers"], exact["greedy diff"]) == ("0.50", "4/32")
+
+
+def test_per_task_and_markdown(runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    md = tmp_path / "compare.md"
+    assert compare.main([*map(str, runs), "--per-task", "--markdown", str(md)]) == 0
+    text = capsys.readouterr().out
+    assert "2/4 50.0%" in text and "4/4 100.0%" in text
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("| run | policy | decode |") and lines[1].startswith("| --- |")
+    assert any(x.startswith("| all |") for x in lines) and f"- run 2: {runs[1]}" in lines
+
+
+def test_a_directory_without_summary_is_refused(runs: tuple[Path, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert compare.main([str(runs[0]), str(tmp_path / "empty")]) == 1
+    assert "has no summary.json" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "summary.json").write_text('{"a": 1}')
+    with pytest.raises(ConfigError, match="not an rsd eval summary"):
+        compare.load_run(tmp_path / "other")
+
+
+def test_the_script_runs(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), *map(str, runs)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "exact +check" in done.stdout
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 1 and "no summary.json" in done.stderr
