@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rsd.eval.cli", "evaluate a policy on LIBERO with the OpenVLA-OFT protocol"),
     "collect": ("rsd.collect", "record scripted-expert episodes to HDF5 (LIBERO demo layout)"),
     "train-tokenizer": ("rsd.train.tokenizer_cli", "fit the RFSQ tokenizer on recorded action chunks"),
+    "sensitivity": ("rsd.sensitivity", "task success vs token accuracy: demos replayed with corrupted tokens"),
 }
 
 

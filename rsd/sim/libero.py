@@ -332,6 +332,62 @@ class LiberoEnv:
         return (f"LiberoEnv({self.task.suite}[{self.task.task_id}] {self.task.instruction!r}, "
                 f"render={self.render}, camera_size={self.camera_size})")
 
+    # -- replay
+
+    def fixture_poses(self) -> dict[str, np.ndarray]:
+        """The pose of every fixture (cabinets, stoves, ...: objects without a free joint), float64 [7] each (pos 3 +
+        quat 4, MuJoCo's w-first order) by fixture name. LIBERO places fixtures by writing ``model.body_pos`` /
+        ``body_quat`` at reset: they are model parameters, not part of the flattened state."""
+        self._check_open()
+        model, inner = self.raw_env.sim.model, self.raw_env.env
+        out = {}
+        for name, fixture in inner.fixtures_dict.items():
+            body = model.body_name2id(fixture.root_body)
+            out[name] = np.concatenate([model.body_pos[body], model.body_quat[body]]).astype(np.float64)
+        return out
+
+    def reset_to_state(self, state: Any, fixtures: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Start from a given flattened MuJoCo state float [S] (a demo's ``rsd_scene_init_state``), with the
+        fixture poses ``fixtures`` (``fixture_poses()`` of the scene; None keeps those the reset drew): the path
+        ``reset(i)`` takes, with that state in place of a benchmark init state.
+
+        LIBERO's ``env.reset()`` places objects and fixtures from numpy's global generator before
+        ``set_init_state`` overwrites every state value; it is seeded (0) for the reset only and its state restored.
+        The fixture poses it draws also depend on the resets this env ran before (measured: the same seed gives
+        another cabinet pose on a second reset), so a scene is reproduced exactly only with its own ``fixtures``
+        (docs/sensitivity.md). ``scene_state`` is None afterwards (it names ``reset_scene`` scenes only).
+        """
+        self._check_open()
+        s = np.array(state, dtype=np.float64)  # a copy: the caller's array is never aliased
+        size = np.asarray(self.raw_env.get_sim_state()).shape
+        if s.shape != size:
+            raise ShapeError(f"state must be a flattened MuJoCo state of shape {size} for {self.task.suite} task "
+                             f"{self.task.task_id}, got {s.shape}: was it recorded from another task?")
+        if not np.all(np.isfinite(s)):
+            raise NonFiniteError("state has NaN/inf values")
+        names = set(self.raw_env.env.fixtures_dict)
+        if fixtures is not None and set(fixtures) != names:
+            raise ConfigError(f"fixtures must give the pose of exactly the fixtures {sorted(names)}, got "
+                              f"{sorted(fixtures)}")
+        rng_state = np.random.get_state()
+        try:
+            np.random.seed(0)
+            reset_inner_env(self.raw_env.env, f"{self.task.suite} task {self.task.task_id} (given state)")
+        finally:
+            np.random.set_state(rng_state)
+        model = self.raw_env.sim.model
+        for name, pose in (fixtures or {}).items():
+            p = np.asarray(pose, dtype=np.float64)
+            if p.shape != (7,) or not np.all(np.isfinite(p)):
+                raise ShapeError(f"fixture {name!r}: pose must be 7 finite values (pos 3 + quat 4), got {p.shape}")
+            body = model.body_name2id(self.raw_env.env.fixtures_dict[name].root_body)
+            model.body_pos[body], model.body_quat[body] = p[:3], p[3:]
+        raw = self.raw_env.set_init_state(s)
+        self._scene_state = None
+        self._raw_obs = raw
+        self._steps = 0
+        return make_observation(raw, with_images=self.render)
+
 
 def make_env(suite: str, task_id: int, *, render: bool = True, camera_size: int = protocol.CAMERA_SIZE,
              seed: int = protocol.ENV_SEED) -> LiberoEnv:
