@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "collect": ("rsd.collect", "record scripted-expert episodes to HDF5 (LIBERO demo layout)"),
     "train-tokenizer": ("rsd.train.tokenizer_cli", "fit the RFSQ tokenizer on recorded action chunks"),
     "sensitivity": ("rsd.sensitivity", "task success vs token accuracy: demos replayed with corrupted tokens"),
+    "train-policy": ("rsd.train.policy_cli", "train a low-dimensional RSD policy (RFSQ + draft + L1 heads) on demos"),
 }
 
 

@@ -15,6 +15,7 @@ from rsd.backbones.base import (
     save_backbone,
 )
 from rsd.backbones.hf import HFBackbone
+from rsd.backbones.lowdim import LowDimBackbone
 from rsd.backbones.openvla import OpenVLAOFTBackbone
 from rsd.backbones.openvla_shaped import OpenVLAShapedBackbone
 from rsd.backbones.tiny import TinyBackbone
@@ -22,6 +23,7 @@ from rsd.backbones.tiny import TinyBackbone
 __all__ = [
     "Backbone",
     "HFBackbone",
+    "LowDimBackbone",
     "OpenVLAOFTBackbone",
     "OpenVLAShapedBackbone",
     "TinyBackbone",

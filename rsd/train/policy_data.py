@@ -1,0 +1,145 @@
+"""Recorded demonstrations -> the training arrays of a low-dimensional policy.
+
+Each step ``t`` of a demo is one sample: the observation *before* action ``t`` (proprio, every object's pose, the
+instruction) and the chunk of the next ``C`` actions ``actions[t : t + C]``. Near the end of an episode the chunk
+runs past the last action; it is padded by repeating the last action (the arm holds its final command), so every
+recorded state is trained on. Chunks are normalized with the tokenizer's action space and tokenized once, here.
+
+Objects differ between tasks (K varies): arrays are padded to the largest K with ``object_mask`` False, and the
+words of each task's object names and instruction are stored once per task (``task_index`` points at them).
+Proprio is OpenVLA-OFT's 8-d vector, rebuilt from the demo's ``ee_pos``, ``ee_ori`` (axis-angle) and
+``gripper_states``: the very values ``rsd.sim.protocol.proprio_from_obs`` computes at evaluation time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from rsd.backbones.lowdim import LowDimInputs, object_features, pad_ids, word_ids
+from rsd.errors import ConfigError, ShapeError
+
+__all__ = ["PolicyData", "build_policy_data", "chunk_targets"]
+
+_PROPRIO_PARTS = ("ee_pos", "ee_ori", "gripper_states")
+
+
+def chunk_targets(actions: np.ndarray, chunk_len: int) -> np.ndarray:
+    """``actions`` [T, A] -> [T, C, A]: row t holds ``actions[t : t + C]``, padded with the last action."""
+    T = actions.shape[0]
+    index = np.minimum(np.arange(T)[:, None] + np.arange(chunk_len)[None, :], T - 1)  # [T, C]
+    return actions[index]
+
+
+@dataclass
+class PolicyData:
+    """Training arrays (numpy, one row per sample) and the per-task word tables."""
+
+    state: np.ndarray  # float32 [N, P]
+    objects: np.ndarray  # float32 [N, K, 10] (object_features)
+    object_mask: np.ndarray  # bool [N, K]
+    task_index: np.ndarray  # int64 [N]
+    episode: np.ndarray  # int64 [N]: the demo each sample comes from
+    actions: np.ndarray  # float32 [N, C, A] normalized chunk
+    codes: np.ndarray  # uint8 [N, L, C, H] the chunk's tokens (head layout)
+    name_ids: np.ndarray  # int64 [tasks, K, Nn]
+    instruction_ids: np.ndarray  # int64 [tasks, I]
+    instructions: list[str]
+    num_episodes: int
+
+    def __len__(self) -> int:
+        return int(self.state.shape[0])
+
+    def batch(self, rows: np.ndarray | torch.Tensor) -> tuple[LowDimInputs, torch.Tensor, torch.Tensor]:
+        """Rows -> (inputs, normalized chunk float32 [B, C, A], codes int64 [B, L, C, H])."""
+        rows = np.asarray(rows)
+        tasks = self.task_index[rows]
+        inputs = LowDimInputs(torch.from_numpy(self.state[rows]), torch.from_numpy(self.objects[rows]),
+                              torch.from_numpy(self.object_mask[rows]), torch.from_numpy(self.name_ids[tasks]),
+                              torch.from_numpy(self.instruction_ids[tasks]))
+        return inputs, torch.from_numpy(self.actions[rows]), torch.from_numpy(self.codes[rows].astype(np.int64))
+
+    def rows_of(self, episodes: Sequence[int]) -> np.ndarray:
+        """Sample rows of the given episodes (int64, ascending)."""
+        return np.flatnonzero(np.isin(self.episode, np.asarray(list(episodes), dtype=np.int64)))
+
+
+def _proprio(demo: Any) -> np.ndarray:
+    missing = [k for k in _PROPRIO_PARTS if k not in demo.obs]
+    if missing:
+        raise ShapeError(f"demo {demo.name!r} lacks obs {missing}: the proprio vector needs {_PROPRIO_PARTS}; record "
+                         f"demos with `rsd collect`.")
+    return np.concatenate([np.asarray(demo.obs[k], dtype=np.float64) for k in _PROPRIO_PARTS], axis=1)
+
+
+def _object_names(demo: Any) -> list[str]:
+    if "rsd_objects" not in demo.attrs:
+        raise ShapeError(f"demo {demo.name!r} has no `rsd_objects` attribute (the posed objects): low-dimensional "
+                         f"policies train on demos recorded by `rsd collect`.")
+    names = json.loads(demo.attrs["rsd_objects"])
+    missing = [n for n in names if f"{n}_pos" not in demo.obs or f"{n}_quat" not in demo.obs]
+    if missing:
+        raise ShapeError(f"demo {demo.name!r} lists objects {missing} without their pose datasets.")
+    return list(names)
+
+
+def build_policy_data(demos: Sequence[Any], tokenizer: Any, space: Any, *, word_buckets: int,
+                      progress: bool = False) -> PolicyData:
+    """Demos (``rsd.sim.demos.Demo`` with obs) -> :class:`PolicyData`, tokenized with ``tokenizer`` in ``space``."""
+    from tqdm import tqdm
+
+    if not demos:
+        raise ConfigError("no demos to build training data from.")
+    chunk_len = int(tokenizer.config["chunk_len"])
+    tasks: dict[tuple[str, tuple[str, ...]], int] = {}
+    per_demo = []
+    for e, demo in enumerate(tqdm(demos, desc="demos", disable=not progress, unit="demo")):
+        names = _object_names(demo)
+        key = (demo.instruction, tuple(names))
+        task = tasks.setdefault(key, len(tasks))
+        state = _proprio(demo).astype(np.float32)  # [T, P]
+        poses = np.stack([np.concatenate([demo.obs[f"{n}_pos"], demo.obs[f"{n}_quat"]], axis=1) for n in names],
+                         axis=1).astype(np.float32)  # [T, K, 7]
+        per_demo.append((state, object_features(poses, state).numpy(), task, e,
+                         chunk_targets(np.asarray(demo.actions, dtype=np.float64), chunk_len)))
+    k_max = max(feat.shape[1] for _, feat, *_ in per_demo)
+    N = sum(s.shape[0] for s, *_ in per_demo)
+    objects = np.zeros((N, k_max, per_demo[0][1].shape[2]), dtype=np.float32)
+    mask = np.zeros((N, k_max), dtype=bool)
+    row = 0
+    for state, feat, *_ in per_demo:
+        T, K = feat.shape[:2]
+        objects[row:row + T, :K], mask[row:row + T, :K] = feat, True
+        row += T
+    env_chunks = np.concatenate([c for *_, c in per_demo])  # [N, C, A] env units
+    normalized = space.normalize(env_chunks).astype(np.float32)
+    codes = _tokenize(tokenizer, normalized)
+    names_by_task = [list(k[1]) for k in tasks]
+    per_task = [pad_ids([word_ids(n, word_buckets) for n in names]) for names in names_by_task]
+    width = max(p.shape[1] for p in per_task)
+    name_ids = np.zeros((len(tasks), k_max, width), dtype=np.int64)
+    for t, ids in enumerate(per_task):
+        name_ids[t, : ids.shape[0], : ids.shape[1]] = ids
+    return PolicyData(
+        state=np.concatenate([s for s, *_ in per_demo]), objects=objects, object_mask=mask,
+        task_index=np.concatenate([np.full(s.shape[0], t, np.int64) for s, _, t, _, _ in per_demo]),
+        episode=np.concatenate([np.full(s.shape[0], e, np.int64) for s, _, _, e, _ in per_demo]),
+        actions=normalized, codes=codes, name_ids=name_ids,
+        instruction_ids=pad_ids([word_ids(k[0], word_buckets) for k in tasks]),
+        instructions=[k[0] for k in tasks], num_episodes=len(demos))
+
+
+def _tokenize(tokenizer: Any, normalized: np.ndarray, batch: int = 8192) -> np.ndarray:
+    """Normalized chunks [N, C, A] -> codes uint8 [N, L, C, H] (the heads' layout, ``rsd.layout``)."""
+    from rsd.layout import codes_to_layers
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, normalized.shape[0], batch):
+            codes = tokenizer.encode(torch.from_numpy(normalized[i:i + batch]))  # [b, C, H, L]
+            out.append(codes_to_layers(codes).to(torch.uint8).numpy())
+    return np.concatenate(out)
