@@ -87,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "policy.json asks for it (refused without this flag)")
     parser.add_argument("--no-center-crop", dest="center_crop", action="store_false",
                         help="openvla-oft:PATH only: feed the model uncropped images (as `rsd eval --no-center-crop`)")
+    parser.add_argument("--action-noise", type=float, default=0.0,
+                        help="DART-style demos: execute the expert's action plus AR(1) noise of this std on the "
+                             "translation dims, record the expert's own action as the label (0: off)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -120,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
                      policy=_policy(args), policy_spec=args.policy, render=args.render, camera_size=args.camera_size,
                      seed=args.seed, scene_seed_start=args.scene_seed_start,
                      max_attempts_per_task=args.max_attempts_per_task,
-                     command=shlex.join(["rsd", *sys.argv[1:]]), progress=not args.no_progress)
+                     command=shlex.join(["rsd", *sys.argv[1:]]), progress=not args.no_progress,
+                     action_noise=args.action_noise)
     write_dataset_statistics(args.out, args.suite, stats_path)
     wall = time.perf_counter() - t0
     short = []

@@ -127,6 +127,7 @@ class LowDimBackbone(nn.Module):
     """
 
     backbone_name: str  # set by @register_backbone
+    reads_images = False  # rsd eval renders nothing for it unless a video is asked for
 
     def __init__(self, hidden_dim: int = 256, width: int = 128, layers: int = 2, heads: int = 4,
                  word_buckets: int = 2048, proprio_dim: int = 8, seed: int | None = 0) -> None:

@@ -58,6 +58,7 @@ from rsd.errors import ConfigError
 from rsd.eval.evaluation import EvalConfig, evaluate
 from rsd.eval.rundir import check_out_dir
 from rsd.eval.runners import VIDEO_MODES
+from rsd.policy.packaged import DEFAULT_POLICY
 from rsd.policy.decode import DECODE_MODES
 from rsd.sim import protocol
 
@@ -92,8 +93,10 @@ def parse_task_ids(text: str | None) -> tuple[int, ...] | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default="libero_spatial", choices=protocol.SUITES)
-    parser.add_argument("--policy", required=True,
-                        help="expert, expert-rfsq[:DIR], openvla-oft:PATH, or a directory saved by "
+    parser.add_argument("--policy", default=DEFAULT_POLICY,
+                        help=f"{DEFAULT_POLICY} (default: the packaged low-dimensional RSD policy), lowdim-l1 (its L1 "
+                             "sibling), expert, expert-rfsq[:DIR] (scripted oracles), openvla-oft:PATH, or a directory "
+                             "saved by "
                              "RSDPolicy/L1Policy (rsd.policy.factory). openvla-oft:PATH must be fine-tuned for "
                              "--suite; openvla-oft:PATH@UNNORM_KEY is the deliberate override: it runs the checkpoint "
                              "on --suite with the statistics dataset_statistics.json[UNNORM_KEY], guard rails off "
@@ -104,8 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="episodes run in this many spawned processes")
     parser.add_argument("--video", choices=VIDEO_MODES, default=None,
                         help="mp4 per episode: all, failures (default when rendering) or none")
-    parser.add_argument("--render", action=argparse.BooleanOptionalAction, default=True,
-                        help="render camera images (policies that see images need it; --no-render is ~10x faster)")
+    parser.add_argument("--render", action=argparse.BooleanOptionalAction, default=None,
+                        help="render camera images (policies that see images need it; --no-render is ~10x faster). "
+                             "Default: render, except for a policy that reads no images (the low-dimensional ones) "
+                             "when no --video is asked for")
     parser.add_argument("--out", required=True,
                         help="results directory: a new or empty one, or an earlier rsd eval's (with --resume)")
     parser.add_argument("--resume", action="store_true", help="continue the eval recorded in --out")
@@ -169,6 +174,12 @@ def _resolve_tasks(suite: str, tasks: tuple[int, ...] | None, trials: int) -> li
 
 
 def run(args: argparse.Namespace) -> int:
+    from rsd.policy.identity import reads_images
+    from rsd.policy.packaged import resolve_packaged
+
+    args.policy = resolve_packaged(args.policy)
+    if args.render is None:
+        args.render = args.video not in (None, "none") or reads_images(args.policy)
     video = args.video if args.video is not None else ("failures" if args.render else "none")
     config = EvalConfig(suite=args.suite, policy=args.policy, out=args.out, trials=args.trials,
                         tasks=parse_task_ids(args.tasks), workers=args.workers, video=video, render=args.render,

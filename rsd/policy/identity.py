@@ -67,6 +67,19 @@ def _hf_checkpoint_of(directory: Path) -> Path | None:
     return Path(ref) if isinstance(ref, str) and Path(ref).is_dir() else None
 
 
+def reads_images(spec: str) -> bool:
+    """Whether the policy behind ``spec`` looks at camera images: False for a saved policy whose backbone class says
+    ``reads_images = False`` (the low-dimensional one); True otherwise (every image policy, and the scripted ones,
+    whose runs keep rendering by default)."""
+    backbone = _saved_backbone_spec(Path(spec))
+    if backbone is None:
+        return True
+    import rsd.backbones  # noqa: F401  (registers every backbone)
+    from rsd.backbones.base import backbone_class
+
+    return bool(getattr(backbone_class(str(backbone.get("name"))), "reads_images", True))
+
+
 def model_center_crop(spec: str, center_crop: bool = True) -> bool | None:
     """Whether the model behind ``spec`` sees OpenVLA-OFT's centre-cropped images (``rsd.images``): the
     ``center_crop`` switch for ``openvla-oft:PATH``, what a saved policy's ``policy.json`` says for an

@@ -60,6 +60,8 @@ class _Recorder:
             "ee_pos", "ee_ori", "ee_states", "gripper_states", "joint_states",
             *(("agentview_rgb", "eye_in_hand_rgb") if self.images else ()))}
 
+    labels: "ExecutionNoise | None" = None  # set when the executed actions are perturbed (rsd collect --action-noise)
+
     def __call__(self, obs: dict[str, Any], action: np.ndarray) -> None:
         raw = obs[RAW]
         if self.objects is None:  # one task env: the same objects in every episode
@@ -81,12 +83,60 @@ class _Recorder:
             self.obs["eye_in_hand_rgb"].append(np.array(raw[protocol.WRIST_KEY], dtype=np.uint8))
         self.robot_states.append(np.concatenate([gripper, ee_pos, np.asarray(raw["robot0_eef_quat"], np.float64)]))
         self.states.append(np.array(self.env.raw_env.get_sim_state(), dtype=np.float64))
+        if self.labels is not None:  # the expert's own action is the label; what ran is kept beside it
+            self.obs.setdefault("executed_actions", []).append(np.array(action, dtype=np.float64))
+            action = self.labels.label_for_step()
         self.actions.append(np.array(action, dtype=np.float64))
 
     def arrays(self) -> dict[str, Any]:
         return {"actions": np.stack(self.actions), "states": np.stack(self.states),
                 "robot_states": np.stack(self.robot_states),
                 "obs": {k: np.stack(v) for k, v in self.obs.items()}}
+
+
+class ExecutionNoise:
+    """DART-style demonstrations (Laskey et al., 2017): the env executes the expert's action plus noise, the demo
+    records the expert's own action as the label (and ``obs/executed_actions``). The expert, a closed-loop
+    controller, corrects the drift at the next steps, so the demos show how to recover from states a learned
+    policy's own errors lead to, which noise-free demos never visit.
+
+    Noise on the translation dims only (0-2, env units, clipped to [-1, 1]), AR(1) in time:
+    ``n_t = rho n_{t-1} + sqrt(1 - rho^2) sigma e_t`` (``rho = 0.9``: it drifts for ~10 steps, like a chunk's
+    error, instead of averaging away at 20 Hz); seeded per episode (``begin``)."""
+
+    RHO = 0.9
+    DIMS = slice(0, 3)
+
+    def __init__(self, policy: Any, sigma: float) -> None:
+        if not (isinstance(sigma, (int, float)) and 0.0 < sigma <= 1.0):
+            raise ConfigError(f"--action-noise must be in (0, 1] (std of the executed translation noise), got {sigma!r}.")
+        self.policy, self.sigma = policy, float(sigma)
+        self._rng = np.random.default_rng(0)
+        self._noise = np.zeros(3)
+        self._labels: list[np.ndarray] = []
+
+    def begin(self, *seed: int) -> None:
+        self._rng = np.random.default_rng(list(seed))
+        self._noise = np.zeros(3)
+        self._labels = []
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def predict_chunk(self, observation: Any, instruction: str) -> Any:
+        from rsd.policy.protocol import ActionChunk
+
+        chunk = self.policy.predict_chunk(observation, instruction)
+        clean = np.asarray(chunk.actions, dtype=np.float64)
+        executed = clean.copy()
+        for row in executed:
+            self._noise = self.RHO * self._noise + np.sqrt(1 - self.RHO ** 2) * self.sigma * self._rng.normal(size=3)
+            row[self.DIMS] = np.clip(row[self.DIMS] + self._noise, -1.0, 1.0)
+        self._labels.extend(clean)
+        return ActionChunk(actions=executed.astype(np.float32), info=chunk.info)
+
+    def label_for_step(self) -> np.ndarray:
+        return self._labels.pop(0)
 
 
 class _FreshScenes:
@@ -109,9 +159,10 @@ class _FreshScenes:
 def collect(suite: str, task_ids: list[int], episodes_per_task: int, out: Path, *, policy: Any, policy_spec: str,
             render: bool = False, camera_size: int = protocol.CAMERA_SIZE, seed: int = protocol.SEED,
             scene_seed_start: int = SCENE_SEED_START, max_attempts_per_task: int | None = None, command: str = "",
-            progress: bool = True) -> dict[int, dict[str, Any]]:
+            progress: bool = True, action_noise: float = 0.0) -> dict[int, dict[str, Any]]:
     """Record ``episodes_per_task`` successful episodes of every task in ``task_ids`` into ``out``.
 
+    ``action_noise`` > 0 records DART-style demos (:class:`ExecutionNoise`).
     Returns per-task counts ``{task_id: {"recorded", "attempts", "failed_seeds", "benchmark_seeds", "seeds",
     "steps"}}`` (``seeds``: those recorded; ``benchmark_seeds``: skipped, their scene was a benchmark init state).
     """
@@ -143,7 +194,10 @@ def collect(suite: str, task_ids: list[int], episodes_per_task: int, out: Path, 
     file_attrs = {"macros_image_convention": macros.IMAGE_CONVENTION, "rsd_suite": suite, "rsd_policy": policy_spec,
                   "rsd_seed": seed, "rsd_command": command, "rsd_render": render,
                   "rsd_num_steps_wait": protocol.NUM_STEPS_WAIT, "rsd_scenes": "fresh",
-                  "rsd_scene_seed_start": scene_seed_start, **({"rsd_camera_size": camera_size} if render else {})}
+                  "rsd_scene_seed_start": scene_seed_start, "rsd_action_noise": float(action_noise),
+                  **({"rsd_camera_size": camera_size} if render else {})}
+    noise = ExecutionNoise(policy, action_noise) if action_noise else None
+    actor = noise or policy
     bar = tqdm(total=episodes_per_task * len(task_ids), unit="demo", desc="rsd collect", disable=not progress,
                file=sys.stderr)
     with DemoWriter(out, file_attrs=file_attrs) as writer:
@@ -153,6 +207,7 @@ def collect(suite: str, task_ids: list[int], episodes_per_task: int, out: Path, 
                 problem_info = {"problem_name": env.raw_env.problem_name, "domain_name": env.raw_env.domain_name,
                                 "language_instruction": task.instruction}
                 recorder = _Recorder(env, images=render)
+                recorder.labels = noise
                 scenes = _FreshScenes(env)
                 entry: dict[str, Any] = {"recorded": 0, "attempts": 0, "failed_seeds": [], "benchmark_seeds": [],
                                          "seeds": [], "steps": []}
@@ -160,7 +215,9 @@ def collect(suite: str, task_ids: list[int], episodes_per_task: int, out: Path, 
                     if entry["recorded"] == episodes_per_task:
                         break
                     recorder.clear()
-                    outcome = run_episode(scenes, policy, task.instruction, scene_seed, max_steps, seed=seed,
+                    if noise is not None:
+                        noise.begin(seed, tid, scene_seed)
+                    outcome = run_episode(scenes, actor, task.instruction, scene_seed, max_steps, seed=seed,
                                           on_step=recorder)
                     entry["attempts"] += 1
                     if outcome.exception is not None:  # loud: the partial file is deleted

@@ -55,6 +55,7 @@ class TrainConfig:
     backbone: dict[str, Any] = field(default_factory=lambda: {"hidden_dim": 256, "width": 96, "layers": 2,
                                                               "heads": 4, "word_buckets": 512})
     head_width: int = 128
+    draft_layers: int = 3  # k: coarse layers the draft head proposes
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):

@@ -75,7 +75,7 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     rsd_config = RSDConfig(chunk_len=tok["chunk_len"], action_dim=tok["action_dim"], latent_dim=tok["latent_dim"],
                            num_layers=tok["num_layers"], num_levels=tok["num_levels"],
                            tokenizer_width=tok.get("tokenizer_width", 64), hidden_dim=config.backbone["hidden_dim"],
-                           head_width=config.head_width)
+                           head_width=config.head_width, draft_layers=config.draft_layers)
     demos, origin = [], []
     for path in demo_files:
         for d in read_demos(path):
@@ -193,6 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit-s", type=float, default=None,
                         help="stop after this many seconds of training, save everything (completed: false); "
                              "--resume continues")
+    parser.add_argument("--draft-layers", type=int, default=d.draft_layers, help="k: layers the draft head proposes")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
     parser.add_argument("--overwrite", action="store_true", help="train into an OUT that already holds a run")
     parser.add_argument("--no-progress", action="store_true")
@@ -212,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every,
                          checkpoint_every=args.checkpoint_every, device=args.device,
                          backbone={"hidden_dim": args.hidden_dim, "width": args.width, "layers": args.layers,
-                                   "heads": 4, "word_buckets": args.word_buckets}, head_width=args.head_width)
+                                   "heads": 4, "word_buckets": args.word_buckets}, head_width=args.head_width,
+                         draft_layers=args.draft_layers)
     report = train_policy(args.demos, args.out, config, tokenizer_dir=args.tokenizer, val_fraction=args.val_fraction,
                           split_seed=args.split_seed, episodes_per_task=args.episodes_per_task, resume=args.resume,
                           progress=not args.no_progress, command=shlex.join(["rsd", *sys.argv[1:]]),
