@@ -99,12 +99,19 @@ def test_rendered_reset_and_step(rendered_env) -> None:
     assert env.num_init_states == 50 and env.task.suite == SUITE
     obs = env.reset(0)
     for o in (obs, env.step(protocol.dummy_action())[0]):
-        assert set(o) == {"full_image", "wrist_image", "state", "raw"}
+        assert set(o) == {"full_image", "wrist_image", "state", "object_poses", "object_names", "raw"}
         for key in ("full_image", "wrist_image"):
             assert o[key].shape == (224, 224, 3) and o[key].dtype == np.uint8
             assert o[key].std() > 5  # a real scene, not a blank frame
         assert o["state"].shape == (8,) and o["state"].dtype == np.float32
         assert "akita_black_bowl_1_pos" in o["raw"] and "plate_1_quat" in o["raw"]
+        # the privileged object poses: every posed object of the raw obs, sorted, position + quaternion
+        names = o["object_names"]
+        assert list(names) == sorted(names) and "akita_black_bowl_1" in names and "plate_1" in names
+        assert o["object_poses"].shape == (len(names), 7) and o["object_poses"].dtype == np.float32
+        i = names.index("plate_1")
+        np.testing.assert_array_equal(o["object_poses"][i], np.concatenate(
+            [o["raw"]["plate_1_pos"], o["raw"]["plate_1_quat"]]).astype(np.float32))
     # the policy images are exactly protocol.preprocess_image of the raw cameras
     np.testing.assert_array_equal(o["full_image"], protocol.preprocess_image(o["raw"]["agentview_image"]))
     np.testing.assert_array_equal(o["wrist_image"], protocol.preprocess_image(o["raw"]["robot0_eye_in_hand_image"]))
@@ -125,7 +132,7 @@ def test_proprio_matches_robosuite(unrendered_env) -> None:
 def test_unrendered_episode_and_validation(unrendered_env) -> None:
     env = unrendered_env
     obs = env.reset(1)
-    assert set(obs) == {"state", "raw"} and "agentview_image" not in obs["raw"]
+    assert set(obs) == {"state", "object_poses", "object_names", "raw"} and "agentview_image" not in obs["raw"]
     start = obs["state"].copy()
     for i in range(5):
         obs, done = env.step([0.5, 0, 0, 0, 0, 0, -1])  # move +x
