@@ -5,7 +5,7 @@ env returns (its cameras exactly when it renders; ``raw`` when it hands out its 
 provides an ``env`` fixture. The contract:
 
 - ``reset(i)`` returns one valid, unbatched observation (``rsd.observation``): no key outside the contract,
-  the image keys exactly when rendered, ``state`` float32 ``[P]``;
+  the image keys exactly when rendered, ``state`` float32 ``[P]``, the object poses exactly when ``spec.objects``;
 - ``step(action)`` with a valid env action returns ``(observation, done)`` with a valid observation and a bool;
 - invalid actions (wrong shape, NaN/inf, not numeric) and init states out of range raise typed errors
   (``rsd.errors``);
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from rsd.errors import ConfigError, DTypeError, NonFiniteError, RSDError, ShapeError
-from rsd.observation import IMAGE_KEYS, RAW, STATE, ObservationSpec
+from rsd.observation import IMAGE_KEYS, OBJECT_NAMES, OBJECT_POSES, RAW, STATE, ObservationSpec
 from rsd.sim import protocol
 
 ENV_ACTION = np.array([0.1, 0.0, -0.1, 0.0, 0.0, 0.0, 1.0], np.float32)  # one row of a policy's chunk
@@ -35,7 +35,9 @@ class EnvContract:
 
     def check_observation(self, obs: Any) -> None:
         assert isinstance(obs, dict), type(obs)
-        assert set(obs) <= {*IMAGE_KEYS, STATE, RAW}, f"keys outside the observation contract: {sorted(obs)}"
+        known = {*IMAGE_KEYS, STATE, RAW, OBJECT_POSES, OBJECT_NAMES}
+        assert set(obs) <= known, f"keys outside the observation contract: {sorted(set(obs) - known)}"
+        assert (OBJECT_POSES in obs) == self.spec.objects == (OBJECT_NAMES in obs), "object poses exactly when declared"
         assert tuple(k for k in IMAGE_KEYS if k in obs) == self.spec.images, "images exactly when rendered"
         self.spec.validate(obs)
         assert obs[STATE].dtype == np.float32 and obs[STATE].shape == (self.spec.proprio_dim,)  # one, unbatched

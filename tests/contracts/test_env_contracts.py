@@ -33,7 +33,7 @@ class TestRenderedFakeEnv(EnvContract):
 
 @pytest.mark.sim
 class TestLiberoEnv(EnvContract):
-    spec = ObservationSpec(images=(), raw=True)
+    spec = ObservationSpec(images=(), raw=True, objects=True)
 
     @pytest.fixture(scope="class")
     @classmethod
