@@ -28,7 +28,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from rsd.backbones.base import _check_spec_kwargs, check_hidden, register_backbone
+from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
 from rsd.backbones.tiny import instruction_buckets_of
 from rsd.checkpoint import load_module, save_module
 from rsd.errors import ConfigError, ShapeError
@@ -91,14 +91,9 @@ class LowDimInputs:
 def lowdim_inputs(observation: dict, instruction: str | list[str], spec: ObservationSpec,
                   num_buckets: int) -> LowDimInputs:
     """One observation dict (unbatched or batched; one task) + instruction(s) -> :class:`LowDimInputs`."""
-    from rsd.backbones.base import instructions_for_batch
-
     spec.validate(observation)
-    state = torch.as_tensor(np.asarray(observation[STATE]) if not isinstance(observation[STATE], torch.Tensor)
-                            else observation[STATE], dtype=torch.float32)
-    poses = torch.as_tensor(np.asarray(observation[OBJECT_POSES]) if not isinstance(observation[OBJECT_POSES],
-                                                                                    torch.Tensor)
-                            else observation[OBJECT_POSES], dtype=torch.float32)
+    state = torch.as_tensor(observation[STATE], dtype=torch.float32)  # numpy or torch, [P] or [B, P]
+    poses = torch.as_tensor(observation[OBJECT_POSES], dtype=torch.float32)
     if state.ndim == 1:
         state, poses = state[None], poses[None]
     B, K = poses.shape[:2]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -113,12 +114,12 @@ class ExecutionNoise:
         self.policy, self.sigma = policy, float(sigma)
         self._rng = np.random.default_rng(0)
         self._noise = np.zeros(3)
-        self._labels: list[np.ndarray] = []
+        self._labels: deque[np.ndarray] = deque()
 
     def begin(self, *seed: int) -> None:
         self._rng = np.random.default_rng(list(seed))
         self._noise = np.zeros(3)
-        self._labels = []
+        self._labels = deque()
 
     def reset(self) -> None:
         self.policy.reset()
@@ -136,7 +137,7 @@ class ExecutionNoise:
         return ActionChunk(actions=executed.astype(np.float32), info=chunk.info)
 
     def label_for_step(self) -> np.ndarray:
-        return self._labels.pop(0)
+        return self._labels.popleft()
 
 
 class _FreshScenes:

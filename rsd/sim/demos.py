@@ -42,7 +42,7 @@ import numpy as np
 from rsd.errors import CheckpointNotFoundError, ConfigError, NonFiniteError, ShapeError
 from rsd.filelock import exclusive_lock
 
-__all__ = ["Demo", "DemoWriter", "read_demos", "action_chunks", "IMAGE_KEYS", "DEMO_FORMAT"]
+__all__ = ["Demo", "DemoWriter", "read_demos", "read_demo_files", "action_chunks", "IMAGE_KEYS", "DEMO_FORMAT"]
 
 IMAGE_KEYS: tuple[str, ...] = ("agentview_rgb", "eye_in_hand_rgb")
 DEMO_FORMAT = 1  # rsd's version of the layout above (attribute `rsd_format` of files we write)
@@ -166,6 +166,12 @@ def read_demos(path: str | Path, *, images: bool = False) -> list[Demo]:
     if not demos:
         raise ConfigError(f"{path} holds no demo_<i> groups.")
     return demos
+
+
+def read_demo_files(paths: Iterable[str | Path]) -> list[tuple[Path, Demo]]:
+    """Every demo of several files, in file order then ``demo_<i>`` order, each with the file it came from
+    (the training CLIs split and report episodes by ``(file, demo name)``)."""
+    return [(Path(path), demo) for path in paths for demo in read_demos(path)]
 
 
 # ---------------------------------------------------------------------------------------------------- write

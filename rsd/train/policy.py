@@ -115,6 +115,7 @@ def evaluate_heads(model: PolicyModel, data: Any, rows: np.ndarray, tokenizer: A
     device = next(model.parameters()).device
     cfg = model.rsd_config
     k = cfg.draft_layers
+    tokenizer = tokenizer.to(device)
     sums: dict[str, Any] = {"tf": torch.zeros(cfg.num_layers), "greedy": torch.zeros(cfg.num_layers),
                             "draft": torch.zeros(k), "draft_vs_greedy": torch.zeros(k), "l1": 0.0, "rsd": 0.0,
                             "ce": 0.0}
@@ -134,7 +135,7 @@ def evaluate_heads(model: PolicyModel, data: Any, rows: np.ndarray, tokenizer: A
         sums["draft"] += (draft == codes[:, :k]).float().mean(dim=(2, 3)).sum(0).cpu()
         sums["draft_vs_greedy"] += (draft == greedy[:, :k]).float().mean(dim=(2, 3)).sum(0).cpu()
         sums["l1"] += float((model.l1(hidden) - actions).abs().mean(dim=(1, 2)).sum())
-        decoded = tokenizer.to(device).decode_from_indices(layers_to_codes(greedy), validate=False)
+        decoded = tokenizer.decode_from_indices(layers_to_codes(greedy), validate=False)
         sums["rsd"] += float((decoded - actions).abs().mean(dim=(1, 2)).sum())
         n += b
     model.train()
@@ -166,9 +167,9 @@ class Trainer:
         self.model.backbone.fit_input_stats(data.state[train_rows], data.objects[train_rows],
                                             data.object_mask[train_rows])
         self.model.to(self.device).train()
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "words" not in n]
-        rest = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n
-                                                                    and "words" not in n)]
+        decay, rest = [], []  # weight decay on matrices, not on embeddings, norms and biases
+        for name, param in self.model.named_parameters():
+            (decay if param.ndim >= 2 and "embedding" not in name and "words" not in name else rest).append(param)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": rest, "weight_decay": 0.0}], lr=config.lr)
         self.step = 0
@@ -229,7 +230,8 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.config
-        window: dict[str, list[float]] = {}
+        window: dict[str, torch.Tensor] = {}  # loss sums since the last evaluation, on the device (no sync per step)
+        window_steps = 0
         t0 = time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not progress)
         while self.step < cfg.steps:
@@ -243,16 +245,17 @@ class Trainer:
             self.optimizer.step()
             self.step += 1
             for key, value in losses.items():
-                window.setdefault(key, []).append(float(value.detach()))
+                window[key] = window.get(key, 0.0) + value.detach()
+            window_steps += 1
             bar.update(1)
             out_of_time = time_limit_s is not None and time.perf_counter() - t0 > time_limit_s
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps or out_of_time:
                 entry = {"step": self.step, "lr": cfg.lr_at(self.step - 1), "wall_s": time.perf_counter() - t0,
-                         "train": {k: float(np.mean(v)) for k, v in window.items()}}
+                         "train": {k: float(v) / window_steps for k, v in window.items()}}
                 if len(self.val_rows):
                     entry["val"] = evaluate_heads(self.model, self.data, self.val_rows, self.tokenizer)
                 self.curve.append(entry)
-                window = {}
+                window, window_steps = {}, 0
                 bar.set_postfix(loss=f"{entry['train']['loss']:.3f}", **(
                     {"val_acc": f"{entry['val']['token_accuracy_greedy_mean']:.3f}"} if "val" in entry else {}))
                 if on_eval is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import shlex
 import sys
 import time
@@ -62,7 +63,7 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     from rsd.config import RSDConfig
     from rsd.policy.learned import L1Policy, RSDPolicy
     from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR
-    from rsd.sim.demos import read_demos
+    from rsd.sim.demos import read_demo_files
     from rsd.tokenizer import RFSQTokenizer
     from rsd.train.policy import Trainer, evaluate_heads
     from rsd.train.policy_data import build_policy_data
@@ -73,14 +74,12 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     space = ActionSpace.load(tokenizer_dir)
     tok = tokenizer.config
     rsd_config = RSDConfig(chunk_len=tok["chunk_len"], action_dim=tok["action_dim"], latent_dim=tok["latent_dim"],
-                           num_layers=tok["num_layers"], num_levels=tok["num_levels"],
-                           tokenizer_width=tok.get("tokenizer_width", 64), hidden_dim=config.backbone["hidden_dim"],
-                           head_width=config.head_width, draft_layers=config.draft_layers)
-    demos, origin = [], []
-    for path in demo_files:
-        for d in read_demos(path):
-            demos.append(d)
-            origin.append(f"{Path(path).name}:{d.name}")
+                           num_layers=tok["num_layers"], num_levels=tok["num_levels"], tokenizer_width=tok["width"],
+                           hidden_dim=config.backbone["hidden_dim"], head_width=config.head_width,
+                           draft_layers=config.draft_layers)
+    recorded = read_demo_files(demo_files)
+    demos = [d for _, d in recorded]
+    origin = [f"{path.name}:{d.name}" for path, d in recorded]
     train_eps, val_eps = split_by_episode(len(demos), val_fraction, split_seed)
     train_eps = limit_per_task(demos, train_eps, episodes_per_task)
     used = sorted(train_eps + val_eps)
@@ -109,7 +108,7 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     rsd_policy.save_pretrained(out / "rsd")
     L1Policy(backbone, model.l1.to("cpu"), space.stats, config=rsd_config).save_pretrained(out / "l1")
     report = {
-        "command": command, "train_config": _jsonable(config), "rsd_config": rsd_config.to_dict(),
+        "command": command, "train_config": asdict(config), "rsd_config": rsd_config.to_dict(),
         "tokenizer_dir": str(tokenizer_dir), "data": {**meta["data"], "train": len(train_eps), "val": len(val_eps),
                                                       "train_samples": int(len(train_rows)),
                                                       "val_samples": int(len(val_rows)),
@@ -125,12 +124,6 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     (out / CURVE_NAME).write_text(json.dumps(trainer.curve, indent=2) + "\n")
     plot_curve(trainer.curve, out / "curve.png", title=f"rsd train-policy: {', '.join(meta['data']['demos'])}")
     return report
-
-
-def _jsonable(config: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(config)
 
 
 def plot_curve(curve: Sequence[dict[str, Any]], path: Path, *, title: str) -> None:

@@ -95,40 +95,33 @@ def build_policy_data(demos: Sequence[Any], tokenizer: Any, space: Any, *, word_
     if not demos:
         raise ConfigError("no demos to build training data from.")
     chunk_len = int(tokenizer.config["chunk_len"])
-    tasks: dict[tuple[str, tuple[str, ...]], int] = {}
-    per_demo = []
+    tasks: dict[tuple[str, tuple[str, ...]], int] = {}  # (instruction, object names) -> task index
+    states, features, task_index, episode, env_chunks = [], [], [], [], []
     for e, demo in enumerate(tqdm(demos, desc="demos", disable=not progress, unit="demo")):
         names = _object_names(demo)
-        key = (demo.instruction, tuple(names))
-        task = tasks.setdefault(key, len(tasks))
+        task = tasks.setdefault((demo.instruction, tuple(names)), len(tasks))
         state = _proprio(demo).astype(np.float32)  # [T, P]
         poses = np.stack([np.concatenate([demo.obs[f"{n}_pos"], demo.obs[f"{n}_quat"]], axis=1) for n in names],
                          axis=1).astype(np.float32)  # [T, K, 7]
-        per_demo.append((state, object_features(poses, state).numpy(), task, e,
-                         chunk_targets(np.asarray(demo.actions, dtype=np.float64), chunk_len)))
-    k_max = max(feat.shape[1] for _, feat, *_ in per_demo)
-    N = sum(s.shape[0] for s, *_ in per_demo)
-    objects = np.zeros((N, k_max, per_demo[0][1].shape[2]), dtype=np.float32)
-    mask = np.zeros((N, k_max), dtype=bool)
-    row = 0
-    for state, feat, *_ in per_demo:
-        T, K = feat.shape[:2]
-        objects[row:row + T, :K], mask[row:row + T, :K] = feat, True
-        row += T
-    env_chunks = np.concatenate([c for *_, c in per_demo])  # [N, C, A] env units
-    normalized = space.normalize(env_chunks).astype(np.float32)
-    codes = _tokenize(tokenizer, normalized)
-    names_by_task = [list(k[1]) for k in tasks]
-    per_task = [pad_ids([word_ids(n, word_buckets) for n in names]) for names in names_by_task]
-    width = max(p.shape[1] for p in per_task)
-    name_ids = np.zeros((len(tasks), k_max, width), dtype=np.int64)
+        states.append(state)
+        features.append(object_features(poses, state).numpy())  # [T, K, 10]
+        task_index.append(np.full(len(state), task, np.int64))
+        episode.append(np.full(len(state), e, np.int64))
+        env_chunks.append(chunk_targets(np.asarray(demo.actions, dtype=np.float64), chunk_len))  # [T, C, A]
+    k_max = max(f.shape[1] for f in features)
+    lengths = [len(f) for f in features]
+    objects = np.zeros((sum(lengths), k_max, features[0].shape[2]), dtype=np.float32)
+    mask = np.zeros((sum(lengths), k_max), dtype=bool)
+    for start, f in zip(np.cumsum([0] + lengths[:-1]), features):  # pad each demo's objects to K_max
+        objects[start:start + len(f), : f.shape[1]], mask[start:start + len(f), : f.shape[1]] = f, True
+    normalized = space.normalize(np.concatenate(env_chunks)).astype(np.float32)  # [N, C, A]
+    per_task = [pad_ids([word_ids(n, word_buckets) for n in names]) for _, names in tasks]  # [K_t, Nn_t] each
+    name_ids = np.zeros((len(tasks), k_max, max(ids.shape[1] for ids in per_task)), dtype=np.int64)
     for t, ids in enumerate(per_task):
         name_ids[t, : ids.shape[0], : ids.shape[1]] = ids
     return PolicyData(
-        state=np.concatenate([s for s, *_ in per_demo]), objects=objects, object_mask=mask,
-        task_index=np.concatenate([np.full(s.shape[0], t, np.int64) for s, _, t, _, _ in per_demo]),
-        episode=np.concatenate([np.full(s.shape[0], e, np.int64) for s, _, _, e, _ in per_demo]),
-        actions=normalized, codes=codes, name_ids=name_ids,
+        state=np.concatenate(states), objects=objects, object_mask=mask, task_index=np.concatenate(task_index),
+        episode=np.concatenate(episode), actions=normalized, codes=_tokenize(tokenizer, normalized), name_ids=name_ids,
         instruction_ids=pad_ids([word_ids(k[0], word_buckets) for k in tasks]),
         instructions=[k[0] for k in tasks], num_episodes=len(demos))
 

@@ -74,17 +74,15 @@ def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000,
 
     from rsd.action_space import ActionSpace
     from rsd.config import RSDConfig
-    from rsd.sim.demos import action_chunks, read_demos
+    from rsd.sim.demos import action_chunks, read_demo_files
     from rsd.tokenizer import RFSQTokenizer
     from rsd.train.tokenizer import fit_tokenizer
 
     # sizes first: a bad --chunk-len etc. is refused before any demo is read (None = RSDConfig's default)
     cfg = RSDConfig(**({"chunk_len": chunk_len} if chunk_len is not None else {}), **(sizes or {}))
-    demos, origin = [], []
-    for path in demo_files:
-        for d in read_demos(path):
-            demos.append(d)
-            origin.append(f"{path}:{d.name}")
+    recorded = read_demo_files(demo_files)
+    demos = [d for _, d in recorded]
+    origin = [f"{path}:{d.name}" for path, d in recorded]
     train_idx, val_idx = split_by_episode(len(demos), val_fraction, seed)
     train_demos = [demos[i] for i in train_idx]
     val_demos = [demos[i] for i in val_idx]
