@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up rsd on a Debian-like machine: GL libraries (apt, when root or passwordless sudo), .venv,
-# torch, rsd[sim,test], hf-libero + its assets, then `rsd info --check` (LIBERO set up, headless GL renders).
+# torch, rsd[sim,test,dist], hf-libero + its assets, then `rsd info --check` (LIBERO set up, headless GL renders).
 #
 # Idempotent: a second run only checks and prints what it skips. Works unattended (CI=true, no stdin).
 # Environment:
@@ -92,15 +92,15 @@ main() {  # one function, parsed whole before it runs: editing this file mid-run
     fi
 
     # ------------------------------------------------------------------ rsd itself
-    step "rsd (editable) with extras sim,test"
+    step "rsd (editable) with extras sim,test,dist"
     STAMP="$VENV/.rsd-setup-stamp"
     WANT="$(sha256sum pyproject.toml | cut -d' ' -f1) $ROOT"
     if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
         && [[ "$(cd /tmp && "$VPY" -c 'import rsd, os; print(os.path.dirname(os.path.dirname(rsd.__file__)))' 2>/dev/null)" == "$ROOT" ]]; then
         skip "installed from this checkout and pyproject.toml unchanged"
     else
-        note "pip install -e '.[sim,test]'"
-        PYTHONWARNINGS=ignore pip_install -e ".[sim,test]"  # (setuptools warns about editable installs)
+        note "pip install -e '.[sim,test,dist]'"
+        PYTHONWARNINGS=ignore pip_install -e ".[sim,test,dist]"  # (setuptools warns about editable installs)
         echo "$WANT" > "$STAMP"
     fi
 
