@@ -68,7 +68,11 @@ class _LearnedPolicy:
 
     # -- the protocol ------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Stateless between chunks: nothing to clear (the eval loop owns the action queue)."""
+        """A new episode: a backbone with history (``LowDimBackbone(motion=True)``) forgets the previous chunk.
+        The heads are stateless between chunks (the eval loop owns the action queue)."""
+        backbone_reset = getattr(self.backbone, "reset", None)
+        if callable(backbone_reset):
+            backbone_reset()
 
     def predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> ActionChunk:
         try:

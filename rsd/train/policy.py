@@ -53,7 +53,8 @@ class TrainConfig:
     checkpoint_every: int = 2000
     device: str = "cpu"
     backbone: dict[str, Any] = field(default_factory=lambda: {"hidden_dim": 256, "width": 96, "layers": 2,
-                                                              "heads": 4, "word_buckets": 512})
+                                                              "heads": 4, "word_buckets": 512,
+                                                              "motion": True})
     head_width: int = 128
     draft_layers: int = 3  # k: coarse layers the draft head proposes
 
@@ -165,7 +166,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = PolicyModel(rsd_config, {**config.backbone, "seed": config.seed})
         self.model.backbone.fit_input_stats(data.state[train_rows], data.objects[train_rows],
-                                            data.object_mask[train_rows])
+                                            data.object_mask[train_rows],
+                                            data.motion[train_rows] if self.model.backbone.motion else None)
         self.model.to(self.device).train()
         decay, rest = [], []  # weight decay on matrices, not on embeddings, norms and biases
         for name, param in self.model.named_parameters():

@@ -182,6 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=d.backbone["layers"], help="backbone Transformer layers")
     parser.add_argument("--word-buckets", type=int, default=d.backbone["word_buckets"],
                         help="hash buckets of the word table (instruction and object names)")
+    parser.add_argument("--motion", action=argparse.BooleanOptionalAction, default=d.backbone["motion"],
+                        help="the backbone also reads how the proprio moved since the previous chunk began "
+                             "(LowDimBackbone motion: tells a stalled arm from a moving one)")
     parser.add_argument("--head-width", type=int, default=d.head_width, help="W of the RFSQ, draft and L1 heads")
     parser.add_argument("--time-limit-s", type=float, default=None,
                         help="stop after this many seconds of training, save everything (completed: false); "
@@ -206,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every,
                          checkpoint_every=args.checkpoint_every, device=args.device,
                          backbone={"hidden_dim": args.hidden_dim, "width": args.width, "layers": args.layers,
-                                   "heads": 4, "word_buckets": args.word_buckets}, head_width=args.head_width,
+                                   "heads": 4, "word_buckets": args.word_buckets, "motion": args.motion},
+                         head_width=args.head_width,
                          draft_layers=args.draft_layers)
     report = train_policy(args.demos, args.out, config, tokenizer_dir=args.tokenizer, val_fraction=args.val_fraction,
                           split_seed=args.split_seed, episodes_per_task=args.episodes_per_task, resume=args.resume,

@@ -5,6 +5,11 @@ instruction) and the chunk of the next ``C`` actions ``actions[t : t + C]``. Nea
 runs past the last action; it is padded by repeating the last action (the arm holds its final command), so every
 recorded state is trained on. Chunks are normalized with the tokenizer's action space and tokenized once, here.
 
+``motion`` is what ``LowDimBackbone(motion=True)`` reads at evaluation time: the state now minus the state at the
+previous chunk's first step, ``C`` steps earlier (:func:`chunk_motion`; the first chunk of an episode sees zero
+motion at evaluation, and steps ``t < C`` here see their motion since the first step). It comes from the executed
+motion, so DART demos (noisy execution, clean labels) teach it honestly.
+
 Objects differ between tasks (K varies): arrays are padded to the largest K with ``object_mask`` False, and the
 words of each task's object names and instruction are stored once per task (``task_index`` points at them).
 Proprio is OpenVLA-OFT's 8-d vector, rebuilt from the demo's ``ee_pos``, ``ee_ori`` (axis-angle) and
@@ -23,7 +28,7 @@ import torch
 from rsd.backbones.lowdim import LowDimInputs, object_features, pad_ids, word_ids
 from rsd.errors import ConfigError, ShapeError
 
-__all__ = ["PolicyData", "build_policy_data", "chunk_targets"]
+__all__ = ["PolicyData", "build_policy_data", "chunk_targets", "chunk_motion"]
 
 _PROPRIO_PARTS = ("ee_pos", "ee_ori", "gripper_states")
 
@@ -33,6 +38,13 @@ def chunk_targets(actions: np.ndarray, chunk_len: int) -> np.ndarray:
     T = actions.shape[0]
     index = np.minimum(np.arange(T)[:, None] + np.arange(chunk_len)[None, :], T - 1)  # [T, C]
     return actions[index]
+
+
+def chunk_motion(state: np.ndarray, chunk_len: int) -> np.ndarray:
+    """``state`` [T, P] -> [T, P]: row t holds ``state[t] - state[max(t - C, 0)]`` (what the policy saw move since the
+    previous chunk began)."""
+    previous = np.maximum(np.arange(state.shape[0]) - chunk_len, 0)
+    return state - state[previous]
 
 
 @dataclass
@@ -50,6 +62,7 @@ class PolicyData:
     instruction_ids: np.ndarray  # int64 [tasks, I]
     instructions: list[str]
     num_episodes: int
+    motion: np.ndarray  # float32 [N, P]: chunk_motion of the state
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
@@ -60,7 +73,7 @@ class PolicyData:
         tasks = self.task_index[rows]
         inputs = LowDimInputs(torch.from_numpy(self.state[rows]), torch.from_numpy(self.objects[rows]),
                               torch.from_numpy(self.object_mask[rows]), torch.from_numpy(self.name_ids[tasks]),
-                              torch.from_numpy(self.instruction_ids[tasks]))
+                              torch.from_numpy(self.instruction_ids[tasks]), motion=torch.from_numpy(self.motion[rows]))
         return inputs, torch.from_numpy(self.actions[rows]), torch.from_numpy(self.codes[rows].astype(np.int64))
 
     def rows_of(self, episodes: Sequence[int]) -> np.ndarray:
@@ -96,7 +109,7 @@ def build_policy_data(demos: Sequence[Any], tokenizer: Any, space: Any, *, word_
         raise ConfigError("no demos to build training data from.")
     chunk_len = int(tokenizer.config["chunk_len"])
     tasks: dict[tuple[str, tuple[str, ...]], int] = {}  # (instruction, object names) -> task index
-    states, features, task_index, episode, env_chunks = [], [], [], [], []
+    states, motions, features, task_index, episode, env_chunks = [], [], [], [], [], []
     for e, demo in enumerate(tqdm(demos, desc="demos", disable=not progress, unit="demo")):
         names = _object_names(demo)
         task = tasks.setdefault((demo.instruction, tuple(names)), len(tasks))
@@ -104,6 +117,7 @@ def build_policy_data(demos: Sequence[Any], tokenizer: Any, space: Any, *, word_
         poses = np.stack([np.concatenate([demo.obs[f"{n}_pos"], demo.obs[f"{n}_quat"]], axis=1) for n in names],
                          axis=1).astype(np.float32)  # [T, K, 7]
         states.append(state)
+        motions.append(chunk_motion(state, chunk_len))
         features.append(object_features(poses, state).numpy())  # [T, K, 10]
         task_index.append(np.full(len(state), task, np.int64))
         episode.append(np.full(len(state), e, np.int64))
@@ -123,7 +137,7 @@ def build_policy_data(demos: Sequence[Any], tokenizer: Any, space: Any, *, word_
         state=np.concatenate(states), objects=objects, object_mask=mask, task_index=np.concatenate(task_index),
         episode=np.concatenate(episode), actions=normalized, codes=_tokenize(tokenizer, normalized), name_ids=name_ids,
         instruction_ids=pad_ids([word_ids(k[0], word_buckets) for k in tasks]),
-        instructions=[k[0] for k in tasks], num_episodes=len(demos))
+        instructions=[k[0] for k in tasks], num_episodes=len(demos), motion=np.concatenate(motions))
 
 
 def _tokenize(tokenizer: Any, normalized: np.ndarray, batch: int = 8192) -> np.ndarray:

@@ -72,7 +72,8 @@ def world(tmp_path_factory) -> dict:
 
 def _config(**kw) -> TrainConfig:
     base = dict(steps=40, batch_size=32, lr=3e-3, warmup_steps=5, eval_every=20, checkpoint_every=20,
-                backbone={"hidden_dim": TINY.hidden_dim, "width": 16, "layers": 1, "heads": 2, "word_buckets": 64},
+                backbone={"hidden_dim": TINY.hidden_dim, "width": 16, "layers": 1, "heads": 2, "word_buckets": 64,
+                          "motion": True},
                 head_width=TINY.head_width, draft_layers=TINY.draft_layers)
     base.update(kw)
     return TrainConfig(**base)
@@ -104,6 +105,16 @@ def test_losses_fall_and_the_saved_policies_act(world: dict, tmp_path: Path) -> 
         chunk = policy.predict_chunk(obs, "put the bowl on the plate")
         assert chunk.actions.shape == (TINY.chunk_len, 7) and np.isfinite(chunk.actions).all()
         assert chunk.info["used_rfsq"] == (kind == "rsd")
+        # the backbone reads motion since the previous chunk: a moved arm acts differently; reset() forgets it
+        moved = {**obs, STATE: np.full(8, 0.05, np.float32)}
+        again = policy.predict_chunk(moved, "put the bowl on the plate")
+        policy.reset()
+        fresh = policy.predict_chunk(moved, "put the bowl on the plate")
+        assert again.info["hidden_norm"] != fresh.info["hidden_norm"]  # (tokens may coincide; the hidden state not)
+        policy.reset()
+        replay = policy.predict_chunk(obs, "put the bowl on the plate")
+        np.testing.assert_array_equal(replay.actions, chunk.actions)
+        assert replay.info["hidden_norm"] == chunk.info["hidden_norm"]
 
 
 def test_resume_continues_where_it_stopped(world: dict, tmp_path: Path) -> None:
