@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("rsd.info", "versions, devices and the headless rendering backend in use"),
     "bench": ("rsd.bench", "latency table for the pipeline parts (backbone, heads, decode, predict_chunk)"),
     "eval": ("rsd.eval.cli", "evaluate a policy on LIBERO with the OpenVLA-OFT protocol"),
+    "merge": ("rsd.eval.merge", "combine the run directories of rsd eval --shard i/N into one run"),
     "collect": ("rsd.collect", "record scripted-expert episodes to HDF5 (LIBERO demo layout)"),
     "train-tokenizer": ("rsd.train.tokenizer_cli", "fit the RFSQ tokenizer on recorded action chunks"),
     "sensitivity": ("rsd.sensitivity", "task success vs token accuracy: demos replayed with corrupted tokens"),

@@ -91,3 +91,8 @@ class EnvResetError(SimSetupError):
 class SpeculativeMismatchError(RSDError, RuntimeError):
     """Speculative decoding in ``exact`` mode gave codes that differ from greedy decoding of the same hidden state
     (``rsd eval --check-greedy``): exact speculative decoding must equal greedy, so the decoder is broken."""
+
+
+class MergeError(ConfigError):
+    """``rsd merge`` refused shard runs that do not belong together (other policy, settings, package versions or
+    request; a shard index or an episode twice) or an output it must not overwrite; the message names the fix."""

@@ -26,6 +26,32 @@ class Succeeds:
                                    video=None, seed=7)
 
 
+def fake_outcome(key: ev.EpisodeKey) -> bool:
+    return (key.task_id + key.trial) % 3 != 0
+
+
+class FakeRunner:
+    """Deterministic results from the key (success, steps, latencies); ``fail_at`` gives that episode an error
+    result and ends, as a real runner does; ``ran`` lists what it ran."""
+
+    def __init__(self, fail_at: ev.EpisodeKey | None = None) -> None:
+        self.fail_at = fail_at
+        self.ran: list[ev.EpisodeKey] = []
+
+    def results(self, keys: Sequence[ev.EpisodeKey]) -> Iterator[ev.EpisodeResult]:
+        for key in keys:
+            self.ran.append(key)
+            err = "RuntimeError: boom" if key == self.fail_at else None
+            yield ev.EpisodeResult(
+                suite=key.suite, task_id=key.task_id, task_name=f"task_{key.task_id}", instruction="do it",
+                trial=key.trial, init_state_index=key.trial, success=fake_outcome(key) and err is None,
+                steps=10 + key.trial, error=err, latency_p50_ms=1.0, latency_p90_ms=2.0,
+                chunk_latencies_ms=(1.0, 2.0, float(key.trial)), wall_s=0.1, video=None, seed=7,
+                traceback="Traceback ..." if err else None)
+            if err:
+                return
+
+
 class NoEpisodes:
     """A runner with nothing to run: `evaluate` writes its records and summary from zero episodes."""
 

@@ -19,14 +19,19 @@ from typing import Any, Callable, Sequence
 from rsd import limits
 from rsd.errors import ConfigError
 from rsd.eval.records import EpisodeKey, ResultsFile, latest_by_key
-from rsd.eval.report import format_table, plot_summary, renderer_record, summarize, versions
+from rsd.eval.report import format_table, plot_summary, protocol_block, renderer_record, summarize, versions
 from rsd.eval.rundir import (LOCK_NAME, PLOT_NAME, RESULTS_NAME, RUN_NAME, SUMMARY_NAME, RunRecordWriter,
-                             check_run_record, prepare_out_dir, write_json_atomic)
+                             carry_versions, check_run_record, prepare_out_dir, write_json_atomic)
 from rsd.eval.runners import VIDEO_MODES, ParallelRunner, Runner, SerialRunner, WorkerSettings
+from rsd.eval.shards import Shard, request_keys, request_record, shard_keys
 from rsd.filelock import exclusive_lock
 from rsd.sim import protocol
 
-__all__ = ["EvalConfig", "EvalOutcome", "episode_keys", "evaluate"]
+__all__ = ["BACKENDS", "EvalConfig", "EvalOutcome", "episode_keys", "evaluate"]
+
+# who runs the episodes: local (this process, or --workers spawned processes), ray (rsd.eval.ray_backend.RayRunner,
+# on a Ray cluster), slurm (a submitit job array of shards, rsd.eval.slurm; each array task runs its shard locally)
+BACKENDS = ("local", "ray", "slurm")
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,9 @@ class EvalConfig:
     decode: str = "saved"  # how an RSD policy decodes (--decode: rsd.policy.decode); in run.json
     threshold: float | int | None = None  # --threshold of --decode relaxed / match_rate
     check_greedy: bool | None = None  # --check-greedy (None: on for --decode exact)
+    shard: Shard | None = None  # --shard i/N: only that slice of the requested episodes (rsd.eval.shards)
+    backend: str = "local"  # --backend (BACKENDS); recorded in run.json for information, --resume may change it
+    address: str | None = None  # --address of the Ray cluster (backend ray only)
 
     def __post_init__(self) -> None:
         protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
@@ -65,7 +73,17 @@ class EvalConfig:
         limits.check_seed(self.seed)
         if self.trials < 1:
             raise ConfigError(f"--trials must be >= 1, got {self.trials}.")
-        limits.check_workers(self.workers)
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {BACKENDS}, got {self.backend!r}.")
+        if self.address is not None and self.backend != "ray":
+            raise ConfigError(f"--address {self.address} names a Ray cluster and applies to --backend ray only; "
+                              f"drop --address or pass --backend ray.")
+        if self.shard is not None and not isinstance(self.shard, Shard):
+            raise ConfigError(f"shard must be a rsd.eval.shards.Shard (parse_shard('i/N')), got {self.shard!r}.")
+        if self.backend == "local":  # Ray places its workers on the cluster; a SLURM array task checks its own cores
+            limits.check_workers(self.workers)
+        elif self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {self.workers}.")
         if self.video not in VIDEO_MODES:
             raise ConfigError(f"--video must be one of {VIDEO_MODES}, got {self.video!r}.")
         if self.video != "none" and not self.render:
@@ -112,10 +130,12 @@ class EvalConfig:
 
         return policy_identity(self.policy, center_crop=self.center_crop)
 
-    def run_record(self) -> dict[str, Any]:
+    def run_record(self, task_ids: Sequence[int] | None = None) -> dict[str, Any]:
         """What every recorded episode depends on (written to ``run.json``). ``policy`` is the ``--policy`` text
         as given (for reading); ``--resume`` compares the ``policy_*`` keys, which do not depend on how a path
-        was written."""
+        was written. Also recorded, not compared by ``--resume`` (``rsd.eval.rundir.RUN_KEYS``): ``backend``, and
+        ``versions`` (compared by ``rsd merge``); compared only for a shard: ``shard`` and the whole ``request``
+        (``task_ids``, default ``tasks``) it is a slice of."""
         from rsd.policy.factory import policy_device
 
         identity = self.policy_identity
@@ -124,7 +144,10 @@ class EvalConfig:
                 "device": policy_device(self.policy, self.device), "seed": self.seed, "render": self.render,
                 "camera_size": self.camera_size, "max_steps": self.max_steps,
                 "num_steps_wait": protocol.NUM_STEPS_WAIT, "fast": self.fast,
-                "policy_center_crop": identity["center_crop"], **self.decode_choice.record()}
+                "policy_center_crop": identity["center_crop"], **self.decode_choice.record(),
+                "backend": self.backend, "shard": None if self.shard is None else self.shard.record(),
+                "request": request_record(self.suite, self.tasks if task_ids is None else task_ids, self.trials),
+                "versions": versions()}
 
 
 @dataclass(frozen=True)
@@ -135,13 +158,22 @@ class EvalOutcome:
 
 
 def episode_keys(config: EvalConfig, task_ids: Sequence[int]) -> list[EpisodeKey]:
-    """Task-major list of the requested episodes."""
-    return [EpisodeKey(config.suite, int(t), i) for t in task_ids for i in range(config.trials)]
+    """The episodes this run covers: the requested ones in task-major order, or its ``--shard``'s slice of them."""
+    return shard_keys(request_keys(config.suite, task_ids, config.trials), config.shard)
 
 
 def _default_runner(config: EvalConfig, policy_factory: Callable[[], Any]) -> Runner:
     settings = WorkerSettings(suite=config.suite, render=config.render, camera_size=config.camera_size,
                               seed=config.seed, video=config.video, out=config.out)
+    if config.backend == "ray":
+        from rsd.eval.ray_backend import RayRunner
+        from rsd.policy.factory import policy_device
+
+        return RayRunner(settings, policy_factory, config.workers, address=config.address,
+                         policy_device=policy_device(config.policy, config.device))
+    if config.backend == "slurm" and config.shard is None:
+        raise ConfigError("--backend slurm runs one shard per SLURM array task (rsd.eval.slurm.run_slurm submits "
+                          "them); evaluate() ran it without a shard: pass --shards N on the rsd eval command line.")
     if config.workers > 1:
         return ParallelRunner(settings, policy_factory, config.workers)
     return SerialRunner(settings, policy_factory)
@@ -158,7 +190,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
     """
     out = config.out
     prepare_out_dir(out)
-    if runner is None and config.workers > 1:
+    if runner is None and config.workers > 1 and config.backend != "ray":
         limits.warn_worker_memory(config.workers)
     t_start = time.perf_counter()
     with exclusive_lock(out / LOCK_NAME, what=f"rsd eval is to write {out}",
@@ -168,8 +200,9 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
         if has_records and not config.resume:
             raise ConfigError(f"{results_file.path} already holds results: pass --resume to continue that eval, "
                               f"or choose another --out.")
-        wanted = config.run_record()  # hashes the files behind --policy (once)
+        wanted = config.run_record(task_ids)  # hashes the files behind --policy (once)
         check_run_record(out / RUN_NAME, wanted, resume=config.resume, has_records=has_records)
+        wanted = carry_versions(out / RUN_NAME, wanted, has_records=has_records)
         started = RunRecordWriter(out / RUN_NAME, wanted)
         records = results_file.load(repair=True)
         keys = episode_keys(config, task_ids)
@@ -192,7 +225,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             runner = _default_runner(config, policy_factory) if todo else None
             if isinstance(runner, SerialRunner):  # its constructor made the policy: the start succeeded
                 started()
-            elif isinstance(runner, ParallelRunner):
+            elif runner is not None:  # ParallelRunner, RayRunner: when the first worker has made its policy
                 runner.on_ready = started
 
         bar = _progress(total=len(keys), initial=len(done), enabled=config.progress)
@@ -222,11 +255,10 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             "suite": config.suite, "policy": config.policy, "seed": config.seed, "render": config.render,
             "camera_size": config.camera_size, "fast": config.fast, "decode": config.decode_choice.summary(),
             "center_crop": config.policy_identity["center_crop"], "trials": config.trials, "tasks": list(task_ids),
-            "protocol": {"max_steps": config.max_steps, "num_steps_wait": protocol.NUM_STEPS_WAIT,
-                         "dummy_action": list(protocol.DUMMY_ACTION), "success": "done flag of env.step",
-                         "seeding": "random/numpy/torch seeded before every episode"},
+            "shard": wanted["shard"], "backend": config.backend,
+            "protocol": protocol_block(config.max_steps, protocol.NUM_STEPS_WAIT, protocol.DUMMY_ACTION),
             "renderer": renderer_record(config.render),
-            "versions": versions(),
+            "versions": wanted["versions"],
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": config.command,
             "wall_s": time.perf_counter() - t_start,

@@ -17,7 +17,7 @@ from rsd.eval.decoding import summarize_spec
 from rsd.eval.records import EpisodeKey, EpisodeResult, latest_by_key
 from rsd.stats import percentiles, rate_estimate
 
-__all__ = ["summarize", "format_table", "plot_summary", "versions", "renderer_record"]
+__all__ = ["summarize", "format_table", "plot_summary", "versions", "renderer_record", "protocol_block"]
 
 
 def _task_block(records: Sequence[EpisodeResult]) -> dict[str, Any]:
@@ -166,6 +166,12 @@ def versions() -> dict[str, str | None]:
 
         out["rsd"] = rsd.__version__
     return out
+
+
+def protocol_block(max_steps: int, num_steps_wait: int, dummy_action: Sequence[float]) -> dict[str, Any]:
+    """``summary.json``'s ``protocol`` block."""
+    return {"max_steps": max_steps, "num_steps_wait": num_steps_wait, "dummy_action": list(dummy_action),
+            "success": "done flag of env.step", "seeding": "random/numpy/torch seeded before every episode"}
 
 
 def renderer_record(render: bool) -> dict[str, Any]:

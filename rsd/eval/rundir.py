@@ -18,8 +18,9 @@ from typing import Any, Mapping
 
 from rsd.errors import ConfigError, ResumeMismatchError
 
-__all__ = ["RESULTS_NAME", "RUN_NAME", "SUMMARY_NAME", "PLOT_NAME", "LOCK_NAME", "RUN_KEYS", "is_run_dir",
-           "check_out_dir", "prepare_out_dir", "check_run_record", "RunRecordWriter", "write_json_atomic"]
+__all__ = ["RESULTS_NAME", "RUN_NAME", "SUMMARY_NAME", "PLOT_NAME", "LOCK_NAME", "RUN_KEYS", "MERGED_KEY", "is_run_dir",
+           "read_run_record", "check_out_dir", "prepare_out_dir", "check_run_record", "carry_versions",
+           "RunRecordWriter", "write_json_atomic"]
 
 RESULTS_NAME = "episodes.jsonl"
 RUN_NAME = "run.json"
@@ -29,6 +30,15 @@ LOCK_NAME = ".lock"
 # run.json keys the recorded episodes depend on (their outcome; for fast, their latencies): --resume matches them all
 RUN_KEYS = ("suite", "policy_kind", "policy_unnorm_key", "policy_content", "device", "seed", "render", "camera_size",
             "max_steps", "num_steps_wait", "fast", "policy_center_crop", "decode", "decode_threshold", "check_greedy")
+# Not in RUN_KEYS, on purpose:
+# - "backend": who ran the episodes (local, ray, slurm) changes no outcome; a run may be resumed with another backend.
+# - "versions" (rsd, torch, numpy, mujoco, robosuite, libero): a resume after an upgrade stays possible (run.json
+#   files written before versions were recorded have none, and rsd's own version moves with every release, which
+#   would strand long runs); instead carry_versions keeps every earlier set under "versions_earlier", so the record
+#   shows a run whose episodes ran under different packages, and rsd merge refuses such shards and shards whose
+#   versions differ.
+# - "shard" and "request" (rsd.eval.shards) bind only a sharded run: check_run_record compares them when either the
+#   recorded or the wanted run is a shard (an unsharded run may be resumed with more --trials or --tasks).
 # what a run.json written before a key existed meant by its absence
 RUN_KEY_DEFAULTS: dict[str, Any] = {"fast": False, "decode": "saved", "decode_threshold": None, "check_greedy": False}
 # how a --resume refusal names a key
@@ -39,6 +49,9 @@ RUN_KEY_LABELS = {"policy_kind": "policy kind", "policy_unnorm_key": "policy sta
                   "check_greedy": "greedy check (--check-greedy)"}
 # keys every run.json of rsd eval has held: what makes a directory an rsd eval run (is_run_dir)
 RUN_MARKERS = ("suite", "policy", "seed", "max_steps", "num_steps_wait")
+# the run.json key of a directory written by rsd merge (rsd.eval.merge): rsd eval never writes into one
+MERGED_KEY = "merged"
+SLICE_LABELS = {"shard": "shard (--shard)", "request": "request the shard is a slice of (--suite/--tasks/--trials)"}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -48,7 +61,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _read_run_record(path: Path) -> dict[str, Any] | None:
+def read_run_record(path: Path) -> dict[str, Any] | None:
     """``run.json`` as a dict, or None when it does not exist; ConfigError when it is not one rsd wrote."""
     if not path.is_file():
         return None
@@ -65,7 +78,7 @@ def _read_run_record(path: Path) -> dict[str, Any] | None:
 def is_run_dir(directory: Path) -> bool:
     """Whether ``directory`` holds the ``run.json`` of an rsd eval (a JSON object with rsd's marker keys)."""
     try:
-        saved = _read_run_record(Path(directory) / RUN_NAME)
+        saved = read_run_record(Path(directory) / RUN_NAME)
     except ConfigError:
         return False
     return saved is not None and all(k in saved for k in RUN_MARKERS)
@@ -79,6 +92,10 @@ def check_out_dir(out: Path) -> None:
     if not out.is_dir():
         return
     entries = sorted(set(os.listdir(out)) - {LOCK_NAME})
+    if is_run_dir(out) and MERGED_KEY in (read_run_record(out / RUN_NAME) or {}):
+        raise ConfigError(f"--out {out} was written by rsd merge (the merge of shard runs): rsd eval does not write "
+                          f"into it. Resume the shard directories listed in its {RUN_NAME} (rsd eval --shard i/N "
+                          f"--resume --out SHARD_DIR) and merge them again (rsd merge), or choose another --out.")
     if entries and not is_run_dir(out):
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ConfigError(f"--out {out} is an existing directory that is not an rsd eval run (it holds {shown} and "
@@ -101,7 +118,7 @@ def prepare_out_dir(out: Path) -> None:
 def check_run_record(path: Path, wanted: Mapping[str, Any], *, resume: bool, has_records: bool) -> None:
     """On ``--resume`` of a run with recorded episodes: ResumeMismatchError naming every key of ``wanted`` that
     differs from ``run.json``. A run.json with no episode recorded binds nothing (its start failed or was cut)."""
-    saved = _read_run_record(path)
+    saved = read_run_record(path)
     if not (resume and has_records and saved is not None):
         return
     recorded = {k: saved.get(k, RUN_KEY_DEFAULTS.get(k)) for k in RUN_KEYS}
@@ -111,12 +128,30 @@ def check_run_record(path: Path, wanted: Mapping[str, Any], *, resume: bool, has
             f"{path} records no {', '.join(RUN_KEY_LABELS.get(k, k) for k in absent)} (written by an older rsd), "
             f"so --resume cannot prove that the recorded episodes ran the same policy on the same device; run the "
             f"eval again in another --out.")
-    diffs = {k: (recorded[k], wanted[k]) for k in RUN_KEYS if recorded[k] != wanted[k]}
+    diffs = {RUN_KEY_LABELS.get(k, k): (recorded[k], wanted[k]) for k in RUN_KEYS if recorded[k] != wanted[k]}
+    if saved.get("shard") is not None or wanted.get("shard") is not None:  # a shard resumes only as itself
+        diffs.update({SLICE_LABELS[k]: (saved.get(k), wanted.get(k)) for k in SLICE_LABELS
+                      if saved.get(k) != wanted.get(k)})
     if diffs:
-        listed = "; ".join(f"{RUN_KEY_LABELS.get(k, k)}: recorded {a!r} vs now {b!r}" for k, (a, b) in diffs.items())
+        listed = "; ".join(f"{label}: recorded {a!r} vs now {b!r}" for label, (a, b) in diffs.items())
         raise ResumeMismatchError(
             f"--resume with a policy or settings that differ from the run recorded in {path.parent} ({listed}); "
             f"resume with the same policy files, device and settings, or choose another --out.")
+
+
+def carry_versions(path: Path, wanted: Mapping[str, Any], *, has_records: bool) -> dict[str, Any]:
+    """``wanted`` with the package versions of earlier sessions kept: when the episodes already recorded in
+    ``path``'s run ran under other ``versions``, those go to ``versions_earlier`` (a list, oldest first)."""
+    saved = read_run_record(path) if has_records else None
+    record = dict(wanted)
+    if saved is None:
+        return record
+    earlier = list(saved.get("versions_earlier") or [])
+    if "versions" in saved and saved["versions"] != wanted["versions"] and saved["versions"] not in earlier:
+        earlier.append(saved["versions"])
+    if earlier:
+        record["versions_earlier"] = earlier
+    return record
 
 
 class RunRecordWriter:

@@ -5,43 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pytest
 
 from rsd import eval as ev
 from rsd.errors import ConfigError
+from tests._eval_stubs import FakeRunner
 
 pytestmark = pytest.mark.unit
 
 
-# ---------------------------------------------------------------------------------------------------- fakes
-
-
-def _outcome(key: ev.EpisodeKey) -> bool:
-    return (key.task_id + key.trial) % 3 != 0
-
-
-class FakeRunner:
-    """Deterministic results from the key; ``fail_at`` raises-like errored results; counts what it ran."""
-
-    def __init__(self, fail_at: ev.EpisodeKey | None = None) -> None:
-        self.fail_at = fail_at
-        self.ran: list[ev.EpisodeKey] = []
-
-    def results(self, keys: Sequence[ev.EpisodeKey]) -> Iterator[ev.EpisodeResult]:
-        for key in keys:
-            self.ran.append(key)
-            err = "RuntimeError: boom" if key == self.fail_at else None
-            yield ev.EpisodeResult(
-                suite=key.suite, task_id=key.task_id, task_name=f"task_{key.task_id}", instruction="do it",
-                trial=key.trial, init_state_index=key.trial, success=_outcome(key) and err is None,
-                steps=10 + key.trial, error=err, latency_p50_ms=1.0, latency_p90_ms=2.0,
-                chunk_latencies_ms=(1.0, 2.0, float(key.trial)), wall_s=0.1, video=None, seed=7,
-                traceback="Traceback ..." if err else None)
-            if err:
-                return
+# ---------------------------------------------------------------------------------------------------- helpers
 
 
 def _config(tmp_path: Path, **kw) -> ev.EvalConfig:
