@@ -29,7 +29,7 @@ from rsd.sim.episode import EpisodeOutcome, run_episode
 from rsd.stats import percentiles
 
 __all__ = ["VIDEO_DIR", "VIDEO_MODES", "WorkerSettings", "VideoSink", "EpisodeWorker", "Runner", "SerialRunner",
-           "ParallelRunner"]
+           "ParallelRunner", "worker_died_result"]
 
 VIDEO_DIR = "videos"
 VIDEO_MODES = ("all", "failures", "none")
@@ -128,6 +128,15 @@ class EpisodeWorker:
         if self._env is not None:
             env, self._env, self._env_task = self._env, None, None
             env.close()
+
+
+def worker_died_result(key: EpisodeKey, seed: int, error: str) -> EpisodeResult:
+    """The errored result of an episode whose worker died while running it: ``error`` (``"WorkerDied: ..."``) gains
+    `` while running task T trial I``."""
+    return EpisodeResult(suite=key.suite, task_id=key.task_id, task_name="", instruction="", trial=key.trial,
+                         init_state_index=key.init_state_index, success=False, steps=0,
+                         error=f"{error} while running task {key.task_id} trial {key.trial}", latency_p50_ms=None,
+                         latency_p90_ms=None, chunk_latencies_ms=(), wall_s=0.0, video=None, seed=seed)
 
 
 class Runner(Protocol):
@@ -238,11 +247,7 @@ class ParallelRunner:
                         err = f"WorkerDied: worker process {wid} exited with code {p.exitcode}"
                         if key is None:
                             raise ConfigError(err + " before it ran an episode (see its output above).")
-                        yield EpisodeResult(suite=key.suite, task_id=key.task_id, task_name="", instruction="",
-                                            trial=key.trial, init_state_index=key.init_state_index, success=False,
-                                            steps=0, error=err + f" while running task {key.task_id} trial "
-                                            f"{key.trial}", latency_p50_ms=None, latency_p90_ms=None,
-                                            chunk_latencies_ms=(), wall_s=0.0, video=None, seed=self.settings.seed)
+                        yield worker_died_result(key, self.settings.seed, err)
                     continue
                 kind, wid = msg[0], msg[1]
                 if kind == "ready":
