@@ -10,6 +10,9 @@ One concept per module:
 - ``rsd.eval.decoding``    how an RSD policy decoded: per-episode ``SpecTally``, ``RecordingPolicy``, ``summarize_spec``
 - ``rsd.eval.compare``     several runs side by side from their ``summary.json`` (``scripts/compare_runs.py``)
 - ``rsd.eval.evaluation``  ``EvalConfig`` (the settings, checked) and ``evaluate`` (one run, lock to summary)
+- ``rsd.eval.shards``      ``--shard i/N``: a deterministic, disjoint slice of the requested episodes
+- ``rsd.eval.merge``       ``rsd merge OUT SHARD_DIR...``: shard runs into one run, gaps listed
+- ``rsd.eval.slurm``       ``--backend slurm --shards N``: a submitit job array of shards, then the merge
 - ``rsd.eval.cli``         the ``rsd eval`` options and ``run(args)``
 
 The episode loop itself is ``rsd.sim.episode`` (``run_episode``, shared with ``rsd collect``); it is re-exported

@@ -46,6 +46,13 @@ it is counted. All three are recorded in ``run.json`` (``--resume`` needs the sa
 Speculative policies add to each ``episodes.jsonl`` line and to every summary block a ``speculative`` record
 (``rsd.eval.decoding``: chunks, mean accepted draft layers, per-layer acceptance, greedy-check counts); the
 table shows them. ``scripts/compare_runs.py RUN_DIR...`` puts several runs side by side.
+
+Beyond one process (docs/distributed-eval.md): ``--shard I/N`` runs the I-th of N disjoint slices of the requested
+episodes (``rsd.eval.shards``; round-robin over the task-major list) into its own ``--out``, and ``rsd merge OUT
+SHARD_DIR...`` combines the shards into one run with the same files. ``--backend ray`` runs the episodes on a Ray
+cluster (``--address``); ``--backend slurm --shards N`` submits the shards as a SLURM job array through submitit
+(``rsd.eval.slurm``; ``--slurm-executor local`` runs it on this machine), waits, and merges them into ``--out``;
+rerunning the same command continues it. ``--max-episodes`` then counts per shard.
 """
 
 from __future__ import annotations
@@ -55,9 +62,11 @@ import shlex
 import sys
 
 from rsd.errors import ConfigError
-from rsd.eval.evaluation import EvalConfig, evaluate
+from rsd.eval import slurm
+from rsd.eval.evaluation import BACKENDS, EvalConfig, evaluate
 from rsd.eval.rundir import check_out_dir
 from rsd.eval.runners import VIDEO_MODES
+from rsd.eval.shards import parse_shard
 from rsd.policy.packaged import DEFAULT_POLICY
 from rsd.policy.decode import DECODE_MODES
 from rsd.sim import protocol
@@ -145,6 +154,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "crop of both views (the default); use this only for a checkpoint trained without it. "
                              "Recorded in run.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run only shard I of N (0-based) of the requested episodes: those at positions p with "
+                             "p %% N == I of the task-major list (every shard gets a similar mix of tasks). Each shard "
+                             "runs into its own --out (recorded in run.json with the whole request; --resume refuses "
+                             "another shard); combine them with rsd merge OUT SHARD_DIR...")
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help="who runs the episodes: local (this process, or --workers spawned processes; default), "
+                             "ray (a Ray cluster, --address; --workers Ray workers), slurm (a SLURM job array of "
+                             "--shards N shards through submitit, merged into --out; see the options below). Recorded "
+                             "in run.json; --resume may use another backend (the results are the same files)")
+    parser.add_argument("--address", default=None,
+                        help="--backend ray only: the address of the Ray cluster to run on (handed to "
+                             "rsd.eval.ray_backend.RayRunner; docs/distributed-eval.md)")
+    slurm.add_arguments(parser)
 
 
 def _number(text: str) -> int | float:
@@ -177,6 +200,13 @@ def run(args: argparse.Namespace) -> int:
     from rsd.policy.identity import reads_images
     from rsd.policy.packaged import resolve_packaged
 
+    env = slurm.submitting_env()  # as the user set it: before anything here sets LIBERO up
+    slurm_options = slurm.options_from_args(args)
+    shard = None if args.shard is None else parse_shard(args.shard)
+    if shard is not None and slurm_options is not None:
+        raise ConfigError("--shard runs one shard by hand; --backend slurm makes the shards itself (--shards N): "
+                          "drop one of them.")
+
     args.policy = resolve_packaged(args.policy)
     if args.render is None:
         args.render = args.video not in (None, "none") or reads_images(args.policy)
@@ -187,7 +217,12 @@ def run(args: argparse.Namespace) -> int:
                         max_episodes=args.max_episodes, command=shlex.join(["rsd", *sys.argv[1:]]),
                         progress=not args.no_progress, device=args.device, fast=args.fast,
                         trust_remote_code=args.trust_remote_code, center_crop=args.center_crop,
-                        decode=args.decode, threshold=args.threshold, check_greedy=args.check_greedy)
+                        decode=args.decode, threshold=args.threshold, check_greedy=args.check_greedy,
+                        shard=shard, backend=args.backend, address=args.address)
+    if slurm_options is not None:
+        slurm.check_out(config.out, slurm_options.shards)  # before LIBERO is imported to resolve the tasks
+        task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)
+        return slurm.run_slurm(config, task_ids, slurm_options, env)
     check_out_dir(config.out)  # before LIBERO is imported to resolve the tasks
     task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)
     return evaluate(config, task_ids).exit_code
