@@ -101,8 +101,13 @@ def read_shard(directory: str | Path) -> ShardRun | None:
         results = latest_by_key(ResultsFile(directory / RESULTS_NAME).load())
     except ConfigError as exc:
         raise MergeError(f"cannot merge {directory}: {exc}") from exc
-    summary_path = directory / SUMMARY_NAME
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
+    summary_path, summary = directory / SUMMARY_NAME, None
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MergeError(f"{summary_path} is not valid JSON ({exc}): rerun that shard with --resume to rewrite "
+                             f"it, then merge.") from exc
     return ShardRun(directory, record, shard, results, summary)
 
 

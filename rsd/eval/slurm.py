@@ -86,7 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--backend slurm (a submitit job array of shards, merged into --out)")
     group.add_argument("--shards", type=int, default=None,
                        help="number of shards = array tasks; shard i runs into OUT/shards/shard-i-of-N with resume on, "
-                            "then all are merged into OUT. Rerun the same command to continue after a kill")
+                            "then all are merged into OUT (as rsd merge; exit 3 when episodes are missing, 1 when a "
+                            "job failed). Rerun the same command to continue after a kill: complete shards are not "
+                            "resubmitted, partial ones continue")
     group.add_argument("--slurm-executor", choices=EXECUTORS, default=None,
                        help="slurm (default: sbatch through submitit) or local (submitit's LocalExecutor: one process "
                             "per shard on this machine, no cluster; the same code path, used by the tests)")
