@@ -8,18 +8,41 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from rsd.eval.evaluation import EvalConfig
+from rsd.eval.ray_backend import RayRunner
 from rsd.eval.records import EpisodeKey, EpisodeResult
-from rsd.eval.runners import EpisodeWorker
+from rsd.eval.runners import EpisodeWorker, WorkerSettings
 from rsd.policy.protocol import ActionChunk
 from tests._fake_env import FakeEnv
 
 SEEN_ENV = ("RSD_HOME", "MUJOCO_GL", "LIBERO_CONFIG_PATH", "OMP_NUM_THREADS", "PYOPENGL_PLATFORM")
+SUITE = "libero_spatial"
+TASKS, TRIALS = (0, 1), 4
+
+
+def fake_config(out: Path, trials: int = TRIALS, tasks: tuple[int, ...] = TASKS) -> EvalConfig:
+    """An eval of the fake world. run.json records the expert (a spec rsd can hash); the runner runs the policies
+    of this module."""
+    return EvalConfig(suite=SUITE, policy="expert", out=out, trials=trials, tasks=tasks, render=False, video="none",
+                      progress=False, plot=False)
+
+
+def fake_settings(out: Path) -> WorkerSettings:
+    return WorkerSettings(suite=SUITE, render=False, camera_size=128, seed=7, video="none", out=out)
+
+
+def fake_runner(out: Path, factory: Any, workers: int = 2, **kw: Any) -> RayRunner:
+    """A ``RayRunner`` whose actors run :class:`FakeEnvWorker` s."""
+    runner = RayRunner(fake_settings(out), factory, workers, **kw)
+    runner.worker_factory = FakeEnvWorker
+    return runner
 
 
 class FakeEnvWorker(EpisodeWorker):
@@ -56,13 +79,16 @@ class KeyAwareWorker(EpisodeWorker):
 class Push:
     """dx = 0.05 at every step, gripper open: FakeEnv's episodes end after a known number of steps."""
 
-    def __init__(self, report_dir: str | None = None) -> None:
+    def __init__(self, report_dir: str | None = None, barrier: int = 0) -> None:
         if report_dir is not None:  # what the process that made this policy sees: one JSON file per process
             import torch
 
             seen = {k: os.environ.get(k) for k in SEEN_ENV}
             Path(report_dir, f"actor-{os.getpid()}.json").write_text(json.dumps(
                 {"env": seen, "torch_threads": torch.get_num_threads(), "pid": os.getpid()}))
+            deadline = time.monotonic() + 60  # barrier: wait until that many processes have made their policy
+            while len(list(Path(report_dir).glob("actor-*.json"))) < barrier and time.monotonic() < deadline:
+                time.sleep(0.05)
 
     def reset(self) -> None:
         pass

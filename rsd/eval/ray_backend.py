@@ -56,10 +56,11 @@ def actor_env_vars(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: environ[k] for k in PASSED_ENV_VARS if environ.get(k)}
 
 
-def gpus_per_actor(policy_device: str, cluster_gpus: float, workers: int) -> float:
-    """``num_gpus`` of each actor: 0 for a CPU policy; for a CUDA one, a share such that all ``workers`` actors fit
-    on the cluster's GPUs (one whole GPU at most: a policy uses one device). ConfigError when there is no GPU."""
-    if not policy_device.startswith("cuda"):
+def gpus_per_actor(policy_device: str | None, cluster_gpus: float, workers: int) -> float:
+    """``num_gpus`` of each actor: 0 for a CPU policy (or None: a scripted one, no network); for a CUDA one, a share
+    such that all ``workers`` actors fit on the cluster's GPUs (one whole GPU at most: a policy uses one device).
+    ConfigError when the cluster has no GPU."""
+    if policy_device is None or not policy_device.startswith("cuda"):
         return 0.0
     if policy_device not in ("cuda", "cuda:0"):
         raise ConfigError(f"--device {policy_device} with --backend ray: each actor sees only the GPU Ray gives it, "
@@ -103,6 +104,31 @@ class _EpisodeActor:
             self.worker.close()
 
 
+def _probe_cluster(address: str, timeout_s: float = 10.0) -> None:
+    """ConfigError unless something answers at the Ray cluster's ``host:port`` (``auto``: the cluster ``ray start``
+    last started here): ``ray.init`` keeps trying a dead address for minutes."""
+    target: str | None = address.removeprefix("ray://") if address.startswith("ray://") else None
+    if target is None:
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+        except ImportError:  # allowed: a Ray without this helper: ray.init alone reports the address
+            return
+        try:
+            target = canonicalize_bootstrap_address(address)
+        except ConnectionError as exc:  # "auto" with no cluster started here
+            raise ConfigError(f"--address {address}: no Ray cluster runs on this machine ({exc}): start one with "
+                              f"`ray start --head`, or pass its HOST:PORT.") from exc
+    if not target or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers at {target} ({type(exc).__name__}: {exc}): "
+                          f"start it with `ray start --head` (`ray status` on one of its nodes prints the address), "
+                          f"or pass the right HOST:PORT.") from exc
+
+
 def _remote_actor(ray: Any) -> Any:
     return ray.remote(_EpisodeActor)
 
@@ -140,14 +166,15 @@ class RayRunner:
     ``address=None`` starts a local Ray instance of ``workers`` CPUs and stops it at the end; ``address`` connects
     to that cluster (``auto``: the one ``ray start`` runs here) and only disconnects at the end. When Ray is
     already initialized in this process, that instance is used and left as it is. ``policy_device`` (what the
-    policy factory builds on) decides the GPUs each actor asks for (:func:`gpus_per_actor`).
+    policy factory builds on, ``rsd.policy.factory.policy_device``; None for a scripted policy) decides the GPUs each
+    actor asks for (:func:`gpus_per_actor`).
 
     ``retries``: how often an episode runs again after its actor died under it. ``worker_factory`` makes what
     runs the episodes in an actor (``EpisodeWorker``; tests put a worker on a fake env there; it must pickle).
     """
 
     def __init__(self, settings: WorkerSettings, policy_factory: Callable[[], Any], workers: int, *,
-                 address: str | None = None, policy_device: str = "cpu") -> None:
+                 address: str | None = None, policy_device: str | None = "cpu") -> None:
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}.")
         self.settings, self.policy_factory, self.workers = settings, policy_factory, workers
@@ -170,8 +197,18 @@ class RayRunner:
         if self.address is None:
             ray.init(address="local", num_cpus=self.workers, include_dashboard=False, logging_level=logging.WARNING,
                      configure_logging=True, log_to_driver=True)
-        else:
+            return True
+        _probe_cluster(self.address)
+        try:
             ray.init(address=self.address, logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+        except (ConnectionError, RuntimeError) as exc:
+            auth = "authentication" in f"{exc} {exc.__cause__}".lower()
+            raise ConfigError(
+                f"--address {self.address}: cannot connect to that Ray cluster ({type(exc).__name__}: {exc}). "
+                + ("The cluster asks for its token: run with the token of `ray start` (~/.ray/auth_token or "
+                   "RAY_AUTH_TOKEN) and RAY_AUTH_MODE=token. " if auth else "")
+                + "Start one with `ray start --head` (`ray status` prints its address) or pass another "
+                  "--address.") from exc
         return True
 
     def _actor_options(self, ray: Any) -> dict[str, Any]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,25 +25,10 @@ ray = pytest.importorskip("ray", reason="the dist extra is not installed: pip in
 
 from rsd import eval as ev  # noqa: E402
 from rsd.errors import CheckpointNotFoundError, ConfigError  # noqa: E402
-from rsd.eval.ray_backend import RayRunner  # noqa: E402
-from rsd.eval.runners import WorkerSettings  # noqa: E402
-from tests._ray_world import SEEN_ENV, BadCheckpoint, FakeEnvWorker, Push, push_killing_once  # noqa: E402
+from tests._ray_world import (SEEN_ENV, TASKS, BadCheckpoint, FakeEnvWorker, Push, fake_config,  # noqa: E402
+                              fake_runner, fake_settings, push_killing_once)
 
-SUITE = "libero_spatial"
-TASKS, TRIALS = (0, 1), 4
-
-
-def _config(out: Path, trials: int = TRIALS, tasks: tuple[int, ...] = TASKS) -> ev.EvalConfig:
-    # run.json records the expert (a spec rsd can hash); the runner runs the fake world's policies
-    return ev.EvalConfig(suite=SUITE, policy="expert", out=out, trials=trials, tasks=tasks, render=False,
-                         video="none", progress=False, plot=False)
-
-
-def _runner(out: Path, factory, workers: int = 2, **kw) -> RayRunner:
-    settings = WorkerSettings(suite=SUITE, render=False, camera_size=128, seed=7, video="none", out=out)
-    runner = RayRunner(settings, factory, workers, **kw)
-    runner.worker_factory = FakeEnvWorker
-    return runner
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _episodes(out: Path) -> list[dict]:
@@ -56,9 +44,8 @@ def _outcomes(out: Path) -> dict[tuple[int, int], tuple[bool, int, str | None]]:
 @functools.cache
 def _in_process() -> dict[tuple[int, int], tuple[bool, int, str | None]]:
     """The episodes run by one FakeEnvWorker in this process (what every runner must reproduce)."""
-    settings = WorkerSettings(suite=SUITE, render=False, camera_size=128, seed=7, video="none", out=Path("."))
-    worker = FakeEnvWorker(settings, Push())
-    keys = ev.episode_keys(_config(Path("unused")), TASKS)
+    worker = FakeEnvWorker(fake_settings(Path(".")), Push())
+    keys = ev.episode_keys(fake_config(Path("unused")), TASKS)
     return {(k.task_id, k.trial): (r.success, r.steps, r.error) for k in keys for r in [worker.run(k)]}
 
 
@@ -70,12 +57,23 @@ def test_in_process_reference_has_successes_and_failures() -> None:
 
 def test_local_instance_runs_the_episodes_and_is_shut_down(tmp_path: Path) -> None:
     assert not ray.is_initialized()
-    runner = _runner(tmp_path / "out", Push)
-    outcome = ev.evaluate(_config(tmp_path / "out"), TASKS, runner=runner)
+    runner = fake_runner(tmp_path / "out", Push)
+    outcome = ev.evaluate(fake_config(tmp_path / "out"), TASKS, runner=runner)
     assert outcome.exit_code == 0 and outcome.new_episodes == 8
     assert _outcomes(tmp_path / "out") == _in_process()
     assert (tmp_path / "out" / ev.RUN_NAME).is_file() and runner.restarts == 0
     assert not ray.is_initialized()  # the instance it started is gone
+
+
+def test_an_address_where_no_cluster_runs_is_refused_at_once(tmp_path: Path) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    runner = fake_runner(tmp_path / "out", Push, address=f"127.0.0.1:{port}")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"--address 127.0.0.1:{port}: no Ray cluster answers at .*:{port}.*ray start --head"):
+        list(runner.results(ev.episode_keys(fake_config(tmp_path / "out"), TASKS)))
+    assert time.monotonic() - t0 < 30 and not ray.is_initialized()  # ray.init alone would try for minutes
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +92,8 @@ def test_actors_see_the_drivers_environment(cluster, tmp_path: Path, monkeypatch
         monkeypatch.setenv(k, v)
     reports = tmp_path / "reports"
     reports.mkdir()
-    runner = _runner(tmp_path / "out", functools.partial(Push, str(reports)))
-    assert ev.evaluate(_config(tmp_path / "out"), TASKS, runner=runner).exit_code == 0
+    runner = fake_runner(tmp_path / "out", functools.partial(Push, str(reports)))
+    assert ev.evaluate(fake_config(tmp_path / "out"), TASKS, runner=runner).exit_code == 0
     seen = [json.loads(p.read_text()) for p in sorted(reports.glob("actor-*.json"))]
     assert len(seen) == 2 and {s["pid"] for s in seen}.isdisjoint({os.getpid()})
     for s in seen:
@@ -104,10 +102,34 @@ def test_actors_see_the_drivers_environment(cluster, tmp_path: Path, monkeypatch
     assert ray.is_initialized()  # not started by the runner: left running
 
 
+_DRIVER = """
+import sys
+from pathlib import Path
+import ray
+from rsd import eval as ev
+from tests._ray_world import TASKS, Push, fake_config, fake_runner
+out = Path(sys.argv[2])
+outcome = ev.evaluate(fake_config(out), TASKS, runner=fake_runner(out, Push, address=sys.argv[1]))
+print("exit", outcome.exit_code, "connected", ray.is_initialized())
+"""
+
+
+def test_address_connects_to_the_cluster_and_leaves_it_running(cluster, tmp_path: Path) -> None:
+    """Another process drives the episodes on this module's Ray instance through ``address``."""
+    address = ray.get_runtime_context().gcs_address
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-c", _DRIVER, address, str(tmp_path / "out")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "exit 0 connected False" in res.stdout  # disconnected at the end
+    assert _outcomes(tmp_path / "out") == _in_process()
+    assert ray.cluster_resources()["CPU"] == 2  # the cluster still runs
+
+
 def test_a_killed_actor_s_episode_runs_again_and_counts_once(cluster, tmp_path: Path) -> None:
     marker = tmp_path / "killed"
-    runner = _runner(tmp_path / "out", functools.partial(push_killing_once, (1, 2), str(marker)))
-    outcome = ev.evaluate(_config(tmp_path / "out"), TASKS, runner=runner)
+    runner = fake_runner(tmp_path / "out", functools.partial(push_killing_once, (1, 2), str(marker)))
+    outcome = ev.evaluate(fake_config(tmp_path / "out"), TASKS, runner=runner)
     assert len(marker.read_text().split()) == 1  # one actor was killed in the middle of task 1 trial 2
     assert outcome.exit_code == 0 and runner.restarts == 1
     assert _outcomes(tmp_path / "out") == _in_process()  # every episode once, the re-run one as if never killed
@@ -116,9 +138,9 @@ def test_a_killed_actor_s_episode_runs_again_and_counts_once(cluster, tmp_path: 
 def test_an_episode_that_kills_every_actor_is_recorded_as_worker_died(cluster, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
     marker = tmp_path / "killed"
-    runner = _runner(tmp_path / "out", functools.partial(push_killing_once, (0, 0), str(marker), always=True),
+    runner = fake_runner(tmp_path / "out", functools.partial(push_killing_once, (0, 0), str(marker), always=True),
                      workers=1)
-    outcome = ev.evaluate(_config(tmp_path / "out", trials=3, tasks=(0,)), (0,), runner=runner)
+    outcome = ev.evaluate(fake_config(tmp_path / "out", trials=3, tasks=(0,)), (0,), runner=runner)
     assert len(marker.read_text().split()) == runner.retries + 1 == 3  # tried 3 times, on 3 actors
     assert outcome.exit_code == 1
     (ep,) = _episodes(tmp_path / "out")  # the run stopped there: no further episode was dispatched
@@ -128,32 +150,32 @@ def test_an_episode_that_kills_every_actor_is_recorded_as_worker_died(cluster, t
 
 
 def test_a_policy_that_cannot_be_made_raises_in_the_driver(cluster, tmp_path: Path) -> None:
-    runner = _runner(tmp_path / "out", BadCheckpoint())
+    runner = fake_runner(tmp_path / "out", BadCheckpoint())
     t0 = time.monotonic()
     with pytest.raises(CheckpointNotFoundError, match="no policy at /nowhere") as info:
-        ev.evaluate(_config(tmp_path / "out"), TASKS, runner=runner)
+        ev.evaluate(fake_config(tmp_path / "out"), TASKS, runner=runner)
     assert time.monotonic() - t0 < 60 and runner.restarts == 0
     assert any("in Ray eval actor" in note for note in info.value.__notes__)
     assert not (tmp_path / "out" / ev.RESULTS_NAME).exists() or not _episodes(tmp_path / "out")
 
 
 def test_a_cuda_policy_on_a_cluster_without_gpus_is_refused(cluster, tmp_path: Path) -> None:
-    runner = _runner(tmp_path / "out", Push, policy_device="cuda")
+    runner = fake_runner(tmp_path / "out", Push, policy_device="cuda")
     with pytest.raises(ConfigError, match="the Ray cluster has no GPU.*--device cpu"):
-        list(runner.results(ev.episode_keys(_config(tmp_path / "out"), TASKS)))
+        list(runner.results(ev.episode_keys(fake_config(tmp_path / "out"), TASKS)))
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_refused(cluster, tmp_path: Path) -> None:
-    runner = _runner(tmp_path / "out", Push, workers=3)
+    runner = fake_runner(tmp_path / "out", Push, workers=3)
     with pytest.raises(ConfigError, match="has 2 CPUs.*--workers 2 or fewer"):
-        list(runner.results(ev.episode_keys(_config(tmp_path / "out"), TASKS)))
+        list(runner.results(ev.episode_keys(fake_config(tmp_path / "out"), TASKS)))
 
 
 def test_closing_the_results_early_ends_the_actors(cluster, tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     reports.mkdir()
-    runner = _runner(tmp_path / "out", functools.partial(Push, str(reports)))
-    results = runner.results(ev.episode_keys(_config(tmp_path / "out"), TASKS))
+    runner = fake_runner(tmp_path / "out", functools.partial(Push, str(reports), barrier=2))  # both actors up
+    results = runner.results(ev.episode_keys(fake_config(tmp_path / "out"), TASKS))
     next(results)
     results.close()  # what Ctrl-C in evaluate's loop does to the generator
     pids = [json.loads(p.read_text())["pid"] for p in reports.glob("actor-*.json")]

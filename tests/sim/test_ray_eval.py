@@ -1,9 +1,11 @@
 """``rsd eval``'s Ray backend (``RayRunner``) on real LIBERO, unrendered, against the serial runner on the same keys:
-episode for episode the same success and steps; the actors resolve LIBERO's config where the driver does; an actor
-killed in the middle of an episode is replaced, the episode re-run and recorded once.
+episode for episode the same success and steps, also through ``rsd eval --backend ray``; the actors resolve LIBERO's
+config where the driver does; an actor killed in the middle of an episode is replaced, the episode re-run and
+recorded once.
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/sim/test_ray_eval.py -q`` (about 70 s on an idle 2-core
-machine: 4 expert episodes in this process, the same 4 on 2 Ray actors, then 2 of them with a kill).
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/sim/test_ray_eval.py -q`` (about 80 s on an idle 2-core
+machine: 4 expert episodes in this process, 2 through the command line, the same 4 on 2 Ray actors, then 2 of
+them with a kill).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +32,7 @@ from rsd.eval.runners import SerialRunner, WorkerSettings  # noqa: E402
 from rsd.sim.experts import ScriptedExpert  # noqa: E402
 from tests._ray_world import KeyAwareWorker, expert_killing_once, expert_reporting_setup  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 SUITE = "libero_spatial"
 TASKS, TRIALS = (0, 1), 2
 
@@ -56,6 +62,19 @@ def serial(tmp_path_factory) -> dict[tuple[int, int], tuple[bool, int]]:
            for r in SerialRunner(_settings(out), ScriptedExpert).results(keys) if r.error is None}
     assert len(got) == len(keys) == 4
     return got
+
+
+def test_rsd_eval_backend_ray_on_the_command_line(serial, tmp_path: Path) -> None:
+    """The command line's ``--backend ray`` (rsd.eval.cli -> RayRunner, a local Ray instance of its own)."""
+    out = tmp_path / "cli"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "rsd.cli", "eval", "--suite", SUITE, "--policy", "expert", "--tasks",
+                          "1", "--trials", str(TRIALS), "--no-render", "--no-progress", "--backend", "ray",
+                          "--workers", "2", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _outcomes(out) == {k: v for k, v in serial.items() if k[0] == 1}
+    assert json.loads((out / ev.RUN_NAME).read_text())["backend"] == "ray"
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +115,4 @@ def test_a_killed_actor_mid_episode_is_replaced_and_the_episode_counted_once(ser
     assert len(marker.read_text().split()) == 1  # killed once, at its second chunk of task 1 trial 0
     assert outcome.exit_code == 0 and runner.restarts == 1
     assert _outcomes(tmp_path / "out") == {k: v for k, v in serial.items() if k[0] == 1}
+

@@ -46,11 +46,11 @@ def test_workers_below_one_are_refused() -> None:
 
 
 @pytest.mark.parametrize(("device", "gpus", "workers", "share"), [
-    ("cpu", 8, 4, 0.0), ("cpu", 0, 4, 0.0),  # a CPU policy asks for no GPU
+    ("cpu", 8, 4, 0.0), ("cpu", 0, 4, 0.0), (None, 8, 4, 0.0),  # a CPU or scripted policy asks for no GPU
     ("cuda", 8, 4, 1.0), ("cuda", 8, 8, 1.0), ("cuda:0", 2, 2, 1.0),  # one whole GPU each at most
     ("cuda", 1, 4, 0.25), ("cuda", 2, 3, 0.6666), ("cuda", 1, 3, 0.3333),  # shares, rounded down: all actors fit
 ])
-def test_gpu_share_per_actor(device: str, gpus: float, workers: int, share: float) -> None:
+def test_gpu_share_per_actor(device: str | None, gpus: float, workers: int, share: float) -> None:
     got = rb.gpus_per_actor(device, gpus, workers)
     assert got == share
     assert got * workers <= gpus  # every actor fits on the cluster's GPUs
@@ -104,3 +104,26 @@ def test_the_actor_body_keeps_a_failed_start_for_the_driver() -> None:
     assert kind == "fatal" and isinstance(exc, CheckpointNotFoundError) and "_bad_checkpoint" in tb
     assert isinstance(pickle.loads(pickle.dumps(exc)), CheckpointNotFoundError)  # it travels to the driver
     actor.close()  # nothing to close
+
+
+class _RefusingRay:
+    """``ray`` where connecting fails as Ray 2.60 does against a cluster that wants a token."""
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+    @staticmethod
+    def init(**kwargs: object) -> None:
+        try:
+            raise RuntimeError("RPC error: InvalidAuthToken: Authentication token is missing or incorrect")
+        except RuntimeError as exc:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+
+
+def test_a_cluster_that_refuses_the_driver_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", _RefusingRay)
+    monkeypatch.setitem(sys.modules, "ray._private.services", None)  # no probe here: ray.init is what fails
+    runner = rb.RayRunner(SETTINGS, object, 2, address="10.0.0.1:6379")
+    with pytest.raises(ConfigError, match=r"--address 10.0.0.1:6379: cannot connect.*RAY_AUTH_MODE=token"):
+        list(runner.results([EpisodeKey("libero_spatial", 0, 0)]))
