@@ -13,6 +13,7 @@ One concept per module:
 - ``rsd.eval.shards``      ``--shard i/N``: a deterministic, disjoint slice of the requested episodes
 - ``rsd.eval.merge``       ``rsd merge OUT SHARD_DIR...``: shard runs into one run, gaps listed
 - ``rsd.eval.slurm``       ``--backend slurm --shards N``: a submitit job array of shards, then the merge
+- ``rsd.eval.ray_backend`` ``--backend ray``: ``RayRunner``, the episodes in Ray actors (a killed one's episode re-run)
 - ``rsd.eval.cli``         the ``rsd eval`` options and ``run(args)``
 
 The episode loop itself is ``rsd.sim.episode`` (``run_episode``, shared with ``rsd collect``); it is re-exported

@@ -67,8 +67,8 @@ def gpus_per_actor(policy_device: str | None, cluster_gpus: float, workers: int)
                           f"as cuda:0; pass --device cuda.")
     if cluster_gpus <= 0:
         raise ConfigError(f"--device {policy_device} with --backend ray: the Ray cluster has no GPU (ray.cluster_"
-                          f"resources() lists none): start the Ray nodes on GPU machines (`ray start ... --num-gpus N`), "
-                          f"or pass --device cpu.")
+                          f"resources() lists none): start the Ray nodes on GPU machines (`ray start ... --num-gpus "
+                          f"N`), or pass --device cpu.")
     share = cluster_gpus / workers
     if share >= 1:
         return 1.0
@@ -225,7 +225,8 @@ class RayRunner:
     # ------------------------------------------------------------------ actors
 
     def _start(self, run: _Run) -> None:
-        handle = self._actor_cls.options(**self._options).remote(self.settings, self.policy_factory, self.worker_factory, 1)
+        handle = self._actor_cls.options(**self._options).remote(self.settings, self.policy_factory,
+                                                                 self.worker_factory, 1)
         actor = _Actor(run.next_slot, handle)
         run.next_slot += 1
         run.actors[actor.slot] = actor

@@ -71,7 +71,8 @@ def test_an_address_where_no_cluster_runs_is_refused_at_once(tmp_path: Path) -> 
         port = sock.getsockname()[1]
     runner = fake_runner(tmp_path / "out", Push, address=f"127.0.0.1:{port}")
     t0 = time.monotonic()
-    with pytest.raises(ConfigError, match=rf"--address 127.0.0.1:{port}: no Ray cluster answers at .*:{port}.*ray start --head"):
+    refused = rf"--address 127.0.0.1:{port}: no Ray cluster answers at .*:{port}.*ray start --head"
+    with pytest.raises(ConfigError, match=refused):
         list(runner.results(ev.episode_keys(fake_config(tmp_path / "out"), TASKS)))
     assert time.monotonic() - t0 < 30 and not ray.is_initialized()  # ray.init alone would try for minutes
 

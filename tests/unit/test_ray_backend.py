@@ -127,3 +127,13 @@ def test_a_cluster_that_refuses_the_driver_is_a_config_error(monkeypatch: pytest
     runner = rb.RayRunner(SETTINGS, object, 2, address="10.0.0.1:6379")
     with pytest.raises(ConfigError, match=r"--address 10.0.0.1:6379: cannot connect.*RAY_AUTH_MODE=token"):
         list(runner.results([EpisodeKey("libero_spatial", 0, 0)]))
+
+
+def test_the_worker_died_result_names_the_episode() -> None:
+    from rsd.eval.runners import worker_died_result
+
+    r = worker_died_result(EpisodeKey("libero_object", 3, 17), 7, "WorkerDied: the Ray actor died 3 times (last: X)")
+    assert r.key == EpisodeKey("libero_object", 3, 17) and r.init_state_index == 17 and r.seed == 7
+    assert (r.success, r.steps, r.video, r.chunk_latencies_ms) == (False, 0, None, ())
+    assert r.error == "WorkerDied: the Ray actor died 3 times (last: X) while running task 3 trial 17"
+    assert '"error": "WorkerDied' in r.to_json()  # recordable in episodes.jsonl
