@@ -29,7 +29,7 @@ from rsd.sim.episode import EpisodeOutcome, run_episode
 from rsd.stats import percentiles
 
 __all__ = ["VIDEO_DIR", "VIDEO_MODES", "WorkerSettings", "VideoSink", "EpisodeWorker", "Runner", "SerialRunner",
-           "ParallelRunner", "worker_died_result"]
+           "ParallelRunner", "worker_threads", "worker_died_result"]
 
 VIDEO_DIR = "videos"
 VIDEO_MODES = ("all", "failures", "none")
@@ -161,6 +161,22 @@ class SerialRunner:
             self.worker.close()
 
 
+def worker_threads(workers: int) -> int:
+    """Torch threads per worker process: ``OMP_NUM_THREADS`` when the user set it (several evals sharing one host
+    set it to 1), else this host's cores shared among ``workers``. Without the first rule, 4 evals of 6 workers on a
+    32-core host ran 4 x 6 x 5 = 120 threads and each episode took 3-4 times longer (measured on the 2 x H200 host)."""
+    given = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if given:
+        try:
+            value = int(given)
+        except ValueError:
+            raise ConfigError(f"OMP_NUM_THREADS={given!r} is not an integer: unset it or set a thread count.") from None
+        if value < 1:
+            raise ConfigError(f"OMP_NUM_THREADS={given!r} must be >= 1: unset it or set a thread count.")
+        return value
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _worker_main(wid: int, settings: WorkerSettings, policy_factory: Callable[[], Any], threads: int,
                  jobs: Any, out: Any, parent_pid: int) -> None:
     """A spawned worker: make the policy, then ask the parent for episodes until it sends None."""
@@ -217,7 +233,7 @@ class ParallelRunner:
         n = min(self.workers, len(keys))
         if n == 0:
             return
-        threads = max(1, (os.cpu_count() or 1) // n)
+        threads = worker_threads(n)
         out = ctx.Queue()
         jobs = [ctx.Queue() for _ in range(n)]
         procs = [ctx.Process(target=_worker_main, name=f"rsd-eval-{i}", daemon=True,
