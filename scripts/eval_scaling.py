@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result_path = args.out / "scaling.json"
-    done = json.loads(result_path.read_text())["points"] if result_path.is_file() else []
-    points = list(done)
+    earlier = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    points = list(earlier.get("points", []))
+    command = " ".join(["python", "scripts/eval_scaling.py", *sys.argv[1:]])
+    commands = [*earlier.get("commands", []), command]  # every call that added points
     for backend in args.backends:
         for k in args.workers:
             if any(p["backend"] == backend and p["workers"] == k for p in points):
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                    round(p["episodes_per_min"] / (p["workers"] * one["episodes_per_min"]), 3))
             result = {"suite": args.suite, "policy": args.policy, "episodes_per_worker": args.episodes_per_worker,
                       "tasks": args.tasks, "eval_args": extra, "cores": os.cpu_count(),
-                      "command": " ".join(["python", "scripts/eval_scaling.py", *sys.argv[1:]]), "points": points}
+                      "commands": commands, "points": points}
             result_path.write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps(points[-1]), flush=True)
     plot(points, args.out / "scaling.png",
