@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rsd.errors import ConfigError
+from rsd.policy.packaged import resolve_packaged
 
 __all__ = ["DECODE_MODES", "SPECULATIVE_MODES", "DecodeChoice", "resolve_decode"]
 
@@ -82,7 +83,7 @@ def _threshold(mode: str, threshold: Any) -> float | int | None:
 
 def _saved_rsd_meta(spec: str) -> dict[str, Any] | None:
     """``policy.json`` of a saved policy directory, None for any other spec."""
-    directory = Path(spec)
+    directory = Path(resolve_packaged(spec))
     if not (directory.is_dir() and (directory / "policy.json").is_file()):
         return None
     from rsd.policy.learned import read_policy_meta  # torch: only for a saved policy (the CLI imports this module)

@@ -63,6 +63,7 @@ from rsd.policy.decode import DecodeChoice, resolve_decode
 from rsd.policy.identity import (POLICY_NAMES, is_scripted, model_center_crop, policy_identity, split_oft,
                                  unknown_policy)
 from rsd.policy.learned import KINDS, L1Policy, RSDPolicy, read_policy_meta, saved_speculative
+from rsd.policy.packaged import resolve_packaged
 from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR, RFSQRoundTripPolicy
 
 __all__ = ["POLICY_NAMES", "DEFAULT_TOKENIZER_DIR", "make_policy", "load_policy", "fast_plan", "FastPlan",
@@ -196,6 +197,7 @@ def make_policy(spec: str, *, suite: str | None = None, device: str | None = Non
     """
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
+    spec = resolve_packaged(spec)  # lowdim / lowdim-l1 -> the packaged directory
     model_center_crop(spec, center_crop)  # a switch that cannot apply is refused before anything loads
     choice = resolve_decode(spec, decode, threshold, check_greedy)
     if fast:

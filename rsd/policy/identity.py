@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
+from rsd.policy.packaged import resolve_packaged
 from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR
 
 __all__ = ["POLICY_NAMES", "policy_identity", "expert_sources", "model_center_crop", "split_oft", "is_scripted",
@@ -23,6 +24,8 @@ POLICY_NAMES: dict[str, str] = {
     "openvla-oft:PATH": "OpenVLA-OFT's L1 pipeline from a local checkpoint dir fine-tuned for --suite "
                         "(openvla-oft:PATH@UNNORM_KEY runs it with another dataset's statistics on purpose: the "
                         "suite guard is off)",
+    "lowdim": "the packaged low-dimensional RSD policy (the default of rsd eval)",
+    "lowdim-l1": "its L1 sibling",
     "<dir>": "a directory saved by RSDPolicy/L1Policy.save_pretrained",
 }
 
@@ -114,6 +117,7 @@ def policy_identity(spec: str, *, center_crop: bool = True) -> dict[str, Any]:
     spec, CheckpointNotFoundError for a folder that does not exist."""
     if not isinstance(spec, str) or not spec:
         raise ConfigError(f"policy spec must be a non-empty string, got {spec!r}.")
+    spec = resolve_packaged(spec)
     return {**_identity(spec), "center_crop": model_center_crop(spec, center_crop)}
 
 
