@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 import numpy as np
 import torch
 
+from rsd.checkpoint import load_module, save_module
 from rsd.errors import ConfigError, DeadHiddenStateError, DTypeError, RemoteCodeNotAllowedError, ShapeError
 from rsd.observation import STATE, ObservationSpec
 
@@ -44,7 +45,11 @@ __all__ = [
     "load_backbone",
     "instructions_for_batch",
     "observation_batch",
+    "StateDictWeights",
+    "WEIGHTS_FILE",
 ]
+
+WEIGHTS_FILE = "backbone.safetensors"  # the state dict of a backbone whose files are its weights alone
 
 # main protocol
 
@@ -246,3 +251,19 @@ def load_backbone(spec: dict[str, Any], directory: str | Path, *, device: str | 
         )
     cls = _lookup(spec["name"])
     return cls.load_spec(dict(spec["kwargs"]), Path(directory), device=device)
+
+
+class StateDictWeights:
+    """Save/load hooks of a backbone (an ``nn.Module``) whose files are its state dict alone, buffers included:
+    ``WEIGHTS_FILE`` in safetensors, loaded strictly (a missing, unexpected or reshaped entry is a
+    CheckpointMismatchError; spec kwargs the class does not take are a ConfigError)."""
+
+    def save_weights(self, directory: Path) -> None:
+        save_module(self, Path(directory) / WEIGHTS_FILE)  # type: ignore[arg-type]
+
+    @classmethod
+    def load_spec(cls, kwargs: dict[str, Any], directory: Path, *, device: str | torch.device = "cpu") -> Any:
+        _check_spec_kwargs(cls.__init__, kwargs, cls.__name__)
+        model = load_module(cls(**kwargs), Path(directory) / WEIGHTS_FILE, what=f"{cls.__name__} weights",
+                            hint=f"Save the policy again (save_backbone writes {WEIGHTS_FILE}).")
+        return model.to(device)

@@ -28,7 +28,6 @@ weights. Tokenized inputs come from :func:`lowdim_inputs` (one observation dict)
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -36,16 +35,15 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from rsd.backbones.base import _check_spec_kwargs, check_hidden, instructions_for_batch, register_backbone
+from rsd.backbones.base import (WEIGHTS_FILE, StateDictWeights, check_hidden, instructions_for_batch,
+                                register_backbone)
 from rsd.backbones.tiny import instruction_buckets_of
-from rsd.checkpoint import load_module, save_module
 from rsd.errors import ConfigError, ShapeError
 from rsd.observation import OBJECT_NAMES, OBJECT_POSES, POSE_DIM, STATE, ObservationSpec
 
-__all__ = ["LowDimBackbone", "LowDimInputs", "lowdim_inputs", "object_features", "word_ids", "WEIGHTS_FILE",
-           "OBJECT_FEATURE_DIM"]
+__all__ = ["LowDimBackbone", "LowDimInputs", "lowdim_inputs", "object_features", "word_ids", "pad_ids",
+           "mean_embedding", "WEIGHTS_FILE", "OBJECT_FEATURE_DIM"]
 
-WEIGHTS_FILE = "backbone.safetensors"
 OBJECT_FEATURE_DIM = POSE_DIM + 3  # pos 3 + quat 4 + (pos - eef_pos) 3
 _EEF_POS = slice(0, 3)  # eef position inside the proprio vector (rsd.observation)
 
@@ -122,7 +120,7 @@ def lowdim_inputs(observation: dict, instruction: str | list[str], spec: Observa
                         torch.from_numpy(names)[None].expand(B, -1, -1), torch.from_numpy(instr), motion=moved)
 
 
-def _mean_embedding(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+def mean_embedding(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     """Mean of the non-padding rows: ids [..., N] -> [..., W] (an all-padding row gives zeros)."""
     emb = table(ids)  # [..., N, W]
     present = (ids > 0).unsqueeze(-1).float()
@@ -130,7 +128,7 @@ def _mean_embedding(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
 
 
 @register_backbone("lowdim")
-class LowDimBackbone(nn.Module):
+class LowDimBackbone(StateDictWeights, nn.Module):
     """Proprio + object poses + instruction -> hidden float32 [B, D] (module docstring).
 
     Args:
@@ -211,7 +209,7 @@ class LowDimBackbone(nn.Module):
         """Tokenized inputs -> hidden float32 [B, D] (unchecked)."""
         device = self.device
         x = x.to(device)
-        instr = _mean_embedding(self.words, x.instruction_ids) + self.kind[0]  # [B, W]
+        instr = mean_embedding(self.words, x.instruction_ids) + self.kind[0]  # [B, W]
         proprio = (x.state - self.state_mean) / self.state_std  # [B, P]
         if self.motion:
             if x.motion is None:
@@ -219,7 +217,7 @@ class LowDimBackbone(nn.Module):
             proprio = torch.cat([proprio, (x.motion - self.motion_mean) / self.motion_std], dim=-1)  # [B, 2P]
         prop = self.proprio(proprio) + self.kind[1]  # [B, W]
         objs = (self.object_proj((x.objects - self.object_mean) / self.object_std)
-                + _mean_embedding(self.words, x.name_ids) + self.kind[2])  # [B, K, W]
+                + mean_embedding(self.words, x.name_ids) + self.kind[2])  # [B, K, W]
         tokens = torch.cat([rearrange(instr, "b w -> b 1 w"), rearrange(prop, "b w -> b 1 w"), objs], dim=1)
         always = torch.ones(x.state.shape[0], 2, dtype=torch.bool, device=device)
         present = torch.cat([always, x.object_mask], dim=1)  # [B, 2 + K]
@@ -247,14 +245,3 @@ class LowDimBackbone(nn.Module):
     def spec_kwargs(self) -> dict[str, Any]:
         return dict(hidden_dim=self.hidden_dim, width=self.width, layers=self.layers, heads=self.heads,
                     word_buckets=self.word_buckets, proprio_dim=self.proprio_dim, seed=self.seed, motion=self.motion)
-
-    def save_weights(self, directory: Path) -> None:
-        save_module(self, Path(directory) / WEIGHTS_FILE)
-
-    @classmethod
-    def load_spec(cls, kwargs: dict[str, Any], directory: Path, *, device: str | torch.device = "cpu"
-                  ) -> "LowDimBackbone":
-        _check_spec_kwargs(cls.__init__, kwargs, "LowDimBackbone")
-        model = load_module(cls(**kwargs), Path(directory) / WEIGHTS_FILE, what="LowDimBackbone weights",
-                            hint="Save the policy again (save_backbone writes backbone.safetensors).")
-        return model.to(device)
