@@ -18,6 +18,7 @@ from rsd.backbones.hf import HFBackbone
 from rsd.backbones.lowdim import LowDimBackbone
 from rsd.backbones.openvla import OpenVLAOFTBackbone
 from rsd.backbones.openvla_shaped import OpenVLAShapedBackbone
+from rsd.backbones.pixel import PixelBackbone
 from rsd.backbones.tiny import TinyBackbone
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "LowDimBackbone",
     "OpenVLAOFTBackbone",
     "OpenVLAShapedBackbone",
+    "PixelBackbone",
     "TinyBackbone",
     "backbone_spec",
     "build_backbone",
