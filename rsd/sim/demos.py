@@ -168,10 +168,10 @@ def read_demos(path: str | Path, *, images: bool = False) -> list[Demo]:
     return demos
 
 
-def read_demo_files(paths: Iterable[str | Path]) -> list[tuple[Path, Demo]]:
+def read_demo_files(paths: Iterable[str | Path], *, images: bool = False) -> list[tuple[Path, Demo]]:
     """Every demo of several files, in file order then ``demo_<i>`` order, each with the file it came from
-    (the training CLIs split and report episodes by ``(file, demo name)``)."""
-    return [(Path(path), demo) for path in paths for demo in read_demos(path)]
+    (the training CLIs split and report episodes by ``(file, demo name)``); ``images`` as in :func:`read_demos`."""
+    return [(Path(path), demo) for path in paths for demo in read_demos(path, images=images)]
 
 
 # ---------------------------------------------------------------------------------------------------- write

@@ -1,15 +1,16 @@
-"""Train a low-dimensional policy: one backbone, three heads on the same features (RFSQ main, draft, L1).
+"""Train a policy: one backbone, three heads on the same features (RFSQ main, draft, L1).
 
-    hidden [B, D]   = LowDimBackbone(inputs)
+    hidden [B, D]   = backbone.forward_inputs(inputs)   LowDimBackbone ("lowdim") or PixelBackbone ("pixel")
     main            = RFSQHead.logits_given_prefix(hidden, codes)   -> cross-entropy on all L layers (teacher forced)
     draft           = DraftHead(hidden)                             -> cross-entropy on layers 0..k-1
     l1              = L1ActionHead(hidden)                          -> L1 against the normalized chunk
     loss            = ce_main + ce_draft + l1                       (every head's gradient reaches the backbone)
 
-Determinism and resume: the rows of step ``s`` are drawn by a generator seeded with ``(seed, s)`` and the
-learning rate is a function of ``s``, so a run stopped at a checkpoint and resumed gives bit-identical weights to
-an uninterrupted one (on the same device and thread count). A checkpoint is ``model.safetensors`` (strict) +
-``trainer.pt`` (optimizer state, step, curve; ``torch.load(weights_only=True)``) + ``train_config.json``.
+Determinism and resume: the rows of step ``s`` are drawn by a generator seeded with ``(seed, s)``, a pixel policy's
+random crops by one seeded with ``(seed, s, 1)``, and the learning rate is a function of ``s``, so a run stopped at a
+checkpoint and resumed gives bit-identical weights to an uninterrupted one (on the same device and thread count). A
+checkpoint is ``model.safetensors`` (strict) + ``trainer.pt`` (optimizer state, step, curve;
+``torch.load(weights_only=True)``) + ``train_config.json``.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rsd.backbones.lowdim import LowDimBackbone
+from rsd.backbones import lowdim as _lowdim, pixel as _pixel  # noqa: F401  (register "lowdim", "pixel")
+from rsd.backbones.base import build_backbone
 from rsd.checkpoint import load_module, read_json, save_module, write_json
 from rsd.config import RSDConfig
 from rsd.errors import CheckpointNotFoundError, ConfigError
 from rsd.heads import DraftHead, L1ActionHead, RFSQHead
 
-__all__ = ["TrainConfig", "PolicyModel", "Trainer", "evaluate_heads", "CHECKPOINT_DIR"]
+__all__ = ["TrainConfig", "PolicyModel", "Trainer", "evaluate_heads", "CHECKPOINT_DIR", "BACKBONES"]
+
+BACKBONES = ("lowdim", "pixel")  # backbones with forward_inputs and a training-data builder (rsd.train)
 
 CHECKPOINT_DIR = "checkpoint"
 _MODEL_FILE, _TRAINER_FILE, _CONFIG_FILE = "model.safetensors", "trainer.pt", "train_config.json"
@@ -57,12 +61,15 @@ class TrainConfig:
                                                               "motion": True})
     head_width: int = 128
     draft_layers: int = 3  # k: coarse layers the draft head proposes
+    backbone_name: str = "lowdim"  # the registered backbone `backbone` configures: "lowdim" or "pixel"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an int >= 1, got {value!r}.")
+        if self.backbone_name not in BACKBONES:
+            raise ConfigError(f"--backbone must be one of {BACKBONES}, got {self.backbone_name!r}.")
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ConfigError(f"need lr > 0, weight_decay >= 0, warmup_steps >= 0; got {self.lr}, "
                               f"{self.weight_decay}, {self.warmup_steps}.")
@@ -78,10 +85,10 @@ class TrainConfig:
 class PolicyModel(nn.Module):
     """The backbone and its three heads, trained together."""
 
-    def __init__(self, rsd_config: RSDConfig, backbone_kwargs: dict[str, Any]) -> None:
+    def __init__(self, rsd_config: RSDConfig, backbone_kwargs: dict[str, Any], backbone_name: str = "lowdim") -> None:
         super().__init__()
         self.rsd_config = rsd_config
-        self.backbone = LowDimBackbone(**backbone_kwargs)
+        self.backbone = build_backbone(backbone_name, **backbone_kwargs)
         if self.backbone.hidden_dim != rsd_config.hidden_dim:
             raise ConfigError(f"backbone hidden_dim {self.backbone.hidden_dim} != config hidden_dim "
                               f"{rsd_config.hidden_dim}.")
@@ -90,7 +97,8 @@ class PolicyModel(nn.Module):
         self.l1 = L1ActionHead(rsd_config)
 
     def losses(self, inputs: Any, actions: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """inputs (LowDimInputs), normalized chunk [B, C, A], codes [B, L, C, H] -> the three losses and their sum."""
+        """inputs (LowDimInputs / PixelInputs), normalized chunk [B, C, A], codes [B, L, C, H] -> the three losses and
+        their sum."""
         hidden = self.backbone.forward_inputs(inputs)  # [B, D]
         k = self.rsd_config.draft_layers
         main = self.head.logits_given_prefix(hidden, codes)  # [B, L, C, H, G]
@@ -164,10 +172,8 @@ class Trainer:
         self.meta = meta  # what the checkpoint must agree on besides the config (data, split, tokenizer)
         self.device = torch.device(config.device)
         torch.manual_seed(config.seed)
-        self.model = PolicyModel(rsd_config, {**config.backbone, "seed": config.seed})
-        self.model.backbone.fit_input_stats(data.state[train_rows], data.objects[train_rows],
-                                            data.object_mask[train_rows],
-                                            data.motion[train_rows] if self.model.backbone.motion else None)
+        self.model = PolicyModel(rsd_config, {**config.backbone, "seed": config.seed}, config.backbone_name)
+        data.fit_backbone(self.model.backbone, train_rows)
         self.model.to(self.device).train()
         decay, rest = [], []  # weight decay on matrices, not on embeddings, norms and biases
         for name, param in self.model.named_parameters():
@@ -180,6 +186,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------------------
     def _checkpoint_settings(self) -> dict[str, Any]:
         settings = {k: v for k, v in asdict(self.config).items() if k not in _RESUMABLE}
+        if settings["backbone_name"] == "lowdim":  # checkpoints from before --backbone existed resume as they were
+            del settings["backbone_name"]
         return {"train": settings, "rsd_config": self.rsd_config.to_dict(), **self.meta}
 
     def save_checkpoint(self) -> Path:
@@ -239,7 +247,8 @@ class Trainer:
         while self.step < cfg.steps:
             for group in self.optimizer.param_groups:
                 group["lr"] = cfg.lr_at(self.step)
-            inputs, actions, codes = self.data.batch(self.rows_for_step(self.step))
+            inputs, actions, codes = self.data.batch(self.rows_for_step(self.step),
+                                                     augment=np.random.default_rng([cfg.seed, self.step, 1]))
             losses = self.model.losses(inputs.to(self.device), actions.to(self.device), codes.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()

@@ -1,6 +1,11 @@
-"""``rsd train-policy``: train a low-dimensional policy (RFSQ main head + draft + L1 head on one backbone).
+"""``rsd train-policy``: train a policy (RFSQ main head + draft + L1 head on one backbone).
 
-1. read the demos (LIBERO-layout HDF5 recorded by ``rsd collect``: proprio, object poses, actions);
+``--backbone lowdim`` (the default): ``LowDimBackbone``, proprio + object poses + instruction.
+``--backbone pixel``: ``PixelBackbone``, both camera views + proprio + instruction (OpenVLA-OFT's observation);
+its demos must be rendered (``rsd collect --render --camera-size 256``), their frames become the evaluation's
+observation images once (``rsd.train.pixel_data``), and training crops them at random (``--crop``).
+
+1. read the demos (LIBERO-layout HDF5 recorded by ``rsd collect``: proprio, object poses, actions[, images]);
 2. hold out ``--val-fraction`` of the *episodes* (a seeded permutation, never frames), optionally keep only the
    first ``--episodes-per-task`` training episodes of each task (the data-scaling runs share one held-out set);
 3. normalize and tokenize the chunks with ``--tokenizer`` (default: the packaged one) and train
@@ -29,7 +34,8 @@ from rsd.errors import ConfigError
 
 __all__ = ["HELP", "add_arguments", "run", "train_policy", "limit_per_task"]
 
-HELP = "train a low-dimensional RSD policy (RFSQ + draft + L1 heads) on recorded demos"
+HELP = "train an RSD policy (RFSQ + draft + L1 heads; low-dimensional or pixel backbone) on recorded demos"
+PIXEL_DEFAULTS = {"image_size": 128, "channels": 32, "width": 128, "center_crop": True}  # --backbone pixel
 REPORT_NAME, CURVE_NAME = "train.json", "curve.json"
 
 
@@ -77,14 +83,22 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
                            num_layers=tok["num_layers"], num_levels=tok["num_levels"], tokenizer_width=tok["width"],
                            hidden_dim=config.backbone["hidden_dim"], head_width=config.head_width,
                            draft_layers=config.draft_layers)
-    recorded = read_demo_files(demo_files)
+    pixel = config.backbone_name == "pixel"
+    recorded = read_demo_files(demo_files, images=pixel)
     demos = [d for _, d in recorded]
     origin = [f"{path.name}:{d.name}" for path, d in recorded]
     train_eps, val_eps = split_by_episode(len(demos), val_fraction, split_seed)
     train_eps = limit_per_task(demos, train_eps, episodes_per_task)
     used = sorted(train_eps + val_eps)
-    data = build_policy_data([demos[i] for i in used], tokenizer, space,
-                             word_buckets=config.backbone["word_buckets"], progress=progress)
+    if pixel:
+        from rsd.train.pixel_data import build_pixel_data
+
+        data = build_pixel_data([demos[i] for i in used], tokenizer, space,
+                                image_size=config.backbone["image_size"], word_buckets=config.backbone["word_buckets"],
+                                crop=config.backbone["center_crop"], progress=progress)
+    else:
+        data = build_policy_data([demos[i] for i in used], tokenizer, space,
+                                 word_buckets=config.backbone["word_buckets"], progress=progress)
     position = {e: j for j, e in enumerate(used)}  # demo index -> episode id inside `data`
     train_rows = data.rows_of([position[e] for e in train_eps])
     val_rows = data.rows_of([position[e] for e in val_eps])
@@ -158,7 +172,7 @@ def plot_curve(curve: Sequence[dict[str, Any]], path: Path, *, title: str) -> No
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rsd.train.policy import TrainConfig
+    from rsd.train.policy import BACKBONES, TrainConfig
 
     d = TrainConfig()
     parser.add_argument("--demos", type=Path, nargs="+", required=True, help="HDF5 demos recorded by `rsd collect`")
@@ -177,14 +191,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--backbone", choices=BACKBONES, default=d.backbone_name,
+                        help="lowdim: object poses + proprio + instruction (no images); pixel: both camera views + "
+                             "proprio + instruction, from demos recorded with `rsd collect --render`")
     parser.add_argument("--hidden-dim", type=int, default=d.backbone["hidden_dim"])
-    parser.add_argument("--width", type=int, default=d.backbone["width"], help="backbone token width")
-    parser.add_argument("--layers", type=int, default=d.backbone["layers"], help="backbone Transformer layers")
+    parser.add_argument("--width", type=int, default=None,
+                        help=f"backbone token / branch width (default lowdim {d.backbone['width']}, "
+                             f"pixel {PIXEL_DEFAULTS['width']})")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"pixel: the conv stack's input side S (default {PIXEL_DEFAULTS['image_size']}; the "
+                             f"224 px observation is resized to it)")
+    parser.add_argument("--channels", type=int, default=None,
+                        help=f"pixel: channels of the first conv stage (x1, 2, 4, 4 over 4 stages; default "
+                             f"{PIXEL_DEFAULTS['channels']})")
+    parser.add_argument("--crop", action=argparse.BooleanOptionalAction, default=None,
+                        help="pixel: random 0.9-area crop of each view in training, centre crop at evaluation "
+                             "(OpenVLA-OFT's; default on); --no-crop: neither")
+    parser.add_argument("--layers", type=int, default=None,
+                        help=f"lowdim: backbone Transformer layers (default {d.backbone['layers']})")
     parser.add_argument("--word-buckets", type=int, default=d.backbone["word_buckets"],
                         help="hash buckets of the word table (instruction and object names)")
-    parser.add_argument("--motion", action=argparse.BooleanOptionalAction, default=d.backbone["motion"],
-                        help="the backbone also reads how the proprio moved since the previous chunk began "
-                             "(LowDimBackbone motion: tells a stalled arm from a moving one)")
+    parser.add_argument("--motion", action=argparse.BooleanOptionalAction, default=None,
+                        help="lowdim: the backbone also reads how the proprio moved since the previous chunk began "
+                             "(LowDimBackbone motion: tells a stalled arm from a moving one; default on)")
     parser.add_argument("--head-width", type=int, default=d.head_width, help="W of the RFSQ, draft and L1 heads")
     parser.add_argument("--time-limit-s", type=float, default=None,
                         help="stop after this many seconds of training, save everything (completed: false); "
@@ -193,6 +222,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
     parser.add_argument("--overwrite", action="store_true", help="train into an OUT that already holds a run")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def backbone_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The backbone's kwargs from the command line; ConfigError for an option of the other backbone."""
+    from rsd.train.policy import TrainConfig
+
+    lowdim = TrainConfig().backbone
+    only = {"lowdim": ("layers", "motion"), "pixel": ("image_size", "channels", "crop")}
+    other = "pixel" if args.backbone == "lowdim" else "lowdim"
+    wrong = [f"--{name.replace('_', '-')}" for name in only[other] if getattr(args, name) is not None]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} configure the {other} backbone; with --backbone {args.backbone} "
+                          f"leave them out (or pass --backbone {other}).")
+
+    def pick(name: str, default: Any) -> Any:
+        return default if getattr(args, name) is None else getattr(args, name)
+
+    if args.backbone == "lowdim":
+        return {"hidden_dim": args.hidden_dim, "width": pick("width", lowdim["width"]),
+                "layers": pick("layers", lowdim["layers"]), "heads": 4, "word_buckets": args.word_buckets,
+                "motion": pick("motion", lowdim["motion"])}
+    return {"hidden_dim": args.hidden_dim, "image_size": pick("image_size", PIXEL_DEFAULTS["image_size"]),
+            "channels": pick("channels", PIXEL_DEFAULTS["channels"]), "width": pick("width", PIXEL_DEFAULTS["width"]),
+            "word_buckets": args.word_buckets, "center_crop": pick("crop", PIXEL_DEFAULTS["center_crop"])}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -205,11 +258,10 @@ def run(args: argparse.Namespace) -> int:
                           f"over it, or choose another --out.")
     if args.resume and not (args.out / CHECKPOINT_DIR).is_dir():
         raise ConfigError(f"--resume: {args.out / CHECKPOINT_DIR} does not exist; start without --resume.")
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+    config = TrainConfig(backbone_name=args.backbone, backbone=backbone_kwargs(args), steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every,
                          checkpoint_every=args.checkpoint_every, device=args.device,
-                         backbone={"hidden_dim": args.hidden_dim, "width": args.width, "layers": args.layers,
-                                   "heads": 4, "word_buckets": args.word_buckets, "motion": args.motion},
                          head_width=args.head_width,
                          draft_layers=args.draft_layers)
     report = train_policy(args.demos, args.out, config, tokenizer_dir=args.tokenizer, val_fraction=args.val_fraction,

@@ -28,7 +28,7 @@ import torch
 from rsd.backbones.lowdim import LowDimInputs, object_features, pad_ids, word_ids
 from rsd.errors import ConfigError, ShapeError
 
-__all__ = ["PolicyData", "build_policy_data", "chunk_targets", "chunk_motion"]
+__all__ = ["PolicyData", "build_policy_data", "chunk_targets", "chunk_motion", "demo_proprio", "tokenize_chunks"]
 
 _PROPRIO_PARTS = ("ee_pos", "ee_ori", "gripper_states")
 
@@ -67,8 +67,15 @@ class PolicyData:
     def __len__(self) -> int:
         return int(self.state.shape[0])
 
-    def batch(self, rows: np.ndarray | torch.Tensor) -> tuple[LowDimInputs, torch.Tensor, torch.Tensor]:
-        """Rows -> (inputs, normalized chunk float32 [B, C, A], codes int64 [B, L, C, H])."""
+    def fit_backbone(self, backbone: Any, rows: np.ndarray) -> None:
+        """Fit ``backbone``'s input standardization (``LowDimBackbone.fit_input_stats``) on the training ``rows``."""
+        backbone.fit_input_stats(self.state[rows], self.objects[rows], self.object_mask[rows],
+                                 self.motion[rows] if backbone.motion else None)
+
+    def batch(self, rows: np.ndarray | torch.Tensor, augment: np.random.Generator | None = None
+              ) -> tuple[LowDimInputs, torch.Tensor, torch.Tensor]:
+        """Rows -> (inputs, normalized chunk float32 [B, C, A], codes int64 [B, L, C, H]). ``augment`` (the trainer's
+        per-step generator) is accepted for the pixel data's sake: low-dim inputs are never augmented."""
         rows = np.asarray(rows)
         tasks = self.task_index[rows]
         inputs = LowDimInputs(torch.from_numpy(self.state[rows]), torch.from_numpy(self.objects[rows]),
@@ -81,7 +88,7 @@ class PolicyData:
         return np.flatnonzero(np.isin(self.episode, np.asarray(list(episodes), dtype=np.int64)))
 
 
-def _proprio(demo: Any) -> np.ndarray:
+def demo_proprio(demo: Any) -> np.ndarray:
     missing = [k for k in _PROPRIO_PARTS if k not in demo.obs]
     if missing:
         raise ShapeError(f"demo {demo.name!r} lacks obs {missing}: the proprio vector needs {_PROPRIO_PARTS}; record "
@@ -113,7 +120,7 @@ def build_policy_data(demos: Sequence[Any], tokenizer: Any, space: Any, *, word_
     for e, demo in enumerate(tqdm(demos, desc="demos", disable=not progress, unit="demo")):
         names = _object_names(demo)
         task = tasks.setdefault((demo.instruction, tuple(names)), len(tasks))
-        state = _proprio(demo).astype(np.float32)  # [T, P]
+        state = demo_proprio(demo).astype(np.float32)  # [T, P]
         poses = np.stack([np.concatenate([demo.obs[f"{n}_pos"], demo.obs[f"{n}_quat"]], axis=1) for n in names],
                          axis=1).astype(np.float32)  # [T, K, 7]
         states.append(state)
@@ -135,12 +142,13 @@ def build_policy_data(demos: Sequence[Any], tokenizer: Any, space: Any, *, word_
         name_ids[t, : ids.shape[0], : ids.shape[1]] = ids
     return PolicyData(
         state=np.concatenate(states), objects=objects, object_mask=mask, task_index=np.concatenate(task_index),
-        episode=np.concatenate(episode), actions=normalized, codes=_tokenize(tokenizer, normalized), name_ids=name_ids,
+        episode=np.concatenate(episode), actions=normalized, codes=tokenize_chunks(tokenizer, normalized),
+        name_ids=name_ids,
         instruction_ids=pad_ids([word_ids(k[0], word_buckets) for k in tasks]),
         instructions=[k[0] for k in tasks], num_episodes=len(demos), motion=np.concatenate(motions))
 
 
-def _tokenize(tokenizer: Any, normalized: np.ndarray, batch: int = 8192) -> np.ndarray:
+def tokenize_chunks(tokenizer: Any, normalized: np.ndarray, batch: int = 8192) -> np.ndarray:
     """Normalized chunks [N, C, A] -> codes uint8 [N, L, C, H] (the heads' layout, ``rsd.layout``)."""
     from rsd.layout import codes_to_layers
 

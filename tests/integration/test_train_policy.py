@@ -17,37 +17,19 @@ import pytest
 import torch
 
 from rsd.action_space import ActionSpace
-from rsd.config import RSDConfig
 from rsd.errors import CheckpointMismatchError, ConfigError
 from rsd.observation import OBJECT_NAMES, OBJECT_POSES, STATE
 from rsd.sim.demos import DemoWriter
 from rsd.tokenizer import RFSQTokenizer
 from rsd.train.policy import CHECKPOINT_DIR, PolicyModel, TrainConfig, Trainer
 from rsd.train.policy_cli import train_policy
+from tests._train_world import (TINY, assert_losses_fall, assert_resume_equals_uninterrupted, reaching_demo,
+                                tiny_tokenizer)
 
 pytestmark = pytest.mark.integration
 
 TASKS = {"put the bowl on the plate": ["akita_black_bowl_1", "plate_1"],
          "put the soup in the basket": ["alphabet_soup_1", "basket_1", "milk_1"]}
-TINY = RSDConfig.tiny()
-
-
-def _demo(rng: np.random.Generator, names: list[str], T: int = 24) -> dict:
-    target = rng.uniform(-0.2, 0.2, 3)
-    ee = np.zeros((T, 3))
-    actions = np.zeros((T, 7))
-    for t in range(T):
-        step = np.clip((target - ee[t]) * 5.0, -1, 1)
-        actions[t, :3] = step
-        actions[t, 6] = 1.0 if t > T // 2 else -1.0
-        if t + 1 < T:
-            ee[t + 1] = ee[t] + 0.05 * step
-    obs = {"ee_pos": ee, "ee_ori": np.zeros((T, 3)), "gripper_states": np.tile([0.04, -0.04], (T, 1)),
-           "ee_states": np.zeros((T, 6)), "joint_states": np.zeros((T, 7))}
-    for i, name in enumerate(names):
-        pos = np.tile(target if i == 0 else rng.uniform(-0.3, 0.3, 3), (T, 1))
-        obs[f"{name}_pos"], obs[f"{name}_quat"] = pos, np.tile([0.0, 0.0, 0.0, 1.0], (T, 1))
-    return {"actions": actions, "obs": obs, "states": np.zeros((T, 4)), "robot_states": np.zeros((T, 9))}
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +41,11 @@ def world(tmp_path_factory) -> dict:
     with DemoWriter(demos) as writer:
         for instruction, names in TASKS.items():
             for k in range(6):
-                d = _demo(rng, names)
+                d = reaching_demo(rng, names)
                 all_actions.append(d["actions"])
                 writer.add(**d, problem_info={"language_instruction": instruction},
                            attrs={"rsd_objects": json.dumps(names), "rsd_task_id": 0})
-    tok_dir = root / "tokenizer"
-    torch.manual_seed(0)
-    RFSQTokenizer.from_config(TINY).save_pretrained(tok_dir)
-    ActionSpace.fit(np.concatenate(all_actions)).save(tok_dir)
-    return {"root": root, "demos": demos, "tokenizer": tok_dir}
+    return {"root": root, "demos": demos, "tokenizer": tiny_tokenizer(root / "tokenizer", all_actions)}
 
 
 def _config(**kw) -> TrainConfig:
@@ -90,9 +68,7 @@ def test_losses_fall_and_the_saved_policies_act(world: dict, tmp_path: Path) -> 
     report = _train(world, tmp_path / "run", _config(steps=120, eval_every=40, checkpoint_every=60))
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [e["step"] for e in curve] == [40, 80, 120]
-    first, last = curve[0]["train"], curve[-1]["train"]
-    for key in ("ce_main", "ce_draft", "l1"):
-        assert last[key] < first[key], (key, first[key], last[key])
+    assert_losses_fall(curve)
     assert report["completed"] and report["data"]["val"] == 3 and report["data"]["train"] == 9  # split by episode
     assert not set(report["split"]["train"]) & set(report["split"]["val"])
     val = report["final_val"]
@@ -144,20 +120,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(data, tmp_path: Path) -> None
     def trainer(out: str) -> Trainer:
         return Trainer(config, TINY, arrays, rows, rows[:8], tokenizer, tmp_path / out, meta={})
 
-    straight = trainer("straight")
-    straight.train(progress=False)
-
-    def crash(entry: dict) -> None:
-        raise KeyboardInterrupt  # killed at step 20, after its checkpoint at step 10
-
-    with pytest.raises(KeyboardInterrupt):
-        trainer("killed").train(progress=False, on_eval=crash)
-    resumed = trainer("killed")
-    resumed.load_checkpoint()
-    assert resumed.step == 10
-    resumed.train(progress=False)
-    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_resume_equals_uninterrupted(trainer, killed_at_checkpoint=10)  # killed at step 20, checkpoint 10
 
 
 def test_checkpoints_round_trip_exactly(data, tmp_path: Path) -> None:
