@@ -83,18 +83,23 @@ def reads_images(spec: str) -> bool:
     return bool(getattr(backbone_class(str(backbone.get("name"))), "reads_images", True))
 
 
+_CROPPING_BACKBONES = ("openvla-oft", "pixel")  # backbones whose kwargs say whether they centre-crop their views
+
+
 def model_center_crop(spec: str, center_crop: bool = True) -> bool | None:
-    """Whether the model behind ``spec`` sees OpenVLA-OFT's centre-cropped images (``rsd.images``): the
-    ``center_crop`` switch for ``openvla-oft:PATH``, what a saved policy's ``policy.json`` says for an
-    OpenVLA-OFT backbone (cropping unless it says otherwise), None for a policy that sees no OFT pixels.
+    """Whether the model behind ``spec`` sees a 0.9-area centre crop of the observation's OpenVLA-OFT images
+    (``rsd.images``; ``rsd.backbones.pixel_views`` for the pixel backbone): the ``center_crop`` switch for
+    ``openvla-oft:PATH``, what a saved policy's ``policy.json`` says for an OpenVLA-OFT or pixel backbone (cropping
+    unless it says otherwise), None for a policy that sees no OFT pixels.
     ConfigError when ``center_crop=False`` is asked of a policy it cannot apply to."""
     if spec == "openvla-oft" or spec.startswith("openvla-oft:"):
         return bool(center_crop)
     saved = _saved_backbone_spec(Path(spec).expanduser()) if not is_scripted(spec) else None
-    if saved is not None and saved.get("name") == "openvla-oft":
+    if saved is not None and saved.get("name") in _CROPPING_BACKBONES:
         if not center_crop:
-            raise ConfigError(f"{spec} is a saved policy: its OpenVLA-OFT backbone's crop setting is part of its "
-                              f"policy.json (backbone kwargs center_crop), not of --no-center-crop.")
+            raise ConfigError(f"{spec} is a saved policy: its {saved.get('name')} backbone's crop setting is part of "
+                              f"its policy.json (backbone kwargs center_crop, fixed when it was trained), not of "
+                              f"--no-center-crop.")
         return bool(saved.get("kwargs", {}).get("center_crop", True))
     if not center_crop:
         raise ConfigError(f"--no-center-crop switches off OpenVLA-OFT's centre crop of openvla-oft:PATH policies; "

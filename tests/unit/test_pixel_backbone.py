@@ -168,3 +168,20 @@ def test_the_default_backbone_is_small() -> None:
     bb = PixelBackbone()
     params = sum(p.numel() for p in bb.parameters())
     assert 0.5e6 < params < 2e6, params  # ~4 MB of float32; the saved RSD directory stays well under 20 MB
+
+
+def test_a_saved_pixel_policy_carries_its_crop_into_the_run_identity(tmp_path) -> None:
+    from rsd.action_space import ActionSpace
+    from rsd.config import RSDConfig
+    from rsd.heads import L1ActionHead
+    from rsd.policy.identity import model_center_crop
+    from rsd.policy.learned import L1Policy
+
+    cfg = RSDConfig.tiny()
+    stats = ActionSpace.fit(np.random.default_rng(0).uniform(-1, 1, (64, 7))).stats
+    for crop in (True, False):
+        bb = _backbone(hidden_dim=cfg.hidden_dim, center_crop=crop)
+        L1Policy(bb, L1ActionHead(cfg), stats, config=cfg).save_pretrained(tmp_path / str(crop))
+        assert model_center_crop(str(tmp_path / str(crop))) is crop  # recorded in run.json as center_crop
+        with pytest.raises(ConfigError, match="pixel backbone's crop setting is part of its policy.json"):
+            model_center_crop(str(tmp_path / str(crop)), center_crop=False)  # --no-center-crop cannot change it
