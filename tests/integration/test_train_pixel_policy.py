@@ -130,3 +130,22 @@ def test_pixel_options_are_refused_for_the_lowdim_backbone() -> None:
     assert backbone_kwargs(parser.parse_args(base))["motion"] is True  # lowdim defaults unchanged
     pixel = backbone_kwargs(parser.parse_args(base + ["--backbone", "pixel", "--no-crop", "--image-size", "64"]))
     assert pixel["image_size"] == 64 and pixel["center_crop"] is False and pixel["width"] == 128
+
+
+def test_the_arrays_hold_the_evaluation_images_at_the_model_size(world: dict) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rsd.backbones.pixel_views import resize_to_model
+    from rsd.sim.demos import read_demos
+    from rsd.sim.protocol import preprocess_image
+    from rsd.train.pixel_data import demo_views
+
+    demo = read_demos(world["demos"], images=True)[0]
+    views = demo_views(demo, 64)  # [T, 2, 64, 64, 3]
+    assert views.shape == (demo.num_steps, 2, 64, 64, 3) and views.dtype == np.uint8
+    for v, key in enumerate(("agentview_rgb", "eye_in_hand_rgb")):
+        for t in (0, demo.num_steps - 1):  # what rsd eval's observation holds, resized as the backbone resizes it
+            observed = preprocess_image(demo.obs[key][t])
+            np.testing.assert_array_equal(views[t, v], resize_to_model(observed[None], 64)[0].numpy())
+    with ThreadPoolExecutor(2) as pool:
+        np.testing.assert_array_equal(demo_views(demo, 64, pool), views)
