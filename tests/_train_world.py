@@ -61,6 +61,14 @@ def tiny_tokenizer(directory: Path, actions: Sequence[np.ndarray]) -> Path:
     return directory
 
 
+def train_on(world: dict, out: Path, config: Any, demos: str = "demos", **kw: Any) -> dict:
+    """``train_policy`` on ``world[demos]`` with ``world["tokenizer"]``, a quarter of the episodes held out, quietly."""
+    from rsd.train.policy_cli import train_policy
+
+    return train_policy([world[demos]], out, config, tokenizer_dir=world["tokenizer"], val_fraction=0.25,
+                        progress=False, **kw)
+
+
 def assert_losses_fall(curve: Sequence[dict[str, Any]]) -> None:
     first, last = curve[0]["train"], curve[-1]["train"]
     for key in ("ce_main", "ce_draft", "l1"):

@@ -164,7 +164,8 @@ class PixelBackbone(StateDictWeights, nn.Module):
             if seed is not None:
                 torch.manual_seed(seed)
             self.words = nn.Embedding(word_buckets + 1, width, padding_idx=0)
-            self.view = nn.Parameter(torch.randn(len(IMAGE_KEYS), width) * 0.02)
+            self.view = nn.Parameter(torch.zeros(len(IMAGE_KEYS), width))  # view embedding, added to the FiLM input
+            nn.init.normal_(self.view, std=0.02)  # allowed: weight initialisation under the seeded, forked RNG above
             self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, 2, 1, bias=False), nn.GroupNorm(8, channels),
                                       nn.GELU())
             self.stages = nn.ModuleList(_ResBlock(c_in, c_out, s, 8) for c_in, c_out, s in

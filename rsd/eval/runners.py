@@ -164,7 +164,8 @@ class SerialRunner:
 def worker_threads(workers: int) -> int:
     """Torch threads per worker process: ``OMP_NUM_THREADS`` when the user set it (several evals sharing one host
     set it to 1), else this host's cores shared among ``workers``. Without the first rule, 4 evals of 6 workers on a
-    32-core host ran 4 x 6 x 5 = 120 threads and each episode took 3-4 times longer (measured on the 2 x H200 host)."""
+    32-core host ran 4 x 6 x 5 = 120 threads: 11-15 s per episode, against 6-9 s with one thread per worker in the
+    scaling runs on the same host (2 x H200 machine, docs/distributed-eval.md)."""
     given = os.environ.get("OMP_NUM_THREADS", "").strip()
     if given:
         try:

@@ -22,9 +22,8 @@ from rsd.observation import FULL_IMAGE, STATE, WRIST_IMAGE
 from rsd.sim.demos import DemoWriter
 from rsd.tokenizer import RFSQTokenizer
 from rsd.train.policy import TrainConfig, Trainer
-from rsd.train.policy_cli import train_policy
 from tests._train_world import (TINY, assert_losses_fall, assert_resume_equals_uninterrupted, reaching_demo,
-                                tiny_tokenizer)
+                                tiny_tokenizer, train_on)
 
 pytestmark = pytest.mark.integration
 
@@ -60,15 +59,10 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _train(world: dict, out: Path, config: TrainConfig, demos: str = "demos", **kw) -> dict:
-    return train_policy([world[demos]], out, config, tokenizer_dir=world["tokenizer"], val_fraction=0.25,
-                        progress=False, **kw)
-
-
 def test_losses_fall_and_the_saved_pixel_policies_act(world: dict, tmp_path: Path) -> None:
     from rsd.policy import load_policy
 
-    report = _train(world, tmp_path / "run", _config(steps=90, eval_every=30, checkpoint_every=90))
+    report = train_on(world, tmp_path / "run", _config(steps=90, eval_every=30, checkpoint_every=90))
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [e["step"] for e in curve] == [30, 60, 90]
     assert_losses_fall(curve)
@@ -112,7 +106,7 @@ def test_a_resumed_pixel_run_equals_an_uninterrupted_one(world: dict, tmp_path: 
 
 def test_demos_without_images_are_refused_by_name(world: dict, tmp_path: Path) -> None:
     with pytest.raises(ShapeError, match=r"rsd collect --render"):
-        _train(world, tmp_path / "run", _config(), demos="unrendered")
+        train_on(world, tmp_path / "run", _config(), demos="unrendered")
 
 
 def test_pixel_options_are_refused_for_the_lowdim_backbone() -> None:

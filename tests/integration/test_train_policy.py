@@ -22,9 +22,8 @@ from rsd.observation import OBJECT_NAMES, OBJECT_POSES, STATE
 from rsd.sim.demos import DemoWriter
 from rsd.tokenizer import RFSQTokenizer
 from rsd.train.policy import CHECKPOINT_DIR, PolicyModel, TrainConfig, Trainer
-from rsd.train.policy_cli import train_policy
 from tests._train_world import (TINY, assert_losses_fall, assert_resume_equals_uninterrupted, reaching_demo,
-                                tiny_tokenizer)
+                                tiny_tokenizer, train_on)
 
 pytestmark = pytest.mark.integration
 
@@ -57,15 +56,10 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def _train(world: dict, out: Path, config: TrainConfig, **kw) -> dict:
-    return train_policy([world["demos"]], out, config, tokenizer_dir=world["tokenizer"], val_fraction=0.25,
-                        progress=False, **kw)
-
-
 def test_losses_fall_and_the_saved_policies_act(world: dict, tmp_path: Path) -> None:
     from rsd.policy import load_policy
 
-    report = _train(world, tmp_path / "run", _config(steps=120, eval_every=40, checkpoint_every=60))
+    report = train_on(world, tmp_path / "run", _config(steps=120, eval_every=40, checkpoint_every=60))
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [e["step"] for e in curve] == [40, 80, 120]
     assert_losses_fall(curve)
@@ -94,9 +88,9 @@ def test_losses_fall_and_the_saved_policies_act(world: dict, tmp_path: Path) -> 
 
 
 def test_resume_continues_where_it_stopped(world: dict, tmp_path: Path) -> None:
-    stopped = _train(world, tmp_path / "run", _config(steps=20))
+    stopped = train_on(world, tmp_path / "run", _config(steps=20))
     assert stopped["steps"] == 20
-    report = _train(world, tmp_path / "run", _config(steps=40), resume=True)  # more steps: allowed on resume
+    report = train_on(world, tmp_path / "run", _config(steps=40), resume=True)  # more steps: allowed on resume
     assert report["steps"] == 40 and report["completed"]
     curve = json.loads((tmp_path / "run" / "curve.json").read_text())
     assert [e["step"] for e in curve] == [20, 40]
@@ -147,15 +141,15 @@ def test_checkpoints_round_trip_exactly(data, tmp_path: Path) -> None:
 def test_strict_loads_refuse_a_mismatched_config(world: dict, tmp_path: Path) -> None:
     from rsd.checkpoint import load_module
 
-    _train(world, tmp_path / "run", _config(steps=20))
+    train_on(world, tmp_path / "run", _config(steps=20))
     wider = PolicyModel(TINY, {"hidden_dim": TINY.hidden_dim, "width": 32, "layers": 1, "heads": 2, "word_buckets": 64})
     with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
         load_module(wider, tmp_path / "run" / CHECKPOINT_DIR / "model.safetensors")
     with pytest.raises(ConfigError, match="other settings"):
-        _train(world, tmp_path / "run", _config(steps=40, head_width=64), resume=True)
+        train_on(world, tmp_path / "run", _config(steps=40, head_width=64), resume=True)
 
 
 def test_a_time_limit_stops_early_and_saves_everything(world: dict, tmp_path: Path) -> None:
-    report = _train(world, tmp_path / "run", _config(steps=10_000), time_limit_s=0.0)
+    report = train_on(world, tmp_path / "run", _config(steps=10_000), time_limit_s=0.0)
     assert not report["completed"] and 1 <= report["steps"] < 10_000
     assert (tmp_path / "run" / "rsd" / "policy.json").is_file() and (tmp_path / "run" / CHECKPOINT_DIR).is_dir()
