@@ -1,9 +1,17 @@
-"""Action/proprio normalization (BOUNDS_Q99, as OpenVLA-OFT) and gripper conventions.
+"""Action/proprio normalization (BOUNDS_Q99 as OpenVLA-OFT, or BOUNDS) and gripper conventions.
 
-BOUNDS_Q99 (OpenVLA-OFT's LIBERO normalization), applied only where ``mask`` is true (the gripper is masked out)::
+Both of OpenVLA's bounds normalizations, applied only where ``mask`` is true (the gripper is masked out), with
+``(lo, hi) = (q01, q99)`` for ``"bounds_q99"`` (OpenVLA-OFT's LIBERO normalization) or ``(min, max)`` for
+``"bounds"``::
 
-    x_norm = clip(2 (x - q01) / (q99 - q01 + 1e-8) - 1, -1, 1)
-    x      = 0.5 (x_norm + 1) (q99 - q01) + q01
+    x_norm = clip(2 (x - lo) / (hi - lo + 1e-8) - 1, -1, 1)
+    x      = 0.5 (x_norm + 1) (hi - lo) + lo
+
+Why both: BOUNDS_Q99 clips the rarest 1 % of each dim. When a motion only one task needs is rare in the whole
+dataset (turning the gripper before reaching into a drawer: 1.1 % of the steps of rsd's libero_spatial + libero_object
+demos), its q99 lies far below the values that task commands (0.096 against up to 0.68), and no policy whose outputs are un-normalized with those statistics can
+command them: ``rsd train-tokenizer`` reports the clipped fraction per task and dim (``clipping`` in its report).
+BOUNDS keeps every recorded value reachable (``docs/learned-policies.md``, section 2).
 
 Statistics files follow OpenVLA-OFT's ``dataset_statistics.json``::
 
@@ -23,6 +31,8 @@ from rsd.errors import ConfigError, NonFiniteError, ShapeError, UnknownUnnormKey
 
 __all__ = [
     "NormStats",
+    "NORMALIZATIONS",
+    "BoundsNormalizer",
     "BoundsQ99Normalizer",
     "GripperConvention",
     "MODEL_GRIPPER",
@@ -33,6 +43,9 @@ __all__ = [
 ]
 
 _EPS = 1e-8
+BOUNDS_Q99, BOUNDS = "bounds_q99", "bounds"
+#: the normalization kinds rsd knows (OpenVLA's NormalizationType names, lower-cased)
+NORMALIZATIONS: tuple[str, ...] = (BOUNDS_Q99, BOUNDS)
 
 
 def _vector(values: Any, name: str) -> np.ndarray:
@@ -65,6 +78,8 @@ class NormStats:
     mask: np.ndarray  # bool: True where normalization applies
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         q01 = _vector(self.q01, "q01")
@@ -77,10 +92,28 @@ class NormStats:
         object.__setattr__(self, "q01", q01)
         object.__setattr__(self, "q99", q99)
         object.__setattr__(self, "mask", mask)
-        for name in ("mean", "std"):
+        for name in ("mean", "std", "min", "max"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, _vector(value, name))
+                value = _vector(value, name)
+                if value.shape != q01.shape:
+                    raise ShapeError(f"`{name}` has shape {value.shape}, q01 {q01.shape}: the statistics are corrupt.")
+                object.__setattr__(self, name, value)
+        if (self.min is None) != (self.max is None):
+            raise ConfigError("normalization stats have one of min / max but not the other: the file is corrupt.")
+        if self.min is not None and np.any(self.max[mask] < self.min[mask]):
+            raise ConfigError(f"max < min in masked dims: min={self.min.tolist()}, max={self.max.tolist()}.")
+
+    def bounds(self, normalization: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)`` of a normalization: ``(q01, q99)`` for ``"bounds_q99"``, ``(min, max)`` for ``"bounds"``."""
+        if normalization == BOUNDS_Q99:
+            return self.q01, self.q99
+        if normalization == BOUNDS:
+            if self.min is None or self.max is None:
+                raise ConfigError("normalization 'bounds' needs the statistics' min and max, and these have none: "
+                                  "recompute them (rsd train-tokenizer / rsd collect write both) or use 'bounds_q99'.")
+            return self.min, self.max
+        raise ConfigError(f"unknown normalization {normalization!r}; known: {list(NORMALIZATIONS)}.")
 
     @property
     def dim(self) -> int:
@@ -95,7 +128,7 @@ class NormStats:
         if missing:
             raise ConfigError(f"normalization stats lack {missing}; present keys: {sorted(data)}.")
         return cls(q01=data["q01"], q99=data["q99"], mask=data.get("mask", np.ones(len(data["q01"]), bool)),
-                   mean=data.get("mean"), std=data.get("std"))
+                   mean=data.get("mean"), std=data.get("std"), min=data.get("min"), max=data.get("max"))
 
     def to_dict(self) -> dict[str, list]:
         out: dict[str, list] = {"q01": self.q01.tolist(), "q99": self.q99.tolist(), "mask": self.mask.tolist()}
@@ -103,24 +136,31 @@ class NormStats:
             out["mean"] = self.mean.tolist()
         if self.std is not None:
             out["std"] = self.std.tolist()
+        if self.min is not None and self.max is not None:
+            out["min"], out["max"] = self.min.tolist(), self.max.tolist()
         return out
 
     @classmethod
     def from_data(cls, x: np.ndarray, mask: np.ndarray | None = None) -> "NormStats":
-        """Statistics of samples ``x [N, dim]`` (1st/99th percentiles, mean, std)."""
+        """Statistics of samples ``x [N, dim]`` (1st/99th percentiles, mean, std, min, max)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2:
             raise ShapeError(f"`x` must be [N, dim], got {x.shape}.")
         mask = np.ones(x.shape[1], bool) if mask is None else np.asarray(mask, bool)
         return cls(q01=np.quantile(x, 0.01, axis=0), q99=np.quantile(x, 0.99, axis=0), mask=mask,
-                   mean=x.mean(0), std=x.std(0))
+                   mean=x.mean(0), std=x.std(0), min=x.min(0), max=x.max(0))
 
 
 @dataclass(frozen=True)
-class BoundsQ99Normalizer:
-    """``normalize`` / ``unnormalize`` with BOUNDS_Q99 on the masked dims; the rest pass through unchanged."""
+class BoundsNormalizer:
+    """``normalize`` / ``unnormalize`` with ``normalization`` (``"bounds_q99"``, OpenVLA-OFT's, or ``"bounds"``) on
+    the masked dims; the rest pass through unchanged."""
 
     stats: NormStats
+    normalization: str = BOUNDS_Q99
+
+    def __post_init__(self) -> None:
+        self.stats.bounds(self.normalization)  # an unknown kind, or bounds without min/max: refused here
 
     def _check(self, x: np.ndarray, name: str) -> np.ndarray:
         x = np.asarray(x)
@@ -132,15 +172,20 @@ class BoundsQ99Normalizer:
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
         x = self._check(x, "x")
-        q01, q99, mask = self.stats.q01, self.stats.q99, self.stats.mask
-        scaled = np.clip(2.0 * (x - q01) / (q99 - q01 + _EPS) - 1.0, -1.0, 1.0)
-        return np.where(mask, scaled, x).astype(np.float32)
+        lo, hi = self.stats.bounds(self.normalization)
+        scaled = np.clip(2.0 * (x - lo) / (hi - lo + _EPS) - 1.0, -1.0, 1.0)
+        return np.where(self.stats.mask, scaled, x).astype(np.float32)
 
     def unnormalize(self, x_norm: np.ndarray) -> np.ndarray:
         x_norm = self._check(x_norm, "x_norm")
-        q01, q99, mask = self.stats.q01, self.stats.q99, self.stats.mask
-        raw = 0.5 * (x_norm + 1.0) * (q99 - q01) + q01
-        return np.where(mask, raw, x_norm).astype(np.float32)
+        lo, hi = self.stats.bounds(self.normalization)
+        raw = 0.5 * (x_norm + 1.0) * (hi - lo) + lo
+        return np.where(self.stats.mask, raw, x_norm).astype(np.float32)
+
+
+def BoundsQ99Normalizer(stats: NormStats) -> BoundsNormalizer:  # noqa: N802 (the name OpenVLA users look for)
+    """OpenVLA-OFT's BOUNDS_Q99 normalizer: ``BoundsNormalizer(stats, "bounds_q99")``."""
+    return BoundsNormalizer(stats, BOUNDS_Q99)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from rsd.checkpoint import load_module, read_json, save_module, write_json
 from rsd.config import RSDConfig
 from rsd.errors import (ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError,
                         NonFiniteError, ShapeError)
-from rsd.normalize import NormStats
+from rsd.normalize import BOUNDS_Q99, NORMALIZATIONS, NormStats
 from rsd.policy.greedy_check import compare_with_greedy
 from rsd.policy.postprocess import ActionPostprocessor
 from rsd.policy.protocol import ActionChunk
@@ -51,7 +51,7 @@ class _LearnedPolicy:
     kind: str = ""
 
     def __init__(self, backbone: Any, config: RSDConfig, action_stats: NormStats, *, device: str | torch.device = "cpu",
-                 unnorm_key: str | None = None) -> None:
+                 unnorm_key: str | None = None, action_normalization: str = BOUNDS_Q99) -> None:
         if action_stats.dim != config.action_dim:
             raise ShapeError(f"action statistics have {action_stats.dim} dims, config.action_dim is {config.action_dim}.")
         hidden_dim = getattr(backbone, "hidden_dim", None)
@@ -61,7 +61,8 @@ class _LearnedPolicy:
         self.backbone = backbone
         self.config = config
         self.action_stats = action_stats
-        self.postprocessor = ActionPostprocessor(action_stats, clip=True)
+        self.action_normalization = action_normalization  # the tokenizer's / training data's (rsd.action_space)
+        self.postprocessor = ActionPostprocessor(action_stats, clip=True, normalization=action_normalization)
         self.unnorm_key = unnorm_key
         self.device = torch.device(device)
         self.num_calls = 0
@@ -143,6 +144,7 @@ class _LearnedPolicy:
             "config": self.config.to_dict(),
             "backbone": save_backbone(self.backbone, directory),
             "action_stats": self.action_stats.to_dict(),
+            "action_normalization": self.action_normalization,
             "unnorm_key": self.unnorm_key,
             **extra,
         }
@@ -164,6 +166,11 @@ class _LearnedPolicy:
             raise ConfigError(f"{directory} holds a {meta.get('kind')!r} policy, not {kind!r}; use rsd.policy.load_policy.")
         if meta.get("format") != POLICY_FORMAT:
             raise ConfigError(f"{directory}: policy format {meta.get('format')!r}, this rsd reads {POLICY_FORMAT}.")
+        # policies saved before the key existed were all BOUNDS_Q99
+        normalization = meta.setdefault("action_normalization", BOUNDS_Q99)
+        if normalization not in NORMALIZATIONS:
+            raise ConfigError(f"{directory}/policy.json: action_normalization {normalization!r} is not one of "
+                              f"{list(NORMALIZATIONS)}; the file is corrupt or from a newer rsd.")
         return meta
 
 
@@ -189,8 +196,9 @@ class RSDPolicy(_LearnedPolicy):
                  config: RSDConfig, draft: torch.nn.Module | None = None, speculative: bool | None = None,
                  mode: str = "exact", threshold: float | None = None, device: str | torch.device = "cpu",
                  unnorm_key: str | None = None, graphed: bool = False, compile_heads: bool = False,
-                 check_greedy: bool = False) -> None:
-        super().__init__(backbone, config, action_stats, device=device, unnorm_key=unnorm_key)
+                 check_greedy: bool = False, action_normalization: str = BOUNDS_Q99) -> None:
+        super().__init__(backbone, config, action_stats, device=device, unnorm_key=unnorm_key,
+                         action_normalization=action_normalization)
         tok_cfg = tokenizer.config
         expected = dict(chunk_len=config.chunk_len, action_dim=config.action_dim, latent_dim=config.latent_dim,
                         num_layers=config.num_layers, num_levels=config.num_levels)
@@ -296,7 +304,7 @@ class RSDPolicy(_LearnedPolicy):
                    mode=mode or spec.get("mode", "exact"),
                    threshold=threshold if threshold is not None or mode is not None else spec.get("threshold"),
                    device=device, unnorm_key=meta.get("unnorm_key"), graphed=graphed, compile_heads=compile_heads,
-                   check_greedy=check_greedy)
+                   check_greedy=check_greedy, action_normalization=meta["action_normalization"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,8 +317,10 @@ class L1Policy(_LearnedPolicy):
     kind = "l1"
 
     def __init__(self, backbone: Any, head: torch.nn.Module, action_stats: NormStats, *, config: RSDConfig,
-                 device: str | torch.device = "cpu", unnorm_key: str | None = None) -> None:
-        super().__init__(backbone, config, action_stats, device=device, unnorm_key=unnorm_key)
+                 device: str | torch.device = "cpu", unnorm_key: str | None = None,
+                 action_normalization: str = BOUNDS_Q99) -> None:
+        super().__init__(backbone, config, action_stats, device=device, unnorm_key=unnorm_key,
+                         action_normalization=action_normalization)
         self.head = head.to(self.device).eval()
 
     def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
@@ -337,7 +347,7 @@ class L1Policy(_LearnedPolicy):
                            hint="Cannot run the L1 baseline without its trained action head.")
         backbone = load_backbone(meta["backbone"], directory, device=device, trust_remote_code=trust_remote_code)
         return cls(backbone, head, NormStats.from_dict(meta["action_stats"]), config=config, device=device,
-                   unnorm_key=meta.get("unnorm_key"))
+                   unnorm_key=meta.get("unnorm_key"), action_normalization=meta["action_normalization"])
 
 
 KINDS: dict[str, type[_LearnedPolicy]] = {cls.kind: cls for cls in (RSDPolicy, L1Policy)}

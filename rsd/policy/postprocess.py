@@ -2,7 +2,7 @@
 
 ``ActionPostprocessor(stats)(normalized [..., A]) -> float32 [..., A]``: clip to ``[-1, 1]`` (``clip=True``, what
 rsd's learned policies and the tokenizer round trip do; OpenVLA-OFT's own pipeline un-normalizes without
-clipping: ``clip=False``), BOUNDS_Q99 un-normalize where the statistics' mask is true, then the gripper from
+clipping: ``clip=False``), un-normalize (``normalization``: BOUNDS_Q99 by default, or BOUNDS) where the statistics' mask is true, then the gripper from
 model convention (``[0, 1]``, 1 = open) to env convention (``-1`` open / ``+1`` close, binarized:
 ``g = -sign(2g - 1)``, ``rsd.normalize.model_to_env_gripper``).
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from rsd.errors import NonFiniteError, ShapeError
-from rsd.normalize import BoundsQ99Normalizer, NormStats, model_to_env_gripper
+from rsd.normalize import BOUNDS_Q99, BoundsNormalizer, NormStats, model_to_env_gripper
 
 __all__ = ["ActionPostprocessor"]
 
@@ -20,9 +20,10 @@ __all__ = ["ActionPostprocessor"]
 class ActionPostprocessor:
     """Normalized ``[..., A]`` -> env-ready float32 ``[..., A]`` with the action statistics ``stats``."""
 
-    def __init__(self, stats: NormStats, *, clip: bool = True) -> None:
+    def __init__(self, stats: NormStats, *, clip: bool = True, normalization: str = BOUNDS_Q99) -> None:
         self.stats = stats
-        self.normalizer = BoundsQ99Normalizer(stats)
+        self.normalization = normalization
+        self.normalizer = BoundsNormalizer(stats, normalization)
         self.clip = bool(clip)
 
     def __call__(self, normalized: np.ndarray) -> np.ndarray:

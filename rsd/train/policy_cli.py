@@ -105,7 +105,7 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     meta = {"data": {"demos": [Path(p).name for p in demo_files], "train": [origin[i] for i in train_eps],
                      "val": [origin[i] for i in val_eps], "episodes_per_task": episodes_per_task,
                      "split_seed": split_seed, "val_fraction": val_fraction},
-            "tokenizer": {"config": tok, "action_stats": space.stats.to_dict()}}
+            "tokenizer": {"config": tok, "action_stats": space.stats.to_dict(), "normalization": space.normalization}}
 
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, rsd_config, data, train_rows, val_rows, tokenizer, out, meta=meta)
@@ -118,9 +118,10 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
 
     backbone = model.backbone.to("cpu")
     rsd_policy = RSDPolicy(backbone, model.head.to("cpu"), tokenizer, space.stats, config=rsd_config,
-                           draft=model.draft.to("cpu"), speculative=False)
+                           draft=model.draft.to("cpu"), speculative=False, action_normalization=space.normalization)
     rsd_policy.save_pretrained(out / "rsd")
-    L1Policy(backbone, model.l1.to("cpu"), space.stats, config=rsd_config).save_pretrained(out / "l1")
+    L1Policy(backbone, model.l1.to("cpu"), space.stats, config=rsd_config,
+             action_normalization=space.normalization).save_pretrained(out / "l1")
     report = {
         "command": command, "train_config": asdict(config), "rsd_config": rsd_config.to_dict(),
         "tokenizer_dir": str(tokenizer_dir), "data": {**meta["data"], "train": len(train_eps), "val": len(val_eps),

@@ -3,8 +3,10 @@
 1. read the demos (``rsd.sim.demos``: LIBERO-layout HDF5, ours or LIBERO's own files);
 2. hold out ``--val-fraction`` of the *episodes* (a seeded permutation), so no validation chunk overlaps a
    training chunk;
-3. BOUNDS_Q99 statistics of the training episodes' actions (gripper in model convention, masked):
-   ``action_stats.json`` (``rsd.action_space``);
+3. statistics of the training episodes' actions (gripper in model convention, masked) and the normalization
+   kind, ``--normalization bounds`` (min/max, the default) or ``bounds_q99`` (OpenVLA-OFT's q01/q99):
+   ``action_stats.json`` (``rsd.action_space``). How much of each task's actions the kind clips (values no policy
+   using these statistics can command) is reported per task and dim, with a warning above 5 %;
 4. sliding windows of ``--chunk-len`` consecutive actions (``rsd.sim.demos.action_chunks``), normalized,
    fitted with ``rsd.train.tokenizer.fit_tokenizer``;
 5. writes ``tokenizer.safetensors`` + ``tokenizer.json`` + ``action_stats.json`` + ``report.json`` (per-dim MSE
@@ -32,6 +34,7 @@ __all__ = ["HELP", "add_arguments", "run", "split_by_episode", "train_tokenizer"
 
 HELP = "fit the RFSQ tokenizer on recorded action chunks"
 REPORT_NAME = "report.json"
+CLIP_WARN = 0.05  # a task whose actions are clipped in some dim more often than this is warned about
 _DIM_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 
 
@@ -66,9 +69,41 @@ def _env_metrics(tokenizer: Any, space: Any, env_chunks: np.ndarray) -> dict[str
     }
 
 
+def clipping_by_task(demos: Sequence[Any], space: Any) -> dict[str, dict[str, Any]]:
+    """Per task (instruction): steps, and per arm dim the fraction of its actions outside the action space's
+    normalization bounds, with the largest such value. The gripper is never normalized, so never clipped."""
+    by_task: dict[str, list[np.ndarray]] = {}
+    for demo in demos:
+        by_task.setdefault(demo.instruction, []).append(np.asarray(demo.actions))
+    out: dict[str, dict[str, Any]] = {}
+    for instruction, actions in by_task.items():
+        a = np.concatenate(actions)  # [T, 7] env units
+        outside = space.clipped(a)  # [T, 7]
+        fraction = outside.mean(axis=0)
+        extreme = [float(np.abs(a[outside[:, d], d]).max()) if outside[:, d].any() else None for d in range(a.shape[1])]
+        out[instruction] = {"steps": int(a.shape[0]),
+                            "clipped_fraction": {_DIM_NAMES[d]: float(fraction[d]) for d in range(a.shape[1] - 1)},
+                            "largest_clipped": {_DIM_NAMES[d]: extreme[d] for d in range(a.shape[1] - 1)}}
+    return out
+
+
+def _clipping_warnings(clipping: dict[str, dict[str, Any]], space: Any, limit: float = CLIP_WARN) -> list[str]:
+    lo, hi = space.stats.bounds(space.normalization)
+    lines = []
+    for instruction, entry in clipping.items():
+        for d, (dim, frac) in enumerate(entry["clipped_fraction"].items()):
+            if frac > limit:
+                lines.append(f"WARNING: {space.normalization} clips {100 * frac:.1f} % of the {dim} actions of "
+                             f"{instruction!r} (bounds [{lo[d]:.4g}, {hi[d]:.4g}], its largest "
+                             f"{entry['largest_clipped'][dim]:.4g}): no policy using these statistics can command "
+                             f"them. Use --normalization bounds.")
+    return lines
+
+
 def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000, batch_size: int = 256,
                     lr: float = 1e-3, val_fraction: float = 0.1, seed: int = 0, chunk_len: int | None = None,
-                    sizes: dict[str, int] | None = None, progress: bool = True, command: str = "") -> dict[str, Any]:
+                    sizes: dict[str, int] | None = None, progress: bool = True, command: str = "",
+                    normalization: str = "bounds") -> dict[str, Any]:
     """Fit and save a tokenizer (see the module docstring); returns the report dict (also in report.json)."""
     import torch
 
@@ -89,7 +124,8 @@ def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000,
 
     space = ActionSpace.fit(np.concatenate([d.actions for d in train_demos]),
                             source={"demos": [str(p) for p in demo_files], "train_episodes": len(train_demos),
-                                    "train_steps": int(sum(d.num_steps for d in train_demos))})
+                                    "train_steps": int(sum(d.num_steps for d in train_demos))},
+                            normalization=normalization)
     train_env = action_chunks(train_demos, cfg.chunk_len)  # [N, C, A] env units
     val_env = action_chunks(val_demos, cfg.chunk_len) if val_demos else None
 
@@ -111,6 +147,8 @@ def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000,
         "chunks": {"train": int(train_env.shape[0]), "val": 0 if val_env is None else int(val_env.shape[0]),
                    "chunk_len": cfg.chunk_len, "windows": "sliding, stride 1, inside one episode"},
         "tokenizer": tokenizer.config,
+        "normalization": space.normalization,
+        "clipping": clipping_by_task(demos, space),  # every episode, training and held out
     }
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -133,6 +171,14 @@ def format_report(report: dict[str, Any]) -> str:
     for name, m, env in splits:
         lines.append(f"{name}: mse {m['mse']:.3e}; gripper flips {100 * env['gripper_flip_rate']:.2f}%; "
                      f"max |arm error| {env['max_abs_error_env']:.3e} (env units)")
+    if "clipping" in report:
+        worst = max(((frac, dim, task) for task, e in report["clipping"].items()
+                     for dim, frac in e["clipped_fraction"].items()), default=None)
+        if worst is not None and worst[0] == 0.0:
+            lines.append(f"{report['normalization']}: no recorded action lies outside the normalization's bounds")
+        elif worst is not None:
+            lines.append(f"{report['normalization']}: most clipped {100 * worst[0]:.2f} % of the {worst[1]} actions of "
+                         f"{worst[2]!r} (values no policy with these statistics can command)")
     ref = fit["val"] or fit["train"]
     lines.append("layer  levels used  perplexity  mse decoding layers 0..l")
     for layer, (used, usage, mse) in enumerate(zip(ref["levels_used"], ref["usage"], ref["mse_by_layers"])):
@@ -155,6 +201,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=int, default=None, help="L (default 8)")
     parser.add_argument("--num-levels", type=int, default=None, help="G (default 7)")
     parser.add_argument("--width", type=int, default=None, help="encoder/decoder MLP width (default 64)")
+    parser.add_argument("--normalization", choices=("bounds", "bounds_q99"), default="bounds",
+                        help="action normalization: bounds (min/max of the training actions, every recorded value "
+                             "stays reachable) or bounds_q99 (OpenVLA-OFT's q01/q99: clips each dim's rarest 1 %%, "
+                             "which for a motion only one task makes can be most of that task's values)")
     parser.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -168,8 +218,13 @@ def run(args: argparse.Namespace) -> int:
                                ("num_levels", args.num_levels), ("tokenizer_width", args.width)) if v is not None}
     report = train_tokenizer(args.demos, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                              val_fraction=args.val_fraction, seed=args.seed, chunk_len=args.chunk_len, sizes=sizes,
-                             progress=not args.no_progress, command=shlex.join(["rsd", *sys.argv[1:]]))
+                             progress=not args.no_progress, command=shlex.join(["rsd", *sys.argv[1:]]),
+                             normalization=args.normalization)
     print(format_report(report))
+    from rsd.action_space import ActionSpace
+
+    for line in _clipping_warnings(report["clipping"], ActionSpace.load(args.out)):
+        print(line, file=sys.stderr)
     print(f"wrote {args.out}/ (tokenizer.safetensors, tokenizer.json, action_stats.json, {REPORT_NAME})")
     return 0
 
