@@ -8,7 +8,9 @@ observation images once (``rsd.train.pixel_data``), and training crops them at r
 1. read the demos (LIBERO-layout HDF5 recorded by ``rsd collect``: proprio, object poses, actions[, images]);
 2. hold out ``--val-fraction`` of the *episodes* (a seeded permutation, never frames), optionally keep only the
    first ``--episodes-per-task`` training episodes of each task (the data-scaling runs share one held-out set);
-3. normalize and tokenize the chunks with ``--tokenizer`` (default: the packaged one) and train
+3. warn (stderr) where the tokenizer's action space clips more than 5 % of a task's actions in some dim
+   (``rsd.train.clipping``: values no policy trained on it can command; ``clipping`` in ``train.json``);
+   normalize and tokenize the chunks with ``--tokenizer`` (default: the packaged one) and train
    (``rsd.train.policy``: progress bar, periodic checkpoints in ``OUT/checkpoint``, ``--resume`` continues them);
 4. write ``OUT/rsd`` (an RSD policy: ``rsd eval --policy OUT/rsd``) and ``OUT/l1`` (its L1 sibling, the same
    backbone), ``OUT/train.json`` (held-out token accuracy per layer, the draft's, the L1 error, the command) and
@@ -71,6 +73,7 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     from rsd.policy.roundtrip import DEFAULT_TOKENIZER_DIR
     from rsd.sim.demos import read_demo_files
     from rsd.tokenizer import RFSQTokenizer
+    from rsd.train.clipping import clipping_by_task, clipping_warnings
     from rsd.train.policy import Trainer, evaluate_heads
     from rsd.train.policy_data import build_policy_data
     from rsd.train.tokenizer_cli import split_by_episode
@@ -90,6 +93,10 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     train_eps, val_eps = split_by_episode(len(demos), val_fraction, split_seed)
     train_eps = limit_per_task(demos, train_eps, episodes_per_task)
     used = sorted(train_eps + val_eps)
+    clipping = clipping_by_task([demos[i] for i in used], space)  # what the tokenizer's action space cannot represent
+    for line in clipping_warnings(clipping, space, fix=f"Refit the tokenizer ({tokenizer_dir}) with `rsd "
+                                  f"train-tokenizer --normalization bounds` on demos that include these."):
+        print(line, file=sys.stderr)
     if pixel:
         from rsd.train.pixel_data import build_pixel_data
 
@@ -129,6 +136,7 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
                                                       "val_samples": int(len(val_rows)),
                                                       "tasks": data.instructions},
         "split": {"train": meta["data"]["train"], "val": meta["data"]["val"]},
+        "clipping": clipping,
         "final_val": final, "steps": trainer.step, "completed": completed, "wall_seconds_this_run": time.perf_counter() - t0,
         "device": str(config.device), "torch": torch.__version__,
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in

@@ -34,8 +34,6 @@ __all__ = ["HELP", "add_arguments", "run", "split_by_episode", "train_tokenizer"
 
 HELP = "fit the RFSQ tokenizer on recorded action chunks"
 REPORT_NAME = "report.json"
-CLIP_WARN = 0.05  # a task whose actions are clipped in some dim more often than this is warned about
-_DIM_NAMES = ("dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper")
 
 
 def split_by_episode(num_demos: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -69,37 +67,6 @@ def _env_metrics(tokenizer: Any, space: Any, env_chunks: np.ndarray) -> dict[str
     }
 
 
-def clipping_by_task(demos: Sequence[Any], space: Any) -> dict[str, dict[str, Any]]:
-    """Per task (instruction): steps, and per arm dim the fraction of its actions outside the action space's
-    normalization bounds, with the largest such value. The gripper is never normalized, so never clipped."""
-    by_task: dict[str, list[np.ndarray]] = {}
-    for demo in demos:
-        by_task.setdefault(demo.instruction, []).append(np.asarray(demo.actions))
-    out: dict[str, dict[str, Any]] = {}
-    for instruction, actions in by_task.items():
-        a = np.concatenate(actions)  # [T, 7] env units
-        outside = space.clipped(a)  # [T, 7]
-        fraction = outside.mean(axis=0)
-        extreme = [float(np.abs(a[outside[:, d], d]).max()) if outside[:, d].any() else None for d in range(a.shape[1])]
-        out[instruction] = {"steps": int(a.shape[0]),
-                            "clipped_fraction": {_DIM_NAMES[d]: float(fraction[d]) for d in range(a.shape[1] - 1)},
-                            "largest_clipped": {_DIM_NAMES[d]: extreme[d] for d in range(a.shape[1] - 1)}}
-    return out
-
-
-def _clipping_warnings(clipping: dict[str, dict[str, Any]], space: Any, limit: float = CLIP_WARN) -> list[str]:
-    lo, hi = space.stats.bounds(space.normalization)
-    lines = []
-    for instruction, entry in clipping.items():
-        for d, (dim, frac) in enumerate(entry["clipped_fraction"].items()):
-            if frac > limit:
-                lines.append(f"WARNING: {space.normalization} clips {100 * frac:.1f} % of the {dim} actions of "
-                             f"{instruction!r} (bounds [{lo[d]:.4g}, {hi[d]:.4g}], its largest "
-                             f"{entry['largest_clipped'][dim]:.4g}): no policy using these statistics can command "
-                             f"them. Use --normalization bounds.")
-    return lines
-
-
 def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000, batch_size: int = 256,
                     lr: float = 1e-3, val_fraction: float = 0.1, seed: int = 0, chunk_len: int | None = None,
                     sizes: dict[str, int] | None = None, progress: bool = True, command: str = "",
@@ -111,6 +78,7 @@ def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000,
     from rsd.config import RSDConfig
     from rsd.sim.demos import action_chunks, read_demo_files
     from rsd.tokenizer import RFSQTokenizer
+    from rsd.train.clipping import clipping_by_task
     from rsd.train.tokenizer import fit_tokenizer
 
     # sizes first: a bad --chunk-len etc. is refused before any demo is read (None = RSDConfig's default)
@@ -162,7 +130,9 @@ def format_report(report: dict[str, Any]) -> str:
     splits = [(name, fit[name], report["env_units"][name]) for name in ("train", "val") if fit[name] is not None]
     lines.append(f"{'dim':>8}" + "".join(f"  {name + ' mse(norm)':>16}  {name + ' mse(env)':>15}"
                                           for name, _, _ in splits))
-    for a, dim in enumerate(_DIM_NAMES):
+    from rsd.train.clipping import DIM_NAMES
+
+    for a, dim in enumerate(DIM_NAMES):
         row = f"{dim:>8}"
         for _, m, env in splits:
             env_v = env["mse_per_dim_env"][a] if a < len(env["mse_per_dim_env"]) else float("nan")
@@ -222,8 +192,9 @@ def run(args: argparse.Namespace) -> int:
                              normalization=args.normalization)
     print(format_report(report))
     from rsd.action_space import ActionSpace
+    from rsd.train.clipping import clipping_warnings
 
-    for line in _clipping_warnings(report["clipping"], ActionSpace.load(args.out)):
+    for line in clipping_warnings(report["clipping"], ActionSpace.load(args.out)):
         print(line, file=sys.stderr)
     print(f"wrote {args.out}/ (tokenizer.safetensors, tokenizer.json, action_stats.json, {REPORT_NAME})")
     return 0

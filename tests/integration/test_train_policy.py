@@ -65,6 +65,9 @@ def test_losses_fall_and_the_saved_policies_act(world: dict, tmp_path: Path) -> 
     assert_losses_fall(curve)
     assert report["completed"] and report["data"]["val"] == 3 and report["data"]["train"] == 9  # split by episode
     assert not set(report["split"]["train"]) & set(report["split"]["val"])
+    clipping = report["clipping"]  # per task: what the tokenizer's action space cannot represent
+    assert clipping and all(set(e["clipped_fraction"]) == {"dx", "dy", "dz", "droll", "dpitch", "dyaw"}
+                            for e in clipping.values())
     val = report["final_val"]
     assert len(val["token_accuracy_greedy"]) == TINY.num_layers and len(val["draft_accuracy"]) == TINY.draft_layers
     assert (tmp_path / "run" / "curve.png").stat().st_size > 1000

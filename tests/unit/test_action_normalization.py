@@ -13,7 +13,7 @@ from rsd.errors import CheckpointMismatchError, ConfigError, ShapeError
 from rsd.normalize import BoundsNormalizer, BoundsQ99Normalizer, NormStats
 from rsd.policy import L1Policy, RSDPolicy
 from rsd.sim.demos import Demo
-from rsd.train.tokenizer_cli import _clipping_warnings, clipping_by_task
+from rsd.train.clipping import clipping_by_task, clipping_warnings
 from tests.policy_factory import fake_observation, tiny_l1_policy, tiny_rsd_policy
 
 pytestmark = pytest.mark.unit
@@ -96,13 +96,13 @@ def test_clipping_report_names_the_task_whose_rare_motion_q99_cuts_off() -> None
     assert report["open the drawer"]["largest_clipped"]["dyaw"] == pytest.approx(0.6)
     assert report["pick up the bowl"]["clipped_fraction"]["dyaw"] == 0.0
     assert "gripper" not in report["open the drawer"]["clipped_fraction"]
-    warnings = _clipping_warnings(report, q99)
+    warnings = clipping_warnings(report, q99)
     assert any("12.5 % of the dyaw actions of 'open the drawer'" in w and "--normalization bounds" in w
                for w in warnings), warnings
     bounds = ActionSpace.fit(actions, normalization="bounds")
     report = clipping_by_task(demos, bounds)
     assert all(f == 0.0 for e in report.values() for f in e["clipped_fraction"].values())
-    assert _clipping_warnings(report, bounds) == []
+    assert clipping_warnings(report, bounds) == []
 
 
 @pytest.mark.parametrize("kind", ["rsd", "l1"])
