@@ -7,7 +7,7 @@ The public surface, one concept per module (see docs/design.md)::
     rsd.layout                      logits/codes layouts (einops)
     rsd.heads                       RFSQHead, DraftHead, L1ActionHead
     rsd.speculative                 SpeculativeDecoder, greedy_decode
-    rsd.normalize                   NormStats, BoundsQ99Normalizer, gripper conventions
+    rsd.normalize                   NormStats, BoundsNormalizer (bounds / bounds_q99), gripper conventions
     rsd.observation                 the observation contract (keys, ObservationSpec: validate, fake)
     rsd.images                      camera frame -> OpenVLA-OFT's exact model input (oft_model_input)
     rsd.backbones                   Backbone protocol, TinyBackbone, HFBackbone, OpenVLA-OFT
