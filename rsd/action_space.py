@@ -63,7 +63,6 @@ class ActionSpace:
             raise CheckpointMismatchError("action statistics must leave the gripper (last dim) unnormalized "
                                           "(mask[-1] false), as OpenVLA-OFT does.")
         self.stats = stats
-        self.normalization = normalization
         self.normalizer = BoundsNormalizer(stats, normalization)  # refuses an unknown kind
         self.postprocessor = ActionPostprocessor(stats, clip=True, normalization=normalization)  # what policies run
         self.source = dict(source or {})
@@ -80,6 +79,11 @@ class ActionSpace:
         mask = np.array([True] * (_ACTION_DIM - 1) + [False])
         return cls(NormStats.from_data(model, mask=mask), source, normalization=normalization)
 
+    @property
+    def normalization(self) -> str:
+        """``"bounds"`` or ``"bounds_q99"`` (``rsd.normalize``)."""
+        return self.normalizer.normalization
+
     def normalize(self, env_actions: np.ndarray) -> np.ndarray:
         """Env actions ``[..., 7]`` -> normalized float32 ``[..., 7]`` (arm in [-1, 1], gripper in [0, 1])."""
         a = np.array(_check_actions(env_actions, "env_actions"), dtype=np.float64, copy=True)
@@ -89,7 +93,7 @@ class ActionSpace:
     def clipped(self, env_actions: np.ndarray) -> np.ndarray:
         """Which values of env actions ``[..., 7]`` lie outside the normalization's bounds (bool ``[..., 7]``,
         the gripper never): a policy un-normalizing with these statistics can never command them."""
-        a = np.array(_check_actions(env_actions, "env_actions"), dtype=np.float64, copy=True)
+        a = np.asarray(_check_actions(env_actions, "env_actions"), dtype=np.float64)
         lo, hi = self.stats.bounds(self.normalization)
         outside = (a < lo - 1e-9) | (a > hi + 1e-9)  # [..., 7]
         return outside & self.stats.mask

@@ -8,9 +8,10 @@ Both of OpenVLA's bounds normalizations, applied only where ``mask`` is true (th
     x      = 0.5 (x_norm + 1) (hi - lo) + lo
 
 Why both: BOUNDS_Q99 clips the rarest 1 % of each dim. When a motion only one task needs is rare in the whole
-dataset (turning the gripper before reaching into a drawer: 1.1 % of the steps of rsd's libero_spatial + libero_object
-demos), its q99 lies far below the values that task commands (0.096 against up to 0.68), and no policy whose outputs are un-normalized with those statistics can
-command them: ``rsd train-tokenizer`` reports the clipped fraction per task and dim (``clipping`` in its report).
+dataset (turning the gripper before reaching into a drawer: 1.1 % of the steps of rsd's libero_spatial +
+libero_object demos), its q99 lies far below the values that task commands (0.096 against up to 0.68), and no policy
+whose outputs are un-normalized with those statistics can command them: ``rsd train-tokenizer`` reports the clipped
+fraction per task and dim (``clipping`` in its report, ``rsd.train.clipping``).
 BOUNDS keeps every recorded value reachable (``docs/learned-policies.md``, section 2).
 
 Statistics files follow OpenVLA-OFT's ``dataset_statistics.json``::

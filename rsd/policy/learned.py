@@ -61,11 +61,15 @@ class _LearnedPolicy:
         self.backbone = backbone
         self.config = config
         self.action_stats = action_stats
-        self.action_normalization = action_normalization  # the tokenizer's / training data's (rsd.action_space)
         self.postprocessor = ActionPostprocessor(action_stats, clip=True, normalization=action_normalization)
         self.unnorm_key = unnorm_key
         self.device = torch.device(device)
         self.num_calls = 0
+
+    @property
+    def action_normalization(self) -> str:
+        """How ``action_stats`` un-normalize (``rsd.normalize``): the tokenizer's / training data's kind."""
+        return self.postprocessor.normalizer.normalization
 
     # -- the protocol ------------------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -2,8 +2,8 @@
 
 ``ActionPostprocessor(stats)(normalized [..., A]) -> float32 [..., A]``: clip to ``[-1, 1]`` (``clip=True``, what
 rsd's learned policies and the tokenizer round trip do; OpenVLA-OFT's own pipeline un-normalizes without
-clipping: ``clip=False``), un-normalize (``normalization``: BOUNDS_Q99 by default, or BOUNDS) where the statistics' mask is true, then the gripper from
-model convention (``[0, 1]``, 1 = open) to env convention (``-1`` open / ``+1`` close, binarized:
+clipping: ``clip=False``), un-normalize (``normalization``: BOUNDS_Q99 by default, or BOUNDS) where the
+statistics' mask is true, then the gripper from model convention (``[0, 1]``, 1 = open) to env convention (``-1`` open / ``+1`` close, binarized:
 ``g = -sign(2g - 1)``, ``rsd.normalize.model_to_env_gripper``).
 """
 
@@ -22,7 +22,6 @@ class ActionPostprocessor:
 
     def __init__(self, stats: NormStats, *, clip: bool = True, normalization: str = BOUNDS_Q99) -> None:
         self.stats = stats
-        self.normalization = normalization
         self.normalizer = BoundsNormalizer(stats, normalization)
         self.clip = bool(clip)
 

@@ -29,6 +29,7 @@ import numpy as np
 from einops import reduce
 
 from rsd.errors import ConfigError
+from rsd.train.clipping import DIM_NAMES, clipping_by_task, clipping_warnings
 
 __all__ = ["HELP", "add_arguments", "run", "split_by_episode", "train_tokenizer"]
 
@@ -78,7 +79,6 @@ def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000,
     from rsd.config import RSDConfig
     from rsd.sim.demos import action_chunks, read_demo_files
     from rsd.tokenizer import RFSQTokenizer
-    from rsd.train.clipping import clipping_by_task
     from rsd.train.tokenizer import fit_tokenizer
 
     # sizes first: a bad --chunk-len etc. is refused before any demo is read (None = RSDConfig's default)
@@ -118,6 +118,8 @@ def train_tokenizer(demo_files: Sequence[Path], out: Path, *, steps: int = 3000,
         "normalization": space.normalization,
         "clipping": clipping_by_task(demos, space),  # every episode, training and held out
     }
+    for line in clipping_warnings(report["clipping"], space):
+        print(line, file=sys.stderr)
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -130,8 +132,6 @@ def format_report(report: dict[str, Any]) -> str:
     splits = [(name, fit[name], report["env_units"][name]) for name in ("train", "val") if fit[name] is not None]
     lines.append(f"{'dim':>8}" + "".join(f"  {name + ' mse(norm)':>16}  {name + ' mse(env)':>15}"
                                           for name, _, _ in splits))
-    from rsd.train.clipping import DIM_NAMES
-
     for a, dim in enumerate(DIM_NAMES):
         row = f"{dim:>8}"
         for _, m, env in splits:
@@ -191,11 +191,6 @@ def run(args: argparse.Namespace) -> int:
                              progress=not args.no_progress, command=shlex.join(["rsd", *sys.argv[1:]]),
                              normalization=args.normalization)
     print(format_report(report))
-    from rsd.action_space import ActionSpace
-    from rsd.train.clipping import clipping_warnings
-
-    for line in clipping_warnings(report["clipping"], ActionSpace.load(args.out)):
-        print(line, file=sys.stderr)
     print(f"wrote {args.out}/ (tokenizer.safetensors, tokenizer.json, action_stats.json, {REPORT_NAME})")
     return 0
 
