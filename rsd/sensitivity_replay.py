@@ -221,6 +221,8 @@ def scene_fixtures(task: tuple[str, int, int, dict[int, np.ndarray]]) -> dict[in
     suite, task_id, first, states = task
     out: dict[int, dict[str, np.ndarray]] = {}
     with make_env(suite, task_id, render=False) as env:
+        if not env.fixture_poses():  # a scene without fixtures (libero_object): nothing to walk for
+            return {seed: {} for seed in states}
         for seed in range(first, max(states) + 1):
             env.reset_scene(seed)
             if seed in states:

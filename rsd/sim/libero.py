@@ -334,17 +334,31 @@ class LiberoEnv:
 
     # -- replay
 
+    def set_fixture_poses(self, fixtures: dict[str, Any]) -> None:
+        """Place every fixture at its pose (``fixture_poses()`` of a scene): written into the model, as LIBERO's
+        reset does; the flattened state is untouched."""
+        self._check_open()
+        names = set(self.raw_env.env.fixtures_dict)
+        if set(fixtures) != names:
+            raise ConfigError(f"fixtures must give the pose of exactly the fixtures {sorted(names)}, got "
+                              f"{sorted(fixtures)}")
+        model = self.raw_env.sim.model
+        for name, pose in fixtures.items():
+            p = np.asarray(pose, dtype=np.float64)
+            if p.shape != (7,) or not np.all(np.isfinite(p)):
+                raise ShapeError(f"fixture {name!r}: pose must be 7 finite values (pos 3 + quat 4), got {p.shape}")
+            body = model.body_name2id(self.raw_env.env.fixtures_dict[name].root_body)
+            model.body_pos[body], model.body_quat[body] = p[:3], p[3:]
+
     def fixture_poses(self) -> dict[str, np.ndarray]:
         """The pose of every fixture (cabinets, stoves, ...: objects without a free joint), float64 [7] each (pos 3 +
         quat 4, MuJoCo's w-first order) by fixture name. LIBERO places fixtures by writing ``model.body_pos`` /
         ``body_quat`` at reset: they are model parameters, not part of the flattened state."""
         self._check_open()
-        model, inner = self.raw_env.sim.model, self.raw_env.env
-        out = {}
-        for name, fixture in inner.fixtures_dict.items():
-            body = model.body_name2id(fixture.root_body)
-            out[name] = np.concatenate([model.body_pos[body], model.body_quat[body]]).astype(np.float64)
-        return out
+        model = self.raw_env.sim.model
+        bodies = {name: model.body_name2id(f.root_body) for name, f in self.raw_env.env.fixtures_dict.items()}
+        return {name: np.concatenate([model.body_pos[b], model.body_quat[b]]).astype(np.float64)
+                for name, b in bodies.items()}
 
     def reset_to_state(self, state: Any, fixtures: dict[str, Any] | None = None) -> dict[str, Any]:
         """Start from a given flattened MuJoCo state float [S] (a demo's ``rsd_scene_init_state``), with the
@@ -365,23 +379,14 @@ class LiberoEnv:
                              f"{self.task.task_id}, got {s.shape}: was it recorded from another task?")
         if not np.all(np.isfinite(s)):
             raise NonFiniteError("state has NaN/inf values")
-        names = set(self.raw_env.env.fixtures_dict)
-        if fixtures is not None and set(fixtures) != names:
-            raise ConfigError(f"fixtures must give the pose of exactly the fixtures {sorted(names)}, got "
-                              f"{sorted(fixtures)}")
         rng_state = np.random.get_state()
         try:
             np.random.seed(0)
             reset_inner_env(self.raw_env.env, f"{self.task.suite} task {self.task.task_id} (given state)")
         finally:
             np.random.set_state(rng_state)
-        model = self.raw_env.sim.model
-        for name, pose in (fixtures or {}).items():
-            p = np.asarray(pose, dtype=np.float64)
-            if p.shape != (7,) or not np.all(np.isfinite(p)):
-                raise ShapeError(f"fixture {name!r}: pose must be 7 finite values (pos 3 + quat 4), got {p.shape}")
-            body = model.body_name2id(self.raw_env.env.fixtures_dict[name].root_body)
-            model.body_pos[body], model.body_quat[body] = p[:3], p[3:]
+        if fixtures is not None:
+            self.set_fixture_poses(fixtures)
         raw = self.raw_env.set_init_state(s)
         self._scene_state = None
         self._raw_obs = raw

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -68,12 +68,22 @@ class PixelData:
         sample = rows[:: max(1, len(rows) // _STATS_IMAGES)]
         backbone.fit_input_stats(self.state[rows], self.images[sample])
 
+    def to_device(self, device: torch.device | str) -> None:
+        """Keep a copy of the images on ``device`` (a GPU: 2 x S x S x 3 bytes a sample, 26 GB for 263k samples at
+        S = 128), so :meth:`batch` gathers there instead of copying every batch from host memory."""
+        self._device_images = torch.from_numpy(self.images).to(device)
+
     def batch(self, rows: np.ndarray | torch.Tensor, augment: np.random.Generator | None = None
               ) -> tuple[PixelInputs, torch.Tensor, torch.Tensor]:
         """Rows -> (inputs, normalized chunk float32 [B, C, A], codes int64 [B, L, C, H]). With ``augment`` (training)
-        and ``crop``, a random 0.9-area crop box per view drawn from it; otherwise the backbone's evaluation crop."""
+        and ``crop``, a random 0.9-area crop box per view drawn from it; otherwise the backbone's evaluation crop.
+        The images come from the device copy when :meth:`to_device` made one (the same values)."""
         rows = np.asarray(rows)
-        images = torch.from_numpy(self.images[rows])
+        on_device = getattr(self, "_device_images", None)
+        if on_device is not None:
+            images = on_device[torch.from_numpy(rows).to(on_device.device)]
+        else:
+            images = torch.from_numpy(self.images[rows])
         B, V = images.shape[:2]
         crops = None
         if augment is not None and self.crop:
@@ -111,27 +121,42 @@ def demo_views(demo: Any, image_size: int, pool: Executor | None = None) -> np.n
 
 
 def build_pixel_data(demos: Sequence[Any], tokenizer: Any, space: Any, *, image_size: int, word_buckets: int,
-                     crop: bool, progress: bool = False, threads: int | None = None) -> PixelData:
+                     crop: bool, progress: bool = False, threads: int | None = None,
+                     views: Iterable[np.ndarray | None] | None = None) -> PixelData:
     """Rendered demos (``rsd.sim.demos.Demo`` read with images) -> :class:`PixelData`. The frames are converted by
-    ``threads`` threads (default: the usable cores; the JPEG and resize steps release the GIL: 1.5x on 2 cores)."""
+    ``threads`` threads (default: the usable cores; the JPEG and resize steps release the GIL: 1.5x on 2 cores).
+    ``views``, parallel to ``demos``: a demo's views already at the model's size (uint8 [T, 2, S, S, 3], from
+    ``rsd render-demos``: ``rsd.train.render_views.read_views``) used instead of its frames where not None."""
     from tqdm import tqdm
 
     if not demos:
         raise ConfigError("no demos to build training data from.")
     chunk_len = int(tokenizer.config["chunk_len"])
     tasks: dict[str, int] = {}
-    states, images, task_index, episode, env_chunks = [], [], [], [], []
+    states, task_index, episode, env_chunks = [], [], [], []
+    total = sum(d.num_steps for d in demos)
+    images = np.empty((total, len(CAMERA_DATASETS), image_size, image_size, 3), np.uint8)  # filled demo by demo
+    given = iter(views) if views is not None else None
+    start = 0
     with ThreadPoolExecutor(threads or usable_cores()) as pool:
         for e, demo in enumerate(tqdm(demos, desc="demos (images)", disable=not progress, unit="demo")):
             task = tasks.setdefault(demo.instruction, len(tasks))
             state = demo_proprio(demo).astype(np.float32)  # [T, P]
             states.append(state)
-            images.append(demo_views(demo, image_size, pool))
+            view = next(given) if given is not None else None
+            if view is None:
+                view = demo_views(demo, image_size, pool)
+            elif view.shape != (demo.num_steps, len(CAMERA_DATASETS), image_size, image_size, 3) or view.dtype != np.uint8:
+                raise ShapeError(f"views of demo {demo.name!r} must be uint8 [{demo.num_steps}, "
+                                 f"{len(CAMERA_DATASETS)}, {image_size}, {image_size}, 3], got {view.dtype} "
+                                 f"{list(view.shape)}.")
+            images[start:start + len(state)] = view
+            start += len(state)
             task_index.append(np.full(len(state), task, np.int64))
             episode.append(np.full(len(state), e, np.int64))
             env_chunks.append(chunk_targets(np.asarray(demo.actions, dtype=np.float64), chunk_len))  # [T, C, A]
     normalized = space.normalize(np.concatenate(env_chunks)).astype(np.float32)  # [N, C, A]
-    return PixelData(state=np.concatenate(states), images=np.concatenate(images),
+    return PixelData(state=np.concatenate(states), images=images,
                      task_index=np.concatenate(task_index), episode=np.concatenate(episode), actions=normalized,
                      codes=tokenize_chunks(tokenizer, normalized),
                      instruction_ids=pad_ids([word_ids(t, word_buckets) for t in tasks]), instructions=list(tasks),

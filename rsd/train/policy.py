@@ -62,6 +62,7 @@ class TrainConfig:
     head_width: int = 128
     draft_layers: int = 3  # k: coarse layers the draft head proposes
     backbone_name: str = "lowdim"  # the registered backbone `backbone` configures: "lowdim" or "pixel"
+    amp: bool = False  # bf16 autocast of the training forward pass (CUDA only); evaluation and saved weights: float32
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
@@ -73,6 +74,8 @@ class TrainConfig:
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ConfigError(f"need lr > 0, weight_decay >= 0, warmup_steps >= 0; got {self.lr}, "
                               f"{self.weight_decay}, {self.warmup_steps}.")
+        if self.amp and not str(self.device).startswith("cuda"):
+            raise ConfigError(f"--amp (bf16 autocast) is for CUDA devices; drop it for --device {self.device}.")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 5% of ``lr`` at ``steps``."""
@@ -171,6 +174,8 @@ class Trainer:
         self.train_rows, self.val_rows, self.tokenizer, self.out = train_rows, val_rows, tokenizer, Path(out)
         self.meta = meta  # what the checkpoint must agree on besides the config (data, split, tokenizer)
         self.device = torch.device(config.device)
+        if self.device.type == "cuda":  # fixed input shapes: let cuDNN pick its fastest convolutions once
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(config.seed)
         self.model = PolicyModel(rsd_config, {**config.backbone, "seed": config.seed}, config.backbone_name)
         data.fit_backbone(self.model.backbone, train_rows)
@@ -188,6 +193,8 @@ class Trainer:
         settings = {k: v for k, v in asdict(self.config).items() if k not in _RESUMABLE}
         if settings["backbone_name"] == "lowdim":  # checkpoints from before --backbone existed resume as they were
             del settings["backbone_name"]
+        if not settings["amp"]:  # nor those from before --amp
+            del settings["amp"]
         return {"train": settings, "rsd_config": self.rsd_config.to_dict(), **self.meta}
 
     def save_checkpoint(self) -> Path:
@@ -249,7 +256,8 @@ class Trainer:
                 group["lr"] = cfg.lr_at(self.step)
             inputs, actions, codes = self.data.batch(self.rows_for_step(self.step),
                                                      augment=np.random.default_rng([cfg.seed, self.step, 1]))
-            losses = self.model.losses(inputs.to(self.device), actions.to(self.device), codes.to(self.device))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                losses = self.model.losses(inputs.to(self.device), actions.to(self.device), codes.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

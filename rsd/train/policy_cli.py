@@ -22,13 +22,14 @@ observation images once (``rsd.train.pixel_data``), and training crops them at r
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import asdict
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -100,9 +101,13 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     if pixel:
         from rsd.train.pixel_data import build_pixel_data
 
-        data = build_pixel_data([demos[i] for i in used], tokenizer, space,
+        chosen = [recorded[i] for i in used]
+        data = build_pixel_data([d for _, d in chosen], tokenizer, space,
                                 image_size=config.backbone["image_size"], word_buckets=config.backbone["word_buckets"],
-                                crop=config.backbone["center_crop"], progress=progress)
+                                crop=config.backbone["center_crop"], progress=progress,
+                                views=_rendered_views(chosen, config.backbone["image_size"]))
+        if torch.device(config.device).type == "cuda":
+            data.to_device(config.device)  # batches gathered on the GPU (rsd.train.pixel_data.PixelData.to_device)
     else:
         data = build_policy_data([demos[i] for i in used], tokenizer, space,
                                  word_buckets=config.backbone["word_buckets"], progress=progress)
@@ -147,6 +152,20 @@ def train_policy(demo_files: Sequence[Path], out: Path, config: Any, *, tokenize
     (out / CURVE_NAME).write_text(json.dumps(trainer.curve, indent=2) + "\n")
     plot_curve(trainer.curve, out / "curve.png", title=f"rsd train-policy: {', '.join(meta['data']['demos'])}")
     return report
+
+
+def _rendered_views(chosen: Sequence[tuple[Path, Any]], image_size: int) -> Iterator[np.ndarray | None]:
+    """Per demo: None where it holds its camera frames, else its views from ``rsd render-demos``'s file beside the
+    demo file (``rsd.train.render_views.read_views``: refused when missing or made from another version)."""
+    from rsd.train.pixel_data import CAMERA_DATASETS
+    from rsd.train.render_views import read_views
+
+    for path, group in itertools.groupby(chosen, key=lambda item: item[0]):
+        demos = [d for _, d in group]
+        need = {d.name for d in demos if any(k not in d.obs for k in CAMERA_DATASETS)}
+        rendered = read_views(path, [d.name for d in demos if d.name in need], image_size) if need else iter(())
+        for d in demos:
+            yield next(rendered) if d.name in need else None
 
 
 def plot_curve(curve: Sequence[dict[str, Any]], path: Path, *, title: str) -> None:
@@ -228,6 +247,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop after this many seconds of training, save everything (completed: false); "
                              "--resume continues")
     parser.add_argument("--draft-layers", type=int, default=d.draft_layers, help="k: layers the draft head proposes")
+    parser.add_argument("--amp", action="store_true",
+                        help="bf16 autocast of the training forward pass (CUDA only; evaluation stays float32)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (same settings)")
     parser.add_argument("--overwrite", action="store_true", help="train into an OUT that already holds a run")
     parser.add_argument("--no-progress", action="store_true")
@@ -272,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, seed=args.seed, eval_every=args.eval_every,
                          checkpoint_every=args.checkpoint_every, device=args.device,
                          head_width=args.head_width,
-                         draft_layers=args.draft_layers)
+                         draft_layers=args.draft_layers, amp=args.amp)
     report = train_policy(args.demos, args.out, config, tokenizer_dir=args.tokenizer, val_fraction=args.val_fraction,
                           split_seed=args.split_seed, episodes_per_task=args.episodes_per_task, resume=args.resume,
                           progress=not args.no_progress, command=shlex.join(["rsd", *sys.argv[1:]]),

@@ -1,0 +1,346 @@
+"""``rsd render-demos``: the camera views of demos recorded without images, rendered by replaying their states.
+
+A demo recorded by ``rsd collect`` keeps the flattened MuJoCo state before every action (``states`` [T, S]), the
+actions the env executed and the scene it started from (``rsd_scene_seed``, ``rsd_scene_init_state``).
+``rsd.sim.replay_obs.replay_observations`` re-creates the observation the episode saw before each action from these,
+re-running only the one or two physics substeps at which robosuite samples its cameras (not the state at the end of
+the previous step: robosuite's observations lag it). A test compares the frames with a demo recorded with
+``--render``. So the unrendered demos a low-dimensional policy trained on become a pixel policy's demos, the same
+episodes, at little more than the cost of rendering.
+
+Per step and view, the frame goes through exactly what ``rsd eval`` feeds a policy and what
+``rsd.train.pixel_data`` makes of recorded frames: ``rsd.images.oft_model_input`` (rotate 180, JPEG q95 round trip,
+Lanczos to 224; ``make_observation`` does it) and then the backbone's ``resize_to_model`` to ``--image-size``.
+
+Fixtures (libero_spatial's cabinet and stove) are model parameters, not part of the state: LIBERO draws their poses
+at each reset, and a reset's draw depends on the resets before it. Each scene's poses come from repeating
+``rsd collect``'s walk over the scene seeds of its task in a fresh env (``rsd.sensitivity_replay.scene_fixtures``,
+which also checks that each seed rebuilds the recorded scene exactly; about 1 s a seed, skipped for scenes without
+fixtures). ``--fixtures FILE`` keeps the walk's result as JSON: read when it exists, written otherwise, so a walk
+done on one machine serves another.
+
+Output, per demo file ``D.hdf5``: ``D.views<S>.hdf5`` beside it (``views_path``), written as ``.partial`` and
+renamed when complete: ``views/<demo name>`` uint8 [T, 2, S, S, 3] (full, wrist), with the demo file's SHA-256, the
+camera size, the image size and the command as attributes. ``rsd train-policy --backbone pixel`` reads it for demos
+without camera images and refuses one made from another version of the demo file.
+
+    rsd render-demos --demos runs/demos/libero_spatial.hdf5 runs/demos/libero_object.hdf5 --workers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, ShapeError
+
+__all__ = ["HELP", "add_arguments", "run", "views_path", "read_views", "render_views", "walk_fixtures",
+           "VIEWS_FORMAT"]
+
+HELP = "render both camera views of unrendered demos by replaying their recorded states (pixel training data)"
+VIEWS_FORMAT = 1
+DEMOS_PER_JOB = 8  # demos one worker renders in a row with one env (env creation amortized; ~100 MB per result)
+
+
+def views_path(demo_file: str | Path, image_size: int) -> Path:
+    """Where the rendered views of ``demo_file`` live: ``<stem>.views<image_size>.hdf5`` beside it."""
+    demo_file = Path(demo_file)
+    return demo_file.with_name(f"{demo_file.stem}.views{int(image_size)}.hdf5")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _demo_id(path: Path, name: str) -> str:
+    return f"{Path(path).name}:{name}"
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+
+def walk_fixtures(recorded: Sequence[tuple[Path, Any]], pool: Any = None) -> dict[str, dict[str, list[float]]]:
+    """``{"<file>:<demo>": {fixture: pose [7]}}`` for every recorded demo (one seed walk per file and task;
+    :func:`rsd.sensitivity_replay.scene_fixtures`), mapped over ``pool`` when given."""
+    import h5py
+
+    from rsd.sensitivity_replay import scene_fixtures
+
+    groups: dict[tuple[str, int, int, str], dict[int, np.ndarray]] = {}
+    ids: dict[tuple[str, int, int, str, int], str] = {}
+    for path, demo in recorded:
+        with h5py.File(path, "r") as f:
+            first = f["data"].attrs.get("rsd_scene_seed_start")
+        missing = [k for k in ("rsd_suite", "rsd_task_id", "rsd_scene_seed", "rsd_scene_init_state") if k not in demo.attrs]
+        if first is None or missing:
+            raise ConfigError(f"{path}:{demo.name} lacks {missing or ['rsd_scene_seed_start']}: only demos recorded by "
+                              f"`rsd collect` can be replayed (their scenes are known).")
+        key = (str(demo.attrs["rsd_suite"]), int(demo.attrs["rsd_task_id"]), int(first), str(path))
+        seed = int(demo.attrs["rsd_scene_seed"])
+        groups.setdefault(key, {})[seed] = np.asarray(demo.attrs["rsd_scene_init_state"])
+        ids[key + (seed,)] = _demo_id(path, demo.name)
+    keys = list(groups)
+    tasks = [(k[0], k[1], k[2], groups[k]) for k in keys]
+    walked = (pool.imap(scene_fixtures, tasks) if pool is not None else map(scene_fixtures, tasks))
+    out: dict[str, dict[str, list[float]]] = {}
+    for key, poses in zip(keys, walked):
+        for seed, pose in poses.items():
+            out[ids[key + (seed,)]] = {name: [float(v) for v in value] for name, value in pose.items()}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- render
+
+@dataclass(frozen=True)
+class _Job:
+    """Consecutive demos of one file and task (picklable)."""
+
+    file: str
+    suite: str
+    task_id: int
+    names: tuple[str, ...]
+    scenes: tuple[np.ndarray, ...]  # float64 [S] per demo: rsd_scene_init_state, before the settle steps
+    states: tuple[np.ndarray, ...]  # float64 [T, S] per demo
+    executed: tuple[np.ndarray, ...]  # float64 [T, 7] per demo: the actions the env ran (DART: not the labels)
+    fixtures: tuple[dict[str, list[float]], ...]
+
+
+class _Renderer:
+    """One worker's env (kept while its jobs stay on one task) and the frame pipeline."""
+
+    def __init__(self, camera_size: int, image_size: int) -> None:
+        self.camera_size, self.image_size = camera_size, image_size
+        self.env: Any = None
+        self.task: tuple[str, int] | None = None
+
+    def views(self, job: _Job) -> list[tuple[str, str, np.ndarray]]:
+        from rsd.backbones.pixel_views import resize_to_model
+        from rsd.observation import FULL_IMAGE, WRIST_IMAGE
+        from rsd.sim.libero import make_env
+        from rsd.sim.replay_obs import replay_observations
+
+        if self.task != (job.suite, job.task_id):
+            self.close()
+            self.env = make_env(job.suite, job.task_id, render=True, camera_size=self.camera_size)
+            self.task = (job.suite, job.task_id)
+        out = []
+        for name, scene, states, executed, fixtures in zip(job.names, job.scenes, job.states, job.executed,
+                                                           job.fixtures):
+            full, wrist = [], []
+            for obs in replay_observations(self.env, scene, fixtures, states, executed):
+                full.append(obs[FULL_IMAGE])
+                wrist.append(obs[WRIST_IMAGE])
+            views = [resize_to_model(np.stack(frames), self.image_size).numpy() for frames in (full, wrist)]
+            out.append((job.file, name, np.stack(views, axis=1)))  # [T, 2, S, S, 3]
+        return out
+
+    def close(self) -> None:
+        if self.env is not None:
+            env, self.env, self.task = self.env, None, None
+            env.close()
+
+
+_RENDERER: _Renderer | None = None
+
+
+def _init_worker(camera_size: int, image_size: int) -> None:
+    global _RENDERER
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    _RENDERER = _Renderer(camera_size, image_size)
+
+
+def _render_in_worker(job: _Job) -> list[tuple[str, str, np.ndarray]]:
+    assert _RENDERER is not None
+    return _RENDERER.views(job)
+
+
+def _jobs(recorded: Sequence[tuple[Path, Any]], fixtures: dict[str, dict[str, list[float]]]) -> list[_Job]:
+    by_task: dict[tuple[str, str, int], list[Any]] = {}
+    for path, demo in recorded:
+        if demo.states is None:
+            raise ShapeError(f"{path}:{demo.name} has no states: only demos with recorded states can be rendered.")
+        by_task.setdefault((str(path), str(demo.attrs["rsd_suite"]), int(demo.attrs["rsd_task_id"])), []).append(demo)
+    jobs = []
+    for (path, suite, task_id), demos in by_task.items():
+        for i in range(0, len(demos), DEMOS_PER_JOB):
+            part = demos[i:i + DEMOS_PER_JOB]
+            jobs.append(_Job(path, suite, task_id, tuple(d.name for d in part),
+                             tuple(np.asarray(d.attrs["rsd_scene_init_state"], dtype=np.float64) for d in part),
+                             tuple(np.asarray(d.states, dtype=np.float64) for d in part),
+                             tuple(np.asarray(d.obs.get("executed_actions", d.actions), dtype=np.float64)
+                                   for d in part),
+                             tuple(fixtures[_demo_id(Path(path), d.name)] for d in part)))
+    return jobs
+
+
+class _ViewsWriter:
+    """One views file, written as ``.partial`` and renamed into place by ``finish``."""
+
+    def __init__(self, demo_file: Path, image_size: int, camera_size: int, command: str) -> None:
+        import h5py
+
+        self.final = views_path(demo_file, image_size)
+        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.file = h5py.File(self.partial, "w")
+        self.file.attrs.update({"rsd_views_format": VIEWS_FORMAT, "source": demo_file.name,
+                                "source_sha256": file_sha256(demo_file), "camera_size": camera_size,
+                                "image_size": image_size, "views": json.dumps(["full_image", "wrist_image"]),
+                                "rsd_command": command})
+        self.group = self.file.create_group("views")
+
+    def add(self, name: str, views: np.ndarray) -> None:
+        self.group.create_dataset(name, data=views, chunks=(1, *views.shape[1:]))
+
+    def finish(self) -> Path:
+        self.file.close()
+        os.replace(self.partial, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: int, workers: int,
+                 fixtures: dict[str, dict[str, list[float]]] | None = None, progress: bool = False,
+                 command: str = "") -> tuple[list[Path], dict[str, float], dict[str, dict[str, list[float]]]]:
+    """Render the views files of ``demo_files`` (:func:`views_path`) with ``workers`` processes; the fixture walk
+    first unless ``fixtures`` covers every demo. Returns the files, wall times (walk, render) and the fixtures."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    from rsd.sim.demos import read_demo_files
+
+    recorded = read_demo_files(demo_files)
+    for path in demo_files:
+        target = views_path(path, image_size)
+        if target.exists():
+            raise ConfigError(f"{target} exists: delete it to render again.")
+    ctx = mp.get_context("spawn")
+    times: dict[str, float] = {}
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(camera_size, image_size)) as pool:
+        t0 = time.perf_counter()
+        wanted = {_demo_id(p, d.name) for p, d in recorded}
+        if fixtures is None or not wanted <= set(fixtures):
+            fixtures = walk_fixtures(recorded, pool)
+        times["walk_s"] = time.perf_counter() - t0
+        jobs = _jobs(recorded, fixtures)
+        writers = {str(p): _ViewsWriter(Path(p), image_size, camera_size, command) for p in demo_files}
+        total = sum(len(s) for j in jobs for s in j.states)
+        t1 = time.perf_counter()
+        try:
+            with tqdm(total=total, unit="step", desc="rsd render-demos", disable=not progress, file=sys.stderr) as bar:
+                for result in pool.imap_unordered(_render_in_worker, jobs, chunksize=1):
+                    for path, name, views in result:
+                        writers[path].add(name, views)
+                        bar.update(len(views))
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        files = [writers[str(p)].finish() for p in demo_files]
+        times["render_s"] = time.perf_counter() - t1
+        times["steps"] = float(total)
+    return files, times, fixtures
+
+
+# -------------------------------------------------------------------------------------------------------- read
+
+def read_views(demo_file: Path, names: Sequence[str], image_size: int) -> Iterator[np.ndarray]:
+    """The views uint8 [T, 2, S, S, 3] of the named demos of ``demo_file``, from its views file (one at a time).
+    CheckpointNotFoundError naming ``rsd render-demos`` when there is none; CheckpointMismatchError when it was
+    rendered from another version of the demo file or at another size."""
+    import h5py
+
+    path = views_path(demo_file, image_size)
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"{demo_file} has no camera images and no rendered views {path.name} beside it: a pixel policy trains on "
+            f"images; run `rsd render-demos --demos {demo_file} --image-size {image_size}` (or record with "
+            f"`rsd collect --render --camera-size 256`).")
+    with h5py.File(path, "r") as f:
+        if int(f.attrs.get("rsd_views_format", -1)) != VIEWS_FORMAT or int(f.attrs["image_size"]) != image_size:
+            raise CheckpointMismatchError(f"{path} is not a views file of format {VIEWS_FORMAT} at {image_size} px; "
+                                          f"render it again with `rsd render-demos`.")
+        if f.attrs["source_sha256"] != file_sha256(Path(demo_file)):
+            raise CheckpointMismatchError(f"{path} was rendered from another version of {demo_file} (SHA-256 "
+                                          f"differs); delete it and run `rsd render-demos --demos {demo_file}`.")
+        for name in names:
+            if name not in f["views"]:
+                raise CheckpointMismatchError(f"{path} has no views of {name}; render {demo_file} again.")
+            yield f["views"][name][()]
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rsd.sim import protocol
+
+    parser.add_argument("--demos", type=Path, nargs="+", required=True,
+                        help="HDF5 demos recorded by `rsd collect` (without --render)")
+    parser.add_argument("--image-size", type=int, default=128,
+                        help="the pixel backbone's input side S the views are resized to (default 128)")
+    parser.add_argument("--camera-size", type=int, default=protocol.CAMERA_SIZE,
+                        help=f"render size (default {protocol.CAMERA_SIZE}: what rsd eval renders)")
+    parser.add_argument("--workers", type=int, default=None, help="render processes (default: the usable cores)")
+    parser.add_argument("--fixtures", type=Path, default=None,
+                        help="JSON of the scenes' fixture poses: read if it exists, else walked and written here")
+    parser.add_argument("--walk-only", action="store_true", help="only walk the fixtures into --fixtures")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rsd.limits import check_workers, usable_cores
+
+    workers = args.workers or usable_cores()
+    check_workers(workers)
+    if args.image_size < 16 or args.camera_size < 16:
+        raise ConfigError(f"--image-size and --camera-size must be >= 16, got {args.image_size}, {args.camera_size}.")
+    for path in args.demos:
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"--demos {path} does not exist.")
+    fixtures = None
+    if args.fixtures is not None and args.fixtures.is_file():
+        fixtures = json.loads(args.fixtures.read_text())
+    command = shlex.join(["rsd", "render-demos", *sys.argv[2:]])
+    if args.walk_only:
+        import multiprocessing as mp
+
+        from rsd.sim.demos import read_demo_files
+
+        if args.fixtures is None:
+            raise ConfigError("--walk-only writes the fixture poses to --fixtures FILE: pass one.")
+        t0 = time.perf_counter()
+        with mp.get_context("spawn").Pool(workers) as pool:
+            fixtures = walk_fixtures(read_demo_files(args.demos), pool)
+        args.fixtures.write_text(json.dumps(fixtures, indent=0, sort_keys=True))
+        print(f"fixture poses of {len(fixtures)} demos -> {args.fixtures} ({time.perf_counter() - t0:.0f} s)")
+        return 0
+    files, times, fixtures = render_views(args.demos, image_size=args.image_size, camera_size=args.camera_size,
+                                workers=workers, fixtures=fixtures, progress=not args.no_progress, command=command)
+    if args.fixtures is not None and not args.fixtures.is_file():
+        args.fixtures.write_text(json.dumps(fixtures, indent=0, sort_keys=True))
+    steps = int(times["steps"])
+    print(f"rendered {steps} steps x 2 views in {times['render_s']:.1f} s ({steps / max(times['render_s'], 1e-9):.0f} "
+          f"steps/s, {workers} workers; fixture walk {times['walk_s']:.1f} s) -> " + ", ".join(str(f) for f in files))
+    return 0
