@@ -56,6 +56,16 @@ class ActionGenerationError(RSDError, RuntimeError):
     """
 
 
+class BatchActionError(ActionGenerationError):
+    """Rows of a batched ``predict_chunks`` (several episodes at once) failed. ``results`` holds, per row, its
+    ActionChunk or the ActionGenerationError that row raised (its ``__cause__`` the original error), so a caller
+    serving several episodes hands each its own outcome; no row's failure is replaced by an action."""
+
+    def __init__(self, message: str, results: list | tuple = ()) -> None:
+        super().__init__(message)
+        self.results = list(results)
+
+
 class WrongBaseModelError(RSDError, ValueError):
     """The backbone checkpoint was not fine-tuned for the requested LIBERO suite."""
 

@@ -28,7 +28,7 @@ for NaN/inf, one host sync per check.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -81,6 +81,9 @@ class SpecStats:
     - ``main_steps``        sequential main-head calls (the verify pass counts 1)
     - ``draft_steps``       draft calls (1)
     - ``greedy_steps``      main-head calls greedy decoding makes (``L``), for comparison
+
+    :meth:`row` gives element ``i``'s own statistics, those ``decode`` of that element alone reports (its main
+    steps are what it alone needs: the batch runs as many as its furthest-behind element).
     """
 
     mode: str
@@ -91,14 +94,29 @@ class SpecStats:
     main_steps: int
     draft_steps: int
     greedy_steps: int
+    # per element, per draft layer: the fraction of its draft tokens equal to the main argmax (for row())
+    row_token_match_rate: tuple[tuple[float, ...], ...] = field(default=(), repr=False, compare=False)
 
     @property
     def mean_accepted_layers(self) -> float:
         return sum(self.accepted_layers) / len(self.accepted_layers)
 
+    def row(self, i: int) -> "SpecStats":
+        """The statistics of batch element ``i`` alone (equal to this object's for a batch of one)."""
+        if not 0 <= i < len(self.accepted_layers) or len(self.row_token_match_rate) != len(self.accepted_layers):
+            raise ShapeError(f"SpecStats.row({i}): these statistics hold {len(self.accepted_layers)} elements "
+                             f"and {len(self.row_token_match_rate)} rows of token match rates.")
+        accepted, k, L = self.accepted_layers[i], len(self.acceptance_rate), self.greedy_steps
+        return SpecStats(mode=self.mode, threshold=self.threshold, accepted_layers=(accepted,),
+                         acceptance_rate=tuple(float(layer < accepted) for layer in range(k)),
+                         token_match_rate=self.row_token_match_rate[i],
+                         main_steps=1 + (L - min(accepted + 1, L)), draft_steps=self.draft_steps, greedy_steps=L,
+                         row_token_match_rate=(self.row_token_match_rate[i],))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (lists, ints, floats, str, None)."""
         data = asdict(self)
+        del data["row_token_match_rate"]
         for key in ("accepted_layers", "acceptance_rate", "token_match_rate"):
             data[key] = list(data[key])
         data["mean_accepted_layers"] = self.mean_accepted_layers
@@ -217,5 +235,6 @@ class SpeculativeDecoder:
                 main_steps=1 + (L - start),
                 draft_steps=1,
                 greedy_steps=L,
+                row_token_match_rate=tuple(map(tuple, reduce(matches, "b k c h -> b k", "mean").tolist())),
             )
             return layers_to_codes(layers), stats

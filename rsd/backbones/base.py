@@ -40,6 +40,7 @@ __all__ = [
     "build_backbone",
     "backbone_class",
     "check_hidden",
+    "check_hidden_rows",
     "backbone_spec",
     "save_backbone",
     "load_backbone",
@@ -135,14 +136,7 @@ def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: bool =
     DeadHiddenStateError (non-finite values, or a row that is exactly zero: the
     symptom of a vision encoder that failed to load; docs/failure-modes.md).
     """
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-        kind = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise DTypeError(f"hidden state must be a floating torch.Tensor [B, {expected_dim}], got {kind}.")
-    if hidden.ndim != 2 or hidden.shape[0] < 1 or hidden.shape[1] != expected_dim:
-        raise ShapeError(
-            f"hidden state must have shape [B, {expected_dim}] (B >= 1), got {list(hidden.shape)}; "
-            f"check the backbone's hidden_dim against the head config's hidden_dim."
-        )
+    _check_hidden_layout(hidden, expected_dim)
     finite_rows = torch.isfinite(hidden).all(dim=1)  # [B]
     dead = (hidden == 0).all(dim=1)  # [B]
     read = [finite_rows.all().float(), dead.any().float()] + ([hidden.float().norm()] if return_norm else [])
@@ -160,6 +154,34 @@ def check_hidden(hidden: torch.Tensor, expected_dim: int, *, return_norm: bool =
             f"weights) is not producing features; check that the checkpoint loaded."
         )
     return (hidden, norm[0]) if return_norm else hidden
+
+
+def check_hidden_rows(hidden: torch.Tensor, expected_dim: int) -> tuple[list[float], dict[int, DeadHiddenStateError]]:
+    """:func:`check_hidden` row by row, in one host sync: (each row's L2 norm, ``{row: the DeadHiddenStateError that
+    check_hidden raises for that row alone}``) for the rows of a batch of several episodes. DTypeError / ShapeError
+    (the layout) for the whole tensor."""
+    _check_hidden_layout(hidden, expected_dim)
+    finite = torch.isfinite(hidden).all(dim=1)  # [B]
+    dead = (hidden == 0).all(dim=1)  # [B]
+    ok, norms = torch.stack([(finite & ~dead).float(), hidden.float().norm(dim=1)]).tolist()  # one host sync
+    errors: dict[int, DeadHiddenStateError] = {}
+    for row in (i for i, good in enumerate(ok) if not good):
+        try:
+            check_hidden(hidden[row: row + 1], expected_dim)
+        except DeadHiddenStateError as exc:
+            errors[row] = exc
+    return norms, errors
+
+
+def _check_hidden_layout(hidden: torch.Tensor, expected_dim: int) -> None:
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        kind = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise DTypeError(f"hidden state must be a floating torch.Tensor [B, {expected_dim}], got {kind}.")
+    if hidden.ndim != 2 or hidden.shape[0] < 1 or hidden.shape[1] != expected_dim:
+        raise ShapeError(
+            f"hidden state must have shape [B, {expected_dim}] (B >= 1), got {list(hidden.shape)}; "
+            f"check the backbone's hidden_dim against the head config's hidden_dim."
+        )
 
 
 # helpers shared by backbones

@@ -16,7 +16,9 @@ at an episode's first chunk). A single observation cannot tell an arm that is st
 one that is stuck against a drawer's wall; the scripted expert that made the demonstrations tells them apart by its
 own history (it closes the gripper when the arm stalls), so a policy without that history cannot imitate it there.
 The backbone keeps the previous chunk's state between :meth:`LowDimBackbone.encode` calls; :meth:`reset` (called by
-the policy's ``reset`` at every episode start) forgets it. Training computes the same feature from the demos
+the policy's ``reset`` at every episode start) forgets it. A batch of several episodes' observations
+(:meth:`LowDimBackbone.encode_slots`, what a policy's ``predict_chunks`` calls) keeps one previous state per slot
+(episode), which :meth:`LowDimBackbone.reset_slot` forgets. Training computes the same feature from the demos
 (``rsd.train.policy_data``: the state ``C`` steps earlier, C the chunk length).
 
 Names and instruction share one word table, so "bowl" in "pick up the black bowl" and in the name
@@ -157,6 +159,7 @@ class LowDimBackbone(StateDictWeights, nn.Module):
         self.hidden_dim, self.width, self.layers, self.heads = hidden_dim, width, layers, heads
         self.word_buckets, self.proprio_dim, self.seed, self.motion = word_buckets, proprio_dim, seed, motion
         self._previous_state: torch.Tensor | None = None  # the last encode's state (motion only)
+        self._slot_states: dict[int, torch.Tensor] = {}  # encode_slots: each slot's last state [P] (motion only)
         self.observation_spec = ObservationSpec(images=(), proprio_dim=proprio_dim, objects=True)
         # input standardization, fitted on training data (fit_input_stats) and saved with the weights
         self.register_buffer("state_mean", torch.zeros(proprio_dim))
@@ -236,6 +239,30 @@ class LowDimBackbone(StateDictWeights, nn.Module):
             self._previous_state = inputs.state.clone()
         hidden = self.forward_inputs(inputs)
         return check_hidden(hidden, self.hidden_dim) if check else hidden
+
+    def encode_slots(self, observation: dict, instruction: str | list[str], slots: Sequence[int], *,
+                     check: bool = True) -> torch.Tensor:
+        """:meth:`encode` of a batch whose row ``i`` continues the episode of ``slots[i]`` (one row per slot): with
+        ``motion``, each row's motion is from its slot's previous state (zero at the slot's first chunk, and after
+        :meth:`reset_slot`), kept apart from :meth:`encode`'s own history. Row ``i`` gets the hidden state that
+        ``encode`` of that episode alone gives, up to float summation order."""
+        inputs = lowdim_inputs(observation, instruction, self.observation_spec, self.word_buckets, motion=False)
+        slots = list(slots)
+        if len(slots) != inputs.state.shape[0] or len(set(slots)) != len(slots):
+            raise ShapeError(f"encode_slots got slots {slots} for a batch of {inputs.state.shape[0]} observations: "
+                             f"pass one distinct slot (episode) per row.")
+        if self.motion:
+            known = [self._slot_states.get(slot) for slot in slots]
+            previous = torch.stack([row if p is None else p for row, p in zip(inputs.state, known)])  # [B, P]
+            inputs = LowDimInputs(inputs.state, inputs.objects, inputs.object_mask, inputs.name_ids,
+                                  inputs.instruction_ids, motion=inputs.state - previous)  # a first chunk: zeros
+            self._slot_states.update((slot, row.clone()) for slot, row in zip(slots, inputs.state))
+        hidden = self.forward_inputs(inputs)
+        return check_hidden(hidden, self.hidden_dim) if check else hidden
+
+    def reset_slot(self, slot: int) -> None:
+        """Forget ``slot``'s previous state (a new episode begins in that slot of :meth:`encode_slots`)."""
+        self._slot_states.pop(slot, None)
 
     def forward(self, observation: dict, instruction: str | list[str], *, check: bool = True) -> torch.Tensor:
         return self.encode(observation, instruction, check=check)

@@ -53,6 +53,12 @@ SHARD_DIR...`` combines the shards into one run with the same files. ``--backend
 cluster (``--address``); ``--backend slurm --shards N`` submits the shards as a SLURM job array through submitit
 (``rsd.eval.slurm``; ``--slurm-executor local`` runs it on this machine), waits, and merges them into ``--out``;
 rerunning the same command continues it. ``--max-episodes`` then counts per shard.
+
+``--backend batched`` (``rsd.eval.batched``, one host): ``--workers K`` env processes step LIBERO and send each
+observation to this process, which holds the one learned policy (on the GPU by default) and answers them in batches
+(one ``predict_chunks``, when every episode in progress has asked or ``--batch-window-ms`` has passed); a worker that
+dies has its episode re-run on a fresh one, counted once. ``summary.json``'s ``batched`` block (printed at the end)
+gives the batch sizes reached and the policy's latency per batch size.
 """
 
 from __future__ import annotations
@@ -113,7 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=protocol.NUM_TRIALS_PER_TASK,
                         help="trials per task; trial i starts from init state i (default 50)")
     parser.add_argument("--tasks", default=None, help="task ids, e.g. '0,3' or '0-4' (default: all)")
-    parser.add_argument("--workers", type=int, default=1, help="episodes run in this many spawned processes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="episodes run in this many spawned processes (--backend batched: env processes, the "
+                             "policy stays in this one)")
     parser.add_argument("--video", choices=VIDEO_MODES, default=None,
                         help="mp4 per episode: all, failures (default when rendering) or none")
     parser.add_argument("--render", action=argparse.BooleanOptionalAction, default=None,
@@ -160,10 +168,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "runs into its own --out (recorded in run.json with the whole request; --resume refuses "
                              "another shard); combine them with rsd merge OUT SHARD_DIR...")
     parser.add_argument("--backend", choices=BACKENDS, default="local",
-                        help="who runs the episodes: local (this process, or --workers spawned processes; default), "
-                             "ray (a Ray cluster, --address; --workers Ray workers), slurm (a SLURM job array of "
-                             "--shards N shards through submitit, merged into --out; see the options below). Recorded "
-                             "in run.json; --resume may use another backend (the results are the same files)")
+                        help="who runs the episodes: local (this process, or --workers spawned processes, each with "
+                             "its own copy of the policy; default), batched (--workers env processes step LIBERO and "
+                             "this process holds the one policy, e.g. on the GPU, answering their requests in batches: "
+                             "a learned policy only; the policy server's batch sizes and latencies go into "
+                             "summary.json's `batched` block and are printed at the end), ray (a Ray cluster, "
+                             "--address; --workers Ray workers), slurm (a SLURM job array of --shards N shards through "
+                             "submitit, merged into --out; see the options below). Recorded in run.json; --resume may "
+                             "use another backend (the results are the same files)")
+    parser.add_argument("--batch-window-ms", type=float, default=None, metavar="MS",
+                        help="--backend batched only: how long the policy server waits, after the first request of a "
+                             "batch, for the env workers still stepping their env (default "
+                             "rsd.eval.batched.DEFAULT_WINDOW_MS = 5 ms; a batch goes as soon as every worker in the "
+                             "middle of an episode has asked)")
     parser.add_argument("--address", default=None,
                         help="--backend ray only: the address of the Ray cluster to run on (handed to "
                              "rsd.eval.ray_backend.RayRunner; docs/distributed-eval.md)")
@@ -218,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, device=args.device, fast=args.fast,
                         trust_remote_code=args.trust_remote_code, center_crop=args.center_crop,
                         decode=args.decode, threshold=args.threshold, check_greedy=args.check_greedy,
-                        shard=shard, backend=args.backend, address=args.address)
+                        shard=shard, backend=args.backend, address=args.address,
+                        batch_window_ms=args.batch_window_ms)
     if slurm_options is not None:
         slurm.check_out(config.out, slurm_options.shards)  # before LIBERO is imported to resolve the tasks
         task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)

@@ -29,9 +29,10 @@ from rsd.sim import protocol
 
 __all__ = ["BACKENDS", "EvalConfig", "EvalOutcome", "episode_keys", "evaluate"]
 
-# who runs the episodes: local (this process, or --workers spawned processes), ray (rsd.eval.ray_backend.RayRunner,
-# on a Ray cluster), slurm (a submitit job array of shards, rsd.eval.slurm; each array task runs its shard locally)
-BACKENDS = ("local", "ray", "slurm")
+# who runs the episodes: local (this process, or --workers spawned processes), batched (--workers env processes and
+# one policy here serving them in batches, rsd.eval.batched.BatchedRunner), ray (rsd.eval.ray_backend.RayRunner, on a
+# Ray cluster), slurm (a submitit job array of shards, rsd.eval.slurm; each array task runs its shard locally)
+BACKENDS = ("local", "batched", "ray", "slurm")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class EvalConfig:
     shard: Shard | None = None  # --shard i/N: only that slice of the requested episodes (rsd.eval.shards)
     backend: str = "local"  # --backend (BACKENDS); recorded in run.json for information, --resume may change it
     address: str | None = None  # --address of the Ray cluster (backend ray only)
+    batch_window_ms: float | None = None  # --batch-window-ms of the policy server (backend batched only)
 
     def __post_init__(self) -> None:
         protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
@@ -78,10 +80,15 @@ class EvalConfig:
         if self.address is not None and self.backend != "ray":
             raise ConfigError(f"--address {self.address} names a Ray cluster and applies to --backend ray only; "
                               f"drop --address or pass --backend ray.")
+        if self.batch_window_ms is not None and (self.backend != "batched" or not self.batch_window_ms > 0):
+            raise ConfigError(f"--batch-window-ms {self.batch_window_ms} is the policy server's wait of --backend "
+                              f"batched, a number of milliseconds > 0: fix it, or drop it (or pass --backend batched).")
+        if self.backend == "batched":  # a policy that cannot serve several episodes at once: before anything is written
+            _check_batched_policy(self.policy)
         if self.shard is not None and not isinstance(self.shard, Shard):
             raise ConfigError(f"shard must be a rsd.eval.shards.Shard (parse_shard('i/N')), got {self.shard!r}.")
-        if self.backend == "local":  # Ray places its workers on the cluster; a SLURM array task checks its own cores
-            limits.check_workers(self.workers)
+        if self.backend in ("local", "batched"):  # Ray places its workers on a cluster; a SLURM array task checks
+            limits.check_workers(self.workers)  # its own cores
         elif self.workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {self.workers}.")
         if self.video not in VIDEO_MODES:
@@ -150,6 +157,17 @@ class EvalConfig:
                 "versions": versions()}
 
 
+def _check_batched_policy(spec: str) -> None:
+    """ConfigError for ``--backend batched`` with a policy spec that has no ``predict_chunks`` (the scripted ones and
+    OpenVLA-OFT's own pipeline); the runner checks the policy it makes too (``rsd.eval.batched.check_batchable``)."""
+    from rsd.policy.identity import is_scripted
+
+    if is_scripted(spec) or spec == "openvla-oft" or spec.startswith("openvla-oft:"):
+        raise ConfigError(f"--backend batched serves several episodes with one learned policy (predict_chunks); "
+                          f"--policy {spec} runs one episode at a time: use --backend local (--workers K), or a "
+                          f"learned policy (lowdim, lowdim-l1, a directory saved by RSDPolicy / L1Policy).")
+
+
 @dataclass(frozen=True)
 class EvalOutcome:
     summary: dict[str, Any]
@@ -171,6 +189,11 @@ def _default_runner(config: EvalConfig, policy_factory: Callable[[], Any]) -> Ru
 
         return RayRunner(settings, policy_factory, config.workers, address=config.address,
                          policy_device=policy_device(config.policy, config.device))
+    if config.backend == "batched":
+        from rsd.eval.batched import DEFAULT_WINDOW_MS, BatchedRunner
+
+        return BatchedRunner(settings, policy_factory, config.workers,
+                             window_ms=config.batch_window_ms or DEFAULT_WINDOW_MS)
     if config.backend == "slurm" and config.shard is None:
         raise ConfigError("--backend slurm runs one shard per SLURM array task (rsd.eval.slurm.run_slurm submits "
                           "them); evaluate() ran it without a shard: pass --shards N on the rsd eval command line.")
@@ -225,7 +248,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             runner = _default_runner(config, policy_factory) if todo else None
             if isinstance(runner, SerialRunner):  # its constructor made the policy: the start succeeded
                 started()
-            elif runner is not None:  # ParallelRunner, RayRunner: when the first worker has made its policy
+            elif runner is not None:  # ParallelRunner, RayRunner, BatchedRunner: when the first worker is ready
                 runner.on_ready = started
 
         bar = _progress(total=len(keys), initial=len(done), enabled=config.progress)
@@ -265,6 +288,9 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             "episodes_this_run": new,
             "episode_wall_s_total": float(sum(r.wall_s for r in latest_by_key(records).values())),
         })
+        server = getattr(runner, "server_stats", None)
+        if callable(server):  # --backend batched: the batches its policy server reached in this run
+            summary["batched"] = server()
         started()  # the runner did not raise: the run started (episodes may be cut by Ctrl-C)
         write_json_atomic(out / SUMMARY_NAME, summary)
         if config.plot:
@@ -272,6 +298,10 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             title = f"{config.suite} · {config.policy}{decode}{' · fast' if config.fast else ''} · seed {config.seed}"
             plot_summary(summary, out / PLOT_NAME, title)
     print(format_table(summary))
+    if "batched" in summary:
+        from rsd.eval.batched import format_server_stats
+
+        print(format_server_stats(summary["batched"]))
     print(f"wrote {out / SUMMARY_NAME}{', ' + str(out / PLOT_NAME) if config.plot else ''} and {out / RESULTS_NAME} "
           f"({new} new episodes)")
     if interrupted:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from rsd.errors import ConfigError
 from rsd.eval.records import EpisodeKey, EpisodeResult
-from rsd.eval.runners import EpisodeWorker, WorkerSettings, _picklable, worker_died_result
+from rsd.eval.runners import EpisodeWorker, WorkerSettings, _picklable, rerun_or_give_up
 
 __all__ = ["PASSED_ENV_VARS", "RayRunner", "import_ray", "actor_env_vars", "gpus_per_actor"]
 
@@ -253,18 +253,10 @@ class RayRunner:
                 raise ConfigError(f"WorkerDied: {run.startup_deaths} Ray actors died before they ran an episode "
                                   f"(last: {type(exc).__name__}: {why}); see their output above.") from exc
         else:
-            run.deaths[key] = run.deaths.get(key, 0) + 1
-            n = run.deaths[key]
-            print(f"rsd eval: Ray actor {actor.slot} ({actor.where}) died while running task {key.task_id} trial "
-                  f"{key.trial} ({type(exc).__name__}: {why}); "
-                  + ("re-running it on a fresh actor" if n <= self.retries else f"giving up after {n} deaths"),
-                  file=sys.stderr)
-            if n <= self.retries:
-                run.pending.appendleft(key)
-            else:
-                run.stopping = True
-                result = worker_died_result(key, self.settings.seed, f"WorkerDied: the Ray actor died {n} times "
-                                            f"(last: {type(exc).__name__}: {why})")
+            result = rerun_or_give_up(key, run.deaths, run.pending, retries=self.retries, seed=self.settings.seed,
+                                      who=f"Ray actor {actor.slot} ({actor.where})", replacement="actor",
+                                      what="the Ray actor", cause=f"{type(exc).__name__}: {why}")
+            run.stopping |= result is not None
         if not run.stopping and run.pending and len(run.actors) < self.workers:  # a fresh actor takes its place
             self.restarts += 1
             self._start(run)

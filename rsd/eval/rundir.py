@@ -31,7 +31,8 @@ LOCK_NAME = ".lock"
 RUN_KEYS = ("suite", "policy_kind", "policy_unnorm_key", "policy_content", "device", "seed", "render", "camera_size",
             "max_steps", "num_steps_wait", "fast", "policy_center_crop", "decode", "decode_threshold", "check_greedy")
 # Not in RUN_KEYS, on purpose:
-# - "backend": who ran the episodes (local, ray, slurm) changes no outcome; a run may be resumed with another backend.
+# - "backend": who ran the episodes (local, batched, ray, slurm) changes no outcome; a run may be resumed with another
+#   backend.
 # - "versions" (rsd, torch, numpy, mujoco, robosuite, libero): a resume after an upgrade stays possible (run.json
 #   files written before versions were recorded have none, and rsd's own version moves with every release, which
 #   would strand long runs); instead carry_versions keeps every earlier set under "versions_earlier", so the record

@@ -12,6 +12,7 @@ import contextlib
 import os
 import queue as _queue
 import signal
+import sys
 import time
 import traceback as _traceback
 from collections import deque
@@ -29,7 +30,7 @@ from rsd.sim.episode import EpisodeOutcome, run_episode
 from rsd.stats import percentiles
 
 __all__ = ["VIDEO_DIR", "VIDEO_MODES", "WorkerSettings", "VideoSink", "EpisodeWorker", "Runner", "SerialRunner",
-           "ParallelRunner", "worker_threads", "worker_died_result"]
+           "ParallelRunner", "worker_threads", "worker_died_result", "rerun_or_give_up"]
 
 VIDEO_DIR = "videos"
 VIDEO_MODES = ("all", "failures", "none")
@@ -137,6 +138,21 @@ def worker_died_result(key: EpisodeKey, seed: int, error: str) -> EpisodeResult:
                          init_state_index=key.init_state_index, success=False, steps=0,
                          error=f"{error} while running task {key.task_id} trial {key.trial}", latency_p50_ms=None,
                          latency_p90_ms=None, chunk_latencies_ms=(), wall_s=0.0, video=None, seed=seed)
+
+
+def rerun_or_give_up(key: EpisodeKey, deaths: dict[EpisodeKey, int], pending: deque[EpisodeKey], *, retries: int,
+                     seed: int, who: str, replacement: str, what: str, cause: str) -> EpisodeResult | None:
+    """``who`` (a worker) died while running ``key`` of ``cause``: the episode goes back to the front of ``pending``
+    (a fresh ``replacement`` runs it again, counted once) until it has died ``retries + 1`` times, then its errored
+    result (``WorkerDied: {what} died N times (last: cause)``; the caller stops the run). Says which on stderr."""
+    n = deaths[key] = deaths.get(key, 0) + 1
+    print(f"rsd eval: {who} died while running task {key.task_id} trial {key.trial} ({cause}); "
+          + (f"re-running it on a fresh {replacement}" if n <= retries else f"giving up after {n} deaths"),
+          file=sys.stderr)
+    if n <= retries:
+        pending.appendleft(key)
+        return None
+    return worker_died_result(key, seed, f"WorkerDied: {what} died {n} times (last: {cause})")
 
 
 class Runner(Protocol):

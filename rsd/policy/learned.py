@@ -12,6 +12,10 @@ The hidden state is validated once per chunk, at this boundary (``check_hidden``
 the heads and decoders behind it trust it. Any failure raises :class:`rsd.errors.ActionGenerationError`
 with the cause attached; no action is returned. Saved with ``save_pretrained(dir)``; ``rsd.policy.load_policy``
 loads any of them by the kind in ``policy.json``.
+
+Several episodes at once (``rsd eval --backend batched``): ``predict_chunks(observations, instructions, slots)`` runs
+the same path on a batch (hidden ``[B, D]``, codes ``[B, C, H, L]``, one chunk per row; ``rsd.policy.batching``
+stacks the rows), each row checked and reported on its own; ``reset_slot(slot)`` starts a slot's new episode.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from einops import rearrange
 from rsd.backbones.base import check_hidden
 from rsd.checkpoint import load_module, read_json, save_module, write_json
 from rsd.config import RSDConfig
-from rsd.errors import (ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError,
-                        NonFiniteError, ShapeError)
+from rsd.errors import ActionGenerationError, CheckpointMismatchError, CheckpointNotFoundError, ConfigError, ShapeError
 from rsd.normalize import BOUNDS_Q99, NORMALIZATIONS, NormStats
-from rsd.policy.greedy_check import compare_with_greedy
+from rsd.policy.batching import BatchedPrediction
+from rsd.policy.greedy_check import compare_rows_with_greedy
 from rsd.policy.postprocess import ActionPostprocessor
 from rsd.policy.protocol import ActionChunk
 from rsd.speculative import SpeculativeDecoder, greedy_decode
@@ -45,7 +49,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _LearnedPolicy:
+class _LearnedPolicy(BatchedPrediction):
     """Backbone -> hidden -> (subclass: normalized chunk) -> un-normalize -> gripper -> ActionChunk."""
 
     kind: str = ""
@@ -83,9 +87,7 @@ class _LearnedPolicy:
         try:
             return self._predict_chunk(observation, instruction)
         except Exception as exc:  # every failure surfaces, typed, with its cause; no action is returned
-            raise ActionGenerationError(
-                f"{type(self).__name__} failed to generate an action chunk for {instruction!r}: "
-                f"{type(exc).__name__}: {exc}") from exc
+            raise self._generation_error(instruction, exc) from exc
 
     def generate_action(self, observation: Mapping[str, Any], task_description: str) -> tuple[np.ndarray, dict]:
         """OpenVLA-style entry point: ``(actions [C, A], info)``."""
@@ -93,6 +95,12 @@ class _LearnedPolicy:
         return chunk.actions, chunk.info
 
     # -- pieces ------------------------------------------------------------------------------------------------
+    def _generation_error(self, instruction: str, exc: Exception) -> ActionGenerationError:
+        error = ActionGenerationError(f"{type(self).__name__} failed to generate an action chunk for {instruction!r}: "
+                                      f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
     @torch.inference_mode()
     def _predict_chunk(self, observation: Mapping[str, Any], instruction: str) -> ActionChunk:
         timing: dict[str, float] = {}
@@ -102,30 +110,11 @@ class _LearnedPolicy:
         hidden = hidden.to(self.device, torch.float32)
         if hidden.shape[0] != 1:
             raise ShapeError(f"predict_chunk takes one observation; the backbone returned a batch of {hidden.shape[0]}.")
-        t1 = time.perf_counter()  # check_hidden's read-back has waited for the backbone
-        timing["backbone_ms"] = 1e3 * (t1 - t0)
-
-        norm, info = self._normalized_chunk(hidden, timing)  # [1, C, A]
-        t2 = time.perf_counter()
-        norm_np = norm[0].detach().to("cpu", torch.float32).numpy()
-        if not np.isfinite(norm_np).all():
-            raise NonFiniteError("the decoded action chunk contains NaN/inf.")
-        actions = self.postprocess(norm_np)
-        timing["postprocess_ms"] = 1e3 * (time.perf_counter() - t2)
-        timing["total_ms"] = 1e3 * (time.perf_counter() - t0)
-        self.num_calls += 1
-
-        info.update({
-            "policy": self.kind,
-            "timing_ms": timing,
-            "hidden_shape": list(hidden.shape),
-            "hidden_norm": hidden_norm,
-            "action_min": float(actions.min()),
-            "action_max": float(actions.max()),
-            "first_action": actions[0].tolist(),
-            "num_calls": self.num_calls,
-        })
-        return ActionChunk(actions=actions, info=info)
+        timing["backbone_ms"] = 1e3 * (time.perf_counter() - t0)  # check_hidden's read-back waited for the backbone
+        [chunk] = self._chunks(hidden, [hidden_norm], timing, t0)
+        if isinstance(chunk, Exception):
+            raise chunk
+        return chunk
 
     def postprocess(self, normalized: np.ndarray) -> np.ndarray:
         """Normalized ``[C, A]`` -> env-ready ``[C, A]`` (``ActionPostprocessor``: clip, un-normalize, gripper)."""
@@ -134,7 +123,9 @@ class _LearnedPolicy:
                              f"({self.config.chunk_len}, {self.config.action_dim}).")
         return self.postprocessor(normalized)
 
-    def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
+    def _normalized_chunks(self, hidden: torch.Tensor, timing: dict[str, float]
+                           ) -> tuple[torch.Tensor, list[dict[str, Any] | Exception]]:
+        """hidden [B, D] -> (normalized chunks [B, C, A], per row its ``info`` or the exception that row raised)."""
         raise NotImplementedError
 
     # -- persistence -------------------------------------------------------------------------------------------
@@ -240,8 +231,10 @@ class RSDPolicy(_LearnedPolicy):
 
         self._graphed = GraphedRSDDecoder(self.head, self.tokenizer, device=self.device, compile=compile)
 
-    def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
-        info: dict[str, Any] = {"used_rfsq": True, "speculative": self.speculative, "graphed": self._graphed is not None}
+    def _normalized_chunks(self, hidden: torch.Tensor, timing: dict[str, float]
+                           ) -> tuple[torch.Tensor, list[dict[str, Any] | Exception]]:
+        base = {"used_rfsq": True, "speculative": self.speculative, "graphed": self._graphed is not None}
+        infos: list[dict[str, Any] | Exception] = [dict(base) for _ in range(hidden.shape[0])]
         t0 = time.perf_counter()
         if self._graphed is not None:  # tokens + detokenize in one graph, results on the host after one sync
             codes, norm = self._graphed.decode_to_host(hidden)
@@ -249,26 +242,31 @@ class RSDPolicy(_LearnedPolicy):
         else:
             if self._decoder is not None:
                 codes, stats = self._decoder.decode(hidden)
-                info["spec_stats"] = stats.to_dict()
+                for i, info in enumerate(infos):
+                    info["spec_stats"] = stats.row(i).to_dict()  # type: ignore[index]
                 if self.check_greedy:  # outside tokens_ms; its own time is greedy_check_ms
                     t_check = time.perf_counter()
-                    info["greedy_check"] = compare_with_greedy(self.head, hidden, codes, self._decoder.mode)
+                    checks = compare_rows_with_greedy(self.head, hidden, codes, self._decoder.mode)
                     timing["greedy_check_ms"] = 1e3 * (time.perf_counter() - t_check)
                     t0 += time.perf_counter() - t_check
+                    for i, check in enumerate(checks):  # a row refused by the check (exact) gets its error
+                        infos[i] = check if isinstance(check, Exception) else {**infos[i], "greedy_check": check}
             else:
                 codes = greedy_decode(self.head, hidden)
             _sync(self.device)
             t1 = time.perf_counter()
-            norm = self.tokenizer.decode_from_indices(codes)  # [1, C, A]
+            norm = self.tokenizer.decode_from_indices(codes)  # [B, C, A]
             _sync(self.device)
             timing["tokens_ms"] = 1e3 * (t1 - t0)
             timing["detokenize_ms"] = 1e3 * (time.perf_counter() - t1)
         codes_cpu = codes.to("cpu")  # one device->host copy for all diagnostics
-        info["codes_shape"] = list(codes_cpu.shape)
-        histogram = _code_histogram(codes_cpu, self.config.num_levels)  # [L, G]
-        info["code_histogram"] = histogram.tolist()
-        info["distinct_codes"] = int((histogram.sum(axis=0) > 0).sum())
-        return norm, info
+        for i, info in enumerate(infos):
+            if isinstance(info, dict):
+                row = codes_cpu[i: i + 1]  # [1, C, H, L]
+                histogram = _code_histogram(row, self.config.num_levels)  # [L, G]
+                info.update(codes_shape=list(row.shape), code_histogram=histogram.tolist(),
+                            distinct_codes=int((histogram.sum(axis=0) > 0).sum()))
+        return norm, infos
 
     # -- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -327,12 +325,13 @@ class L1Policy(_LearnedPolicy):
                          action_normalization=action_normalization)
         self.head = head.to(self.device).eval()
 
-    def _normalized_chunk(self, hidden: torch.Tensor, timing: dict[str, float]) -> tuple[torch.Tensor, dict]:
+    def _normalized_chunks(self, hidden: torch.Tensor, timing: dict[str, float]
+                           ) -> tuple[torch.Tensor, list[dict[str, Any] | Exception]]:
         t0 = time.perf_counter()
-        norm = self.head(hidden)  # [1, C, A]
+        norm = self.head(hidden)  # [B, C, A]
         _sync(self.device)
         timing["head_ms"] = 1e3 * (time.perf_counter() - t0)
-        return norm, {"used_rfsq": False}
+        return norm, [{"used_rfsq": False} for _ in range(hidden.shape[0])]
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)

@@ -22,7 +22,7 @@ CORE = ("rsd.errors", "rsd.config", "rsd.stats", "rsd.limits", "rsd.fingerprint"
         "rsd.heads", "rsd.speculative", "rsd.fastpath", "rsd.backbones", "rsd.suites", "rsd.prompt",
         "rsd.policy.protocol", "rsd.policy.identity",
         "rsd.policy.postprocess", "rsd.policy.learned", "rsd.policy.oft", "rsd.policy.roundtrip",
-        "rsd.policy.decode", "rsd.policy.greedy_check", "rsd.policy.packaged", "rsd.corruption")
+        "rsd.policy.decode", "rsd.policy.greedy_check", "rsd.policy.packaged", "rsd.policy.batching", "rsd.corruption")
 OUTSIDE_CORE = ("rsd.sim", "rsd.eval", "rsd.cli", "rsd.collect", "rsd.train", "rsd.bench", "rsd.gpu_bench", "rsd.info",
                 "rsd.sensitivity", "rsd.sensitivity_replay")
 # The simulator: never reaches model internals; it knows policies only through their protocol.

@@ -1,0 +1,77 @@
+"""Env workers and policies for the tests of ``rsd eval --backend batched`` (``rsd.eval.batched.BatchedRunner``) on
+``FakeEnv`` (no LIBERO). The workers live in an importable module because the spawned env processes unpickle them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from rsd.eval.records import EpisodeKey, EpisodeResult
+from rsd.eval.runners import EpisodeWorker, WorkerSettings
+from tests._fake_env import FakeEnv
+from tests._ray_world import KeyAwareWorker, KillsItselfOnce
+
+SUITE = "libero_spatial"
+TARGET = 1.0  # FakeEnv's summed dx to succeed, per task number
+IMAGE = 32  # tests.policy_factory.IMAGE (not imported: that module imports the model code a worker must not)
+# what an env worker must never import: the model pipeline stays in the policy server
+MODEL_MODULES = ("rsd.policy.learned", "rsd.policy.batching", "rsd.backbones", "rsd.heads", "rsd.speculative",
+                 "rsd.tokenizer", "rsd.fastpath")
+
+
+def settings(out: Path) -> WorkerSettings:
+    return WorkerSettings(suite=SUITE, render=True, camera_size=IMAGE, seed=7, video="none", out=out)
+
+
+class TinyEnvWorker(EpisodeWorker):
+    """``EpisodeWorker`` on ``FakeEnv`` rendering ``IMAGE`` px cameras (what the tiny policies read): task t
+    succeeds once the summed dx reaches ``TARGET * (t + 1)``. Tells its policy which episode it runs (``policy.key``,
+    when it has one). ``report_dir``: after each episode, the model modules this process has imported and whether
+    it initialised CUDA go to ``worker-<pid>.json`` there."""
+
+    def __init__(self, settings: WorkerSettings, policy: Any, report_dir: str | None = None) -> None:
+        super().__init__(settings, policy)
+        self.report_dir = report_dir
+
+    def _get_env(self, task_id: int) -> Any:
+        if self._env_task != task_id:
+            self._env = FakeEnv(target=TARGET * (task_id + 1), render=True, image_size=IMAGE)
+            self._env.task = SimpleNamespace(name=f"fake_task_{task_id}", instruction=f"push {task_id}")
+            self._env_task = task_id
+        return self._env
+
+    def run(self, key: EpisodeKey) -> EpisodeResult:
+        if hasattr(self.policy, "key"):
+            self.policy.key = (key.task_id, key.trial)
+        result = super().run(key)
+        if self.report_dir is not None:
+            cuda = sys.modules.get("torch.cuda")
+            Path(self.report_dir, f"worker-{os.getpid()}.json").write_text(json.dumps({
+                "model_modules": sorted(m for m in sys.modules if m.startswith(MODEL_MODULES)),
+                "cuda_initialized": bool(cuda is not None and cuda.is_initialized())}))
+        return result
+
+    def close(self) -> None:
+        self._env, self._env_task = None, None
+
+
+def reporting_worker(settings: WorkerSettings, client: Any, report_dir: str) -> TinyEnvWorker:
+    return TinyEnvWorker(settings, client, report_dir)
+
+
+def killing_worker(settings: WorkerSettings, client: Any, target: tuple[int, int], marker: str) -> TinyEnvWorker:
+    """A worker whose process SIGKILLs itself at the 2nd chunk of episode ``target`` (task, trial), the first time
+    only (``marker``: tests._ray_world.KillsItselfOnce)."""
+    return TinyEnvWorker(settings, KillsItselfOnce(client, target, marker, chunk=2))
+
+
+def killing_libero_worker(settings: WorkerSettings, client: Any, target: tuple[int, int],
+                          marker: str) -> EpisodeWorker:
+    """The real ``EpisodeWorker`` (LIBERO), whose process SIGKILLs itself at the 2nd chunk of episode ``target``,
+    the first time only."""
+    return KeyAwareWorker(settings, KillsItselfOnce(client, target, marker, chunk=2))

@@ -1,0 +1,113 @@
+"""``rsd eval --backend batched`` (``rsd.eval.batched.BatchedRunner``) on ``FakeEnv`` with a tiny learned policy, no
+LIBERO: spawned env workers and the policy server in this process give the serial runner's episodes, episode for
+episode; the env workers import no model code and never initialise CUDA; a policy error reaches only its episode;
+a worker killed in the middle of an episode is replaced and the episode recorded once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rsd import eval as ev
+from rsd.eval.batched import BatchedRunner
+from rsd.eval.records import EpisodeKey
+from rsd.policy import load_policy
+from tests._batched_world import SUITE, TinyEnvWorker, killing_worker, reporting_worker, settings
+from tests.policy_factory import tiny_rsd_policy
+
+pytestmark = pytest.mark.integration
+
+TASKS, TRIALS = (0, 1), 3
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("policy") / "tiny_rsd"
+    tiny_rsd_policy(speculative=True).save_pretrained(directory)
+    return directory
+
+
+def _factory(saved: Path) -> Any:
+    return functools.partial(load_policy, saved, decode="exact")  # speculative exact, every chunk greedy-checked
+
+
+def _keys(tasks: tuple[int, ...] = TASKS, trials: int = TRIALS) -> list[EpisodeKey]:
+    return [EpisodeKey(SUITE, t, i) for t in tasks for i in range(trials)]
+
+
+def _outcome(r: Any) -> tuple:
+    spec = r.speculative
+    return (r.success, r.steps, r.error, len(r.chunk_latencies_ms), spec.chunks, spec.greedy_checked,
+            spec.greedy_mismatched)
+
+
+@pytest.fixture(scope="module")
+def serial(saved: Path, tmp_path_factory) -> dict[tuple[int, int], tuple]:
+    worker = TinyEnvWorker(settings(tmp_path_factory.mktemp("serial")), _factory(saved)())
+    return {(k.task_id, k.trial): _outcome(worker.run(k)) for k in _keys()}
+
+
+def test_batched_eval_equals_the_serial_runner(saved: Path, serial, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out, reports = tmp_path / "run", tmp_path / "reports"
+    reports.mkdir()
+    runner = BatchedRunner(settings(out), _factory(saved), 2)
+    runner.worker_factory = functools.partial(reporting_worker, report_dir=str(reports))
+    config = ev.EvalConfig(suite=SUITE, policy=str(saved), out=out, trials=TRIALS, tasks=TASKS, render=True,
+                           video="none", progress=False, plot=False, decode="exact", device="cpu", backend="batched")
+    outcome = ev.evaluate(config, list(TASKS), runner=runner)
+    assert outcome.exit_code == 0
+    records = {(r.task_id, r.trial): r for r in ev.ResultsFile(out / ev.RESULTS_NAME).load()}
+    assert {k: _outcome(r) for k, r in records.items()} == serial
+    assert all(r.speculative.greedy_mismatched == 0 for r in records.values())
+
+    stats = outcome.summary["batched"]  # the policy server's batches: every chunk of every episode, once
+    assert stats["chunks"] == sum(v[3] for v in serial.values()) and stats["workers"] == 2
+    assert set(stats["batch_sizes"]) <= {"1", "2"} and stats["worker_restarts"] == 0
+    assert json.loads((out / ev.SUMMARY_NAME).read_text())["batched"] == stats
+    assert json.loads((out / ev.RUN_NAME).read_text())["backend"] == "batched"
+    assert "policy server (--backend batched)" in capsys.readouterr().out
+
+    seen = [json.loads(p.read_text()) for p in reports.glob("worker-*.json")]
+    assert len(seen) == 2 and all(s == {"model_modules": [], "cuda_initialized": False} for s in seen)
+
+
+def test_a_policy_error_reaches_only_its_episode(saved: Path, serial, tmp_path: Path) -> None:
+    def dead_on_task_1() -> Any:  # the backbone's output for task 1's instruction is all zero: a dead hidden state
+        policy = _factory(saved)()
+        encode = policy.backbone.encode
+
+        def encode_rows(observation: dict, instruction: Any, **kw: Any) -> torch.Tensor:
+            hidden = encode(observation, instruction, **kw)
+            dead = torch.tensor([text == "push 1" for text in instruction])
+            return torch.where(dead[:, None], torch.zeros_like(hidden), hidden)
+
+        policy.backbone.encode = encode_rows
+        return policy
+
+    keys = [EpisodeKey(SUITE, 0, 0), EpisodeKey(SUITE, 0, 1), EpisodeKey(SUITE, 1, 0)]
+    runner = BatchedRunner(settings(tmp_path), dead_on_task_1, 2)
+    runner.worker_factory = TinyEnvWorker
+    got = {(r.task_id, r.trial): r for r in runner.results(keys)}
+    assert "DeadHiddenStateError" in got[1, 0].error and "'push 1'" in got[1, 0].error
+    assert "policy server" in got[1, 0].traceback
+    assert {k: _outcome(r) for k, r in got.items() if k[0] == 0} == {k: serial[k] for k in ((0, 0), (0, 1))}
+
+
+def test_a_killed_worker_s_episode_runs_again_and_is_recorded_once(saved: Path, serial, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "killed"
+    runner = BatchedRunner(settings(tmp_path), _factory(saved), 2)
+    runner.worker_factory = functools.partial(killing_worker, target=(1, 1), marker=str(marker))
+    results = list(runner.results(_keys()))
+    assert marker.exists() and runner.restarts == 1
+    assert len(results) == len(_keys()) and len({(r.task_id, r.trial) for r in results}) == len(results)
+    assert {(r.task_id, r.trial): _outcome(r) for r in results} == serial
+    assert "while running task 1 trial 1 (exit code -9); re-running it on a fresh worker" in capsys.readouterr().err
+    assert runner.server_stats()["worker_restarts"] == 1
