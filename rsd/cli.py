@@ -22,7 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("rsd.eval.cli", "evaluate a policy on LIBERO with the OpenVLA-OFT protocol"),
     "merge": ("rsd.eval.merge", "combine the run directories of rsd eval --shard i/N into one run"),
     "collect": ("rsd.collect", "record scripted-expert episodes to HDF5 (LIBERO demo layout)"),
-    "render-demos": ("rsd.train.render_views", "render both camera views of unrendered demos by replaying their states"),
+    "render-demos": ("rsd.train.render_views", "render both camera views of unrendered demos by re-running them"),
     "train-tokenizer": ("rsd.train.tokenizer_cli", "fit the RFSQ tokenizer on recorded action chunks"),
     "sensitivity": ("rsd.sensitivity", "task success vs token accuracy: demos replayed with corrupted tokens"),
     "train-policy": ("rsd.train.policy_cli", "train a low-dimensional RSD policy (RFSQ + draft + L1 heads) on demos"),

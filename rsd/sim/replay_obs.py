@@ -1,20 +1,20 @@
-"""The observations a recorded episode saw, re-created from its recorded states without re-running its physics.
+"""The observations a recorded episode saw, re-created by re-running it: its scene, the protocol's settle steps, then
+the actions the env executed, in a rendered env.
 
-What robosuite hands a policy after a control step is not the state at the end of that step. One control step is
-25 physics substeps (20 Hz control, 2 ms substeps); every observable (cameras and proprio) is *sampled* at the first
-substep of its 50 ms sampling period, when its timer allows (``robosuite.utils.observables.Observable.update``),
-and ``env.step`` returns those samples. So the frame the policy sees before action ``t`` shows the scene one or two
-substeps into action ``t - 1``, not the recorded state ``states[t]`` (the state before action ``t``, after all 25
-substeps): measured on a libero_spatial demo, rendering ``states[t]`` itself differs from the recorded frame in
-4 % of the agentview and 36-46 % of the wrist-camera pixels (up to 157 levels) while the arm moves.
+Why re-run rather than show the env each recorded state: what robosuite hands a policy after a control step is not
+the state at the end of that step. A control step is 25 physics substeps (20 Hz control, 2 ms substeps), and every
+observable (cameras and proprio) is *sampled* at the first substep of its 50 ms period
+(``robosuite.utils.observables.Observable.update``). The frame a policy sees before action ``t`` shows the scene one
+substep into action ``t - 1``, not ``states[t]``: measured on a libero_spatial demo, rendering ``states[t]`` itself
+differs from the recorded frame in 4 % of the agentview and 36-46 % of the wrist-camera pixels (up to 157 levels)
+while the arm moves. Re-running the episode reproduces that timing by construction, and needs only what every
+``rsd collect`` demo keeps: the scene (``rsd_scene_init_state`` and its fixture poses), the executed actions, and
+the recorded proprio to check against.
 
-:func:`replay_observations` therefore runs robosuite's own substep loop for each recorded step, from the recorded
-state before it, with the action that was executed, but steps the physics only until the observables have taken
-their sample for the period (one or two substeps) and for the rest only advances their timers and the gripper's
-command state (its PandaGripper integrates the command at every substep; the arm's torques no longer matter). The 10 settle steps run for real from the
-scene's init state and must land exactly on ``states[0]``, which checks the scene and fixtures. What can still
-differ from the recording is the solver's warm start of the one re-run substep (it is not part of the flattened
-state): the test compares the frames with a rendered recording.
+The simulator is deterministic given the scene and the actions, so the re-run must meet the recording: at every
+step the sampled proprio (end-effector position and axis-angle, gripper joints) must equal the demo's recorded
+``ee_pos`` / ``ee_ori`` / ``gripper_states`` exactly, or :func:`replay_observations` raises (another scene, wrong
+fixture poses, another simulator version).
 """
 
 from __future__ import annotations
@@ -26,69 +26,41 @@ import numpy as np
 from rsd.errors import ConfigError, ShapeError
 from rsd.sim import protocol
 
-__all__ = ["replay_observations"]
+__all__ = ["replay_observations", "ReplayMismatchError"]
 
 
-def _camera_observables(inner: Any) -> list[Any]:
-    names = [n for n in inner._observables if n.endswith("_image")]
-    if not names:
-        raise ConfigError("replay_observations needs a rendered env (make_env(..., render=True)): it has no cameras.")
-    return [inner._observables[n] for n in names]
+class ReplayMismatchError(ConfigError):
+    """The re-run left the recorded trajectory: its proprio differs from the demo's at some step."""
 
 
-def _advance_grippers(inner: Any, action: np.ndarray) -> None:
-    """What ``Robot.control`` does to the gripper's own state in one substep: ``format_action`` (PandaGripper
-    integrates its command there); the ctrl values it writes are the next state's business."""
-    cutoff = 0
-    for robot in inner.robots:
-        part = action[cutoff:cutoff + robot.action_dim]
-        if robot.has_gripper:
-            robot.gripper.format_action(part[robot.controller.control_dim:])
-        cutoff += robot.action_dim
+def _proprio(raw: dict[str, Any]) -> np.ndarray:
+    """The recorded proprio of one step, as ``rsd collect`` stores it (ee_pos 3, ee_ori 3, gripper_states 2)."""
+    return np.concatenate([np.asarray(raw["robot0_eef_pos"], np.float64), protocol.quat2axisangle(raw["robot0_eef_quat"]),
+                           np.asarray(raw["robot0_gripper_qpos"], np.float64)])
 
 
-def replay_observations(env: Any, scene_state: np.ndarray, fixtures: dict[str, Any] | None, states: np.ndarray,
-                        executed_actions: np.ndarray) -> Iterator[dict[str, Any]]:
-    """Yield the observation before each recorded action ``t`` (``make_observation`` of it: ``full_image``,
-    ``wrist_image`` as ``rsd eval`` makes them), for a demo recorded by ``rsd collect``: its scene
-    (``rsd_scene_init_state`` and the scene's fixture poses), ``states`` [T, S] and the actions the env executed
-    [T, 7] (``obs/executed_actions`` of a DART demo, else ``actions``). ConfigError when the settle steps do not
-    reproduce ``states[0]`` (another scene, fixtures or simulator version)."""
-    from rsd.sim.libero import make_observation
-
-    states = np.asarray(states, dtype=np.float64)
+def replay_observations(env: Any, scene_state: np.ndarray, fixtures: dict[str, Any] | None,
+                        executed_actions: np.ndarray, recorded_proprio: np.ndarray) -> Iterator[dict[str, Any]]:
+    """Yield the observation before each recorded action ``t`` (``make_observation``: ``full_image``,
+    ``wrist_image`` as ``rsd eval`` makes them) of a demo recorded by ``rsd collect``: from its scene, the actions
+    the env executed [T, 7] (``obs/executed_actions`` of a DART demo, else ``actions``) and the recorded proprio
+    [T, 8] (``ee_pos``, ``ee_ori``, ``gripper_states``) that every re-run step must equal
+    (:class:`ReplayMismatchError` otherwise). ``env`` is a rendered ``LiberoEnv`` of the demo's task."""
     actions = np.asarray(executed_actions, dtype=np.float64)
-    if states.ndim != 2 or actions.shape != (len(states), protocol.ACTION_DIM):
-        raise ShapeError(f"need states [T, S] and executed actions [T, {protocol.ACTION_DIM}] with one T, got "
-                         f"{list(states.shape)} and {list(actions.shape)}.")
+    proprio = np.asarray(recorded_proprio, dtype=np.float64)
+    if actions.ndim != 2 or actions.shape[1] != protocol.ACTION_DIM or proprio.shape != (len(actions), 8):
+        raise ShapeError(f"need executed actions [T, {protocol.ACTION_DIM}] and recorded proprio [T, 8] with one T, "
+                         f"got {list(actions.shape)} and {list(proprio.shape)}.")
     obs = env.reset_to_state(scene_state, fixtures)
     for _ in range(protocol.NUM_STEPS_WAIT):
         obs, _ = env.step(protocol.dummy_action())
-    settled = np.asarray(env.raw_env.get_sim_state(), dtype=np.float64)
-    if not np.array_equal(settled, states[0]):
-        raise ConfigError(f"the settle steps from the demo's scene reach another state than its states[0] (max "
-                          f"difference {np.max(np.abs(settled - states[0])):.3g}): wrong fixture poses, or the "
-                          f"simulator changed since the recording.")
-    yield obs
-    inner = env.raw_env.env  # the robosuite env: its substep loop is re-run below
-    cameras = _camera_observables(inner)
-    substeps = int(round(inner.control_timestep / inner.model_timestep))
-    for t in range(1, len(states)):
-        inner.sim.set_state_from_flattened(states[t - 1])
-        inner.sim.forward()
-        before = [c._current_observed_value for c in cameras]
-        stepping = True
-        for i in range(substeps):  # robosuite.environments.base.MujocoEnv.step's loop
-            if stepping:
-                inner.sim.forward()
-                inner._pre_action(actions[t - 1], policy_step=i == 0)  # arm controller's goal + torques, gripper
-                inner.sim.step()
-            else:  # the arm's torques no longer matter; the gripper's command still integrates at every substep
-                _advance_grippers(inner, actions[t - 1])
-            inner._update_observables()
-            if stepping and all(c._current_observed_value is not b for c, b in zip(cameras, before)):
-                stepping = False  # sampled: the rest of the step only advances timers and the gripper command
-        if stepping:
-            raise ConfigError(f"step {t}: the cameras took no sample during a control step; robosuite's observable "
-                              f"timing is not the one this replay mirrors.")
-        yield make_observation(inner._get_observations(), with_images=True)
+    for t in range(len(actions)):
+        seen = _proprio(env.raw_obs)
+        if not np.array_equal(seen, proprio[t]):
+            raise ReplayMismatchError(
+                f"step {t} of {len(actions)}: the re-run's proprio differs from the recording by up to "
+                f"{np.max(np.abs(seen - proprio[t])):.3g} (another scene, wrong fixture poses, or a simulator that "
+                f"changed since the recording).")
+        yield obs
+        if t + 1 < len(actions):
+            obs, _ = env.step(actions[t])

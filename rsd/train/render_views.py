@@ -1,12 +1,10 @@
-"""``rsd render-demos``: the camera views of demos recorded without images, rendered by replaying their states.
+"""``rsd render-demos``: the camera views of demos recorded without images, rendered by re-running them.
 
-A demo recorded by ``rsd collect`` keeps the flattened MuJoCo state before every action (``states`` [T, S]), the
-actions the env executed and the scene it started from (``rsd_scene_seed``, ``rsd_scene_init_state``).
-``rsd.sim.replay_obs.replay_observations`` re-creates the observation the episode saw before each action from these,
-re-running only the one or two physics substeps at which robosuite samples its cameras (not the state at the end of
-the previous step: robosuite's observations lag it). A test compares the frames with a demo recorded with
-``--render``. So the unrendered demos a low-dimensional policy trained on become a pixel policy's demos, the same
-episodes, at little more than the cost of rendering.
+A demo recorded by ``rsd collect`` keeps the scene it started from (``rsd_scene_seed``, ``rsd_scene_init_state``),
+the actions the env executed and the proprio it observed. ``rsd.sim.replay_obs.replay_observations`` re-runs the
+episode in a rendered env (deterministic given the scene and the actions) and checks its proprio against the
+recording at every step; a test compares the frames with a demo recorded with ``--render``. So the unrendered demos
+a low-dimensional policy trained on become a pixel policy's demos, the same episodes.
 
 Per step and view, the frame goes through exactly what ``rsd eval`` feeds a policy and what
 ``rsd.train.pixel_data`` makes of recorded frames: ``rsd.images.oft_model_input`` (rotate 180, JPEG q95 round trip,
@@ -47,8 +45,9 @@ from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigE
 __all__ = ["HELP", "add_arguments", "run", "views_path", "read_views", "render_views", "walk_fixtures",
            "VIEWS_FORMAT"]
 
-HELP = "render both camera views of unrendered demos by replaying their recorded states (pixel training data)"
+HELP = "render both camera views of unrendered demos by re-running their recorded actions (pixel training data)"
 VIEWS_FORMAT = 1
+_PROPRIO = ("ee_pos", "ee_ori", "gripper_states")  # what the replay checks at every step
 DEMOS_PER_JOB = 8  # demos one worker renders in a row with one env (env creation amortized; ~100 MB per result)
 
 
@@ -113,8 +112,8 @@ class _Job:
     task_id: int
     names: tuple[str, ...]
     scenes: tuple[np.ndarray, ...]  # float64 [S] per demo: rsd_scene_init_state, before the settle steps
-    states: tuple[np.ndarray, ...]  # float64 [T, S] per demo
     executed: tuple[np.ndarray, ...]  # float64 [T, 7] per demo: the actions the env ran (DART: not the labels)
+    proprio: tuple[np.ndarray, ...]  # float64 [T, 8] per demo: recorded ee_pos, ee_ori, gripper_states
     fixtures: tuple[dict[str, list[float]], ...]
 
 
@@ -137,10 +136,10 @@ class _Renderer:
             self.env = make_env(job.suite, job.task_id, render=True, camera_size=self.camera_size)
             self.task = (job.suite, job.task_id)
         out = []
-        for name, scene, states, executed, fixtures in zip(job.names, job.scenes, job.states, job.executed,
-                                                           job.fixtures):
+        for name, scene, executed, proprio, fixtures in zip(job.names, job.scenes, job.executed, job.proprio,
+                                                            job.fixtures):
             full, wrist = [], []
-            for obs in replay_observations(self.env, scene, fixtures, states, executed):
+            for obs in replay_observations(self.env, scene, fixtures, executed, proprio):
                 full.append(obs[FULL_IMAGE])
                 wrist.append(obs[WRIST_IMAGE])
             views = [resize_to_model(np.stack(frames), self.image_size).numpy() for frames in (full, wrist)]
@@ -176,8 +175,10 @@ def _render_in_worker(job: _Job) -> list[tuple[str, str, np.ndarray]]:
 def _jobs(recorded: Sequence[tuple[Path, Any]], fixtures: dict[str, dict[str, list[float]]]) -> list[_Job]:
     by_task: dict[tuple[str, str, int], list[Any]] = {}
     for path, demo in recorded:
-        if demo.states is None:
-            raise ShapeError(f"{path}:{demo.name} has no states: only demos with recorded states can be rendered.")
+        missing = [k for k in _PROPRIO if k not in demo.obs]
+        if missing:
+            raise ShapeError(f"{path}:{demo.name} lacks obs/{missing}: the replay checks every step against the "
+                             f"recorded proprio; record demos with `rsd collect`.")
         by_task.setdefault((str(path), str(demo.attrs["rsd_suite"]), int(demo.attrs["rsd_task_id"])), []).append(demo)
     jobs = []
     for (path, suite, task_id), demos in by_task.items():
@@ -185,8 +186,9 @@ def _jobs(recorded: Sequence[tuple[Path, Any]], fixtures: dict[str, dict[str, li
             part = demos[i:i + DEMOS_PER_JOB]
             jobs.append(_Job(path, suite, task_id, tuple(d.name for d in part),
                              tuple(np.asarray(d.attrs["rsd_scene_init_state"], dtype=np.float64) for d in part),
-                             tuple(np.asarray(d.states, dtype=np.float64) for d in part),
                              tuple(np.asarray(d.obs.get("executed_actions", d.actions), dtype=np.float64)
+                                   for d in part),
+                             tuple(np.concatenate([np.asarray(d.obs[k], np.float64) for k in _PROPRIO], axis=1)
                                    for d in part),
                              tuple(fixtures[_demo_id(Path(path), d.name)] for d in part)))
     return jobs
@@ -246,7 +248,7 @@ def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: in
         times["walk_s"] = time.perf_counter() - t0
         jobs = _jobs(recorded, fixtures)
         writers = {str(p): _ViewsWriter(Path(p), image_size, camera_size, command) for p in demo_files}
-        total = sum(len(s) for j in jobs for s in j.states)
+        total = sum(len(a) for j in jobs for a in j.executed)
         t1 = time.perf_counter()
         try:
             with tqdm(total=total, unit="step", desc="rsd render-demos", disable=not progress, file=sys.stderr) as bar:

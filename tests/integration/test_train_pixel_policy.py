@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rsd.action_space import ActionSpace
-from rsd.errors import ConfigError, ShapeError
+from rsd.errors import CheckpointNotFoundError, ConfigError
 from rsd.images import IMAGE_SIZE
 from rsd.observation import FULL_IMAGE, STATE, WRIST_IMAGE
 from rsd.sim.demos import DemoWriter
@@ -105,7 +105,8 @@ def test_a_resumed_pixel_run_equals_an_uninterrupted_one(world: dict, tmp_path: 
 
 
 def test_demos_without_images_are_refused_by_name(world: dict, tmp_path: Path) -> None:
-    with pytest.raises(ShapeError, match=r"rsd collect --render"):
+    """No camera frames and no views file from ``rsd render-demos`` beside the demo file: refused, naming both fixes."""
+    with pytest.raises(CheckpointNotFoundError, match=r"rsd render-demos .*rsd collect --render"):
         train_on(world, tmp_path / "run", _config(), demos="unrendered")
 
 
