@@ -154,8 +154,8 @@ class _FromScene:
     def reset(self, _index: int) -> dict[str, Any]:
         return self.env.reset_to_state(self.state, self.fixtures)
 
-    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool]:
-        return self.env.step(action)
+    def step(self, action: np.ndarray, *, images: bool = True) -> tuple[dict[str, Any], bool]:
+        return self.env.step(action, images=images)
 
     def frame(self) -> np.ndarray:
         return self.env.frame()

@@ -19,7 +19,8 @@ class FakeEnv:
     As ``rsd.sim.libero.LiberoEnv``: ``reset(i)`` (``0 <= i < num_init_states``) and ``step(action)`` return
     observations of the contract (``rsd.observation``; seeded ``ObservationSpec.fake`` data, the cameras only when
     ``render``), whose ``raw`` is ``{"t": steps since the reset}``; ``step`` checks its action with
-    ``protocol.validate_action`` and returns ``(obs, done)``; ``frame()`` needs ``render``. ``actions`` holds
+    ``protocol.validate_action`` and returns ``(obs, done)`` (without the cameras for ``images=False``, as
+    ``LiberoEnv``); ``frame()`` needs ``render``. ``actions`` holds
     every action executed since the last reset.
     """
 
@@ -33,6 +34,7 @@ class FakeEnv:
         self.total = 0.0
         self._init_state: int | None = None
         self._obs: dict[str, Any] = {}
+        self.unobserved_steps = 0
 
     def reset(self, init_state_index: int) -> dict[str, Any]:
         if not isinstance(init_state_index, (int, np.integer)) or not 0 <= init_state_index < self.num_init_states:
@@ -40,9 +42,10 @@ class FakeEnv:
                               f"got {init_state_index!r}")
         self._init_state = int(init_state_index)
         self.actions, self.total = [], 0.0
+        self.unobserved_steps = 0  # steps run with images=False (run_episode: no policy reads their observation)
         return self._observe()
 
-    def step(self, action: Any) -> tuple[dict[str, Any], bool]:
+    def step(self, action: Any, *, images: bool = True) -> tuple[dict[str, Any], bool]:
         if self._init_state is None:
             raise SimSetupError("call reset(init_state_index) before step()")
         a = protocol.validate_action(action)
@@ -50,7 +53,11 @@ class FakeEnv:
         waiting = len(self.actions) <= protocol.NUM_STEPS_WAIT
         if not waiting:
             self.total += float(a[0])
-        return self._observe(), (self.total >= self.target) or waiting  # done during the wait: ignored
+        self.unobserved_steps += not images
+        obs = self._observe()
+        if not images:  # as LiberoEnv: the policy images left out (frame() keeps the camera)
+            obs = {k: v for k, v in obs.items() if k not in IMAGE_KEYS}
+        return obs, (self.total >= self.target) or waiting  # done during the wait: ignored
 
     def frame(self) -> np.ndarray:
         if not self.render:

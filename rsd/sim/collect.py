@@ -150,8 +150,8 @@ class _FreshScenes:
     def reset(self, scene_seed: int) -> dict[str, Any]:
         return self.env.reset_scene(scene_seed)
 
-    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool]:
-        return self.env.step(action)
+    def step(self, action: np.ndarray, *, images: bool = True) -> tuple[dict[str, Any], bool]:
+        return self.env.step(action, images=images)
 
     def frame(self) -> np.ndarray:
         return self.env.frame()

@@ -280,8 +280,9 @@ class LiberoEnv:
         """The init state of the last ``reset_scene`` (float64 [S], a copy), None before one."""
         return None if self._scene_state is None else self._scene_state.copy()
 
-    def step(self, action: Any) -> tuple[dict[str, Any], bool]:
-        """Apply one env-ready action float [7] (gripper -1 open / +1 close) -> ``(obs, done)``."""
+    def step(self, action: Any, *, images: bool = True) -> tuple[dict[str, Any], bool]:
+        """Apply one env-ready action float [7] (gripper -1 open / +1 close) -> ``(obs, done)``; ``images=False``
+        leaves the policy images out of ``obs`` (rendered all the same: ``raw`` and ``frame()`` keep them)."""
         self._check_open()
         if self._raw_obs is None:
             raise SimSetupError("call reset(init_state_index) before step()")
@@ -292,7 +293,7 @@ class LiberoEnv:
         raw, _reward, done, _info = self.raw_env.step(a)
         self._raw_obs = raw
         self._steps += 1
-        return make_observation(raw, with_images=self.render), bool(done)
+        return make_observation(raw, with_images=self.render and images), bool(done)
 
     def check_success(self) -> bool:
         self._check_open()

@@ -69,3 +69,19 @@ def test_bad_chunk_shape_is_an_episode_error() -> None:
 
     out = run_episode(FakeEnv(), WrongDims(), "do it", 0, max_steps=5)
     assert out.error is not None and out.error.startswith("ShapeError")
+
+
+def test_only_observations_a_policy_reads_carry_policy_images() -> None:
+    """Settle steps but the last and the steps inside a chunk skip the image preprocessing (``images=False``); every
+    observation handed to the policy has both views."""
+    from rsd.observation import IMAGE_KEYS
+
+    class ImagePolicy(CountingPolicy):
+        def predict_chunk(self, observation, instruction):
+            assert all(k in observation for k in IMAGE_KEYS), sorted(observation)
+            return super().predict_chunk(observation, instruction)
+
+    env, policy = FakeEnv(render=True), ImagePolicy(chunk_len=8)
+    out = run_episode(env, policy, "do it", 0, max_steps=40)
+    assert out.error is None and out.steps == 40 and policy.calls == 5
+    assert env.unobserved_steps == (protocol.NUM_STEPS_WAIT - 1) + (40 - 5)  # 9 settle + 7 per chunk
