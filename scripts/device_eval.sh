@@ -3,7 +3,8 @@
 #
 #   bash scripts/device_eval.sh --suite libero_object --policy expert --no-render --workers 14 --out runs/device/obj
 #
-# Every argument goes to `python3 -m rsd.cli eval` unchanged. This script
+# Every argument goes to `python3 -m rsd.cli eval` unchanged (RSD_DEVICE_COMMAND=render-demos or train-policy runs
+# that command instead, with the same install and GL set-up; steps 3-4 then print and copy nothing). This script
 #  1. checks .bundle against its MANIFEST.json (SHA-256 of every file) and installs it once per bundle into
 #     $RSD_DEVICE_DIR/<bundle_id>/site (default /tmp/rsd-device): wheels with pip --no-index, the trimmed
 #     robosuite + hf-libero tree, and the WebP textures turned back into PNGs (each decoded image's pixel hash
@@ -179,7 +180,9 @@ else
     if [[ -f "$NVIDIA_EGL_VENDOR" ]]; then export __EGL_VENDOR_LIBRARY_FILENAMES="$NVIDIA_EGL_VENDOR"; fi
 fi
 
-# ---------------------------------------------------------------- 3. the eval
+# ---------------------------------------------------------------- 3. the eval (or RSD_DEVICE_COMMAND)
+COMMAND="${RSD_DEVICE_COMMAND:-eval}"
+if [[ "$COMMAND" != eval ]]; then OUT_DIR=""; fi  # only an eval's --out holds results to report and copy
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export RSD_HOME="${RSD_HOME:-$BASE/home}" PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
@@ -187,14 +190,14 @@ t1=$(date +%s.%N)
 before=0
 if [[ -n "$OUT_DIR" && -f "$OUT_DIR/episodes.jsonl" ]]; then before=$(wc -l < "$OUT_DIR/episodes.jsonl"); fi
 echo "device_eval: $(nproc --all) cores, $(nvidia-smi -L 2>/dev/null | head -1 || echo 'no GPU'), MUJOCO_GL=$MUJOCO_GL," \
-     "set-up $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}') s; rsd eval $*"
+     "set-up $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b - a}') s; rsd $COMMAND $*"
 rc=0
 if [[ -n "${RSD_EVAL_TIME_LIMIT_S:-}" ]]; then
     # SIGINT at the limit: rsd eval stops its workers, writes the summary of what finished (exit 0, "rerun with
     # --resume"), and step 4 still copies the results; so a call never ends killed with nothing copied
-    timeout --signal=INT --kill-after=60 "$RSD_EVAL_TIME_LIMIT_S" "$PY" -m rsd.cli eval "$@" || rc=$?
+    timeout --signal=INT --kill-after=60 "$RSD_EVAL_TIME_LIMIT_S" "$PY" -m rsd.cli "$COMMAND" "$@" || rc=$?
 else
-    "$PY" -m rsd.cli eval "$@" || rc=$?
+    "$PY" -m rsd.cli "$COMMAND" "$@" || rc=$?
 fi
 t2=$(date +%s.%N)
 
@@ -225,5 +228,5 @@ if [[ -n "$OUT_DIR" && -d "$OUT_DIR" && -n "${OUT:-}" ]]; then
         echo "device_eval: copied results to $dest"
     fi
 fi
-echo "device_eval: rsd eval exited $rc after $(awk -v a="$t1" -v b="$t2" 'BEGIN {printf "%.1f", b - a}') s"
+echo "device_eval: rsd $COMMAND exited $rc after $(awk -v a="$t1" -v b="$t2" 'BEGIN {printf "%.1f", b - a}') s"
 exit $rc

@@ -1,6 +1,11 @@
 """Copy what a low-dimensional policy trains on out of `rsd collect` demo files, compressed.
 
     python scripts/slim_demos.py runs/demos/libero_spatial.hdf5 .slim/libero_spatial.hdf5
+    python scripts/slim_demos.py --replay runs/demos/libero_spatial.hdf5 .slim/libero_spatial.hdf5
+
+``--replay``: what `rsd render-demos` re-runs and a pixel policy trains on instead: actions, obs/executed_actions
+(DART demos), obs/ee_pos, ee_ori, gripper_states, all attributes, every value kept float64 (the re-run executes the
+recorded actions and checks the recorded proprio bit for bit); no object poses.
 
 Keeps, per demo: actions, obs/ee_pos, obs/ee_ori, obs/gripper_states and every object's obs/<name>_pos and
 obs/<name>_quat, with all demo and file attributes (instruction, suite, task, scene seed and state); drops the
@@ -21,7 +26,7 @@ import h5py
 KEEP_OBS = ("ee_pos", "ee_ori", "gripper_states")
 
 
-def slim(src: Path, dst: Path) -> None:
+def slim(src: Path, dst: Path, replay: bool = False) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(src, "r") as fin, h5py.File(dst, "w") as fout:
         data_in = fin["data"]
@@ -33,15 +38,22 @@ def slim(src: Path, dst: Path) -> None:
             for key, value in grp.attrs.items():
                 out.attrs[key] = value
             objects = json.loads(grp.attrs["rsd_objects"])
-            keep = [*KEEP_OBS, *(f"{o}_{part}" for o in objects for part in ("pos", "quat"))]
-            out.create_dataset("actions", data=grp["actions"][()].astype("float32"))
+            if replay:
+                keep = [*KEEP_OBS, *(["executed_actions"] if "executed_actions" in grp["obs"] else [])]
+            else:
+                keep = [*KEEP_OBS, *(f"{o}_{part}" for o in objects for part in ("pos", "quat"))]
+            dtype = "float64" if replay else "float32"
+            out.create_dataset("actions", data=grp["actions"][()].astype(dtype))
             obs = out.create_group("obs")
             for key in keep:
-                obs.create_dataset(key, data=grp["obs"][key][()].astype("float32"))
+                obs.create_dataset(key, data=grp["obs"][key][()].astype(dtype))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    replay = args[:1] == ["--replay"]
+    args = args[1:] if replay else args
+    if len(args) != 2:
         sys.exit(__doc__)
-    slim(Path(sys.argv[1]), Path(sys.argv[2]))
-    print(f"{sys.argv[2]}: {Path(sys.argv[2]).stat().st_size / 2**20:.1f} MiB")
+    slim(Path(args[0]), Path(args[1]), replay=replay)
+    print(f"{args[1]}: {Path(args[1]).stat().st_size / 2**20:.1f} MiB")

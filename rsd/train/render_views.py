@@ -226,20 +226,25 @@ def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: in
                  fixtures: dict[str, dict[str, list[float]]] | None = None, progress: bool = False,
                  command: str = "") -> tuple[list[Path], dict[str, float], dict[str, dict[str, list[float]]]]:
     """Render the views files of ``demo_files`` (:func:`views_path`) with ``workers`` processes; the fixture walk
-    first unless ``fixtures`` covers every demo. Returns the files, wall times (walk, render) and the fixtures."""
+    first unless ``fixtures`` covers every demo. A demo file whose complete views file is already there is skipped
+    (so a stopped run continues where it stopped); each file is renamed into place as soon as its last demo is
+    rendered. Returns the files, wall times (walk, render) and the fixtures."""
     import multiprocessing as mp
 
     from tqdm import tqdm
 
     from rsd.sim.demos import read_demo_files
 
-    recorded = read_demo_files(demo_files)
-    for path in demo_files:
-        target = views_path(path, image_size)
-        if target.exists():
-            raise ConfigError(f"{target} exists: delete it to render again.")
+    done = [p for p in demo_files if views_path(p, image_size).exists()]
+    for path in done:  # CheckpointMismatchError when it is not this demo file's, at this size, complete
+        _check_views(path, image_size, [d.name for _, d in read_demo_files([path])])
+        print(f"{views_path(path, image_size)}: already rendered, skipped", file=sys.stderr)
+    todo = [p for p in demo_files if p not in done]
+    recorded = read_demo_files(todo) if todo else []
+    times: dict[str, float] = {"walk_s": 0.0, "render_s": 0.0, "steps": 0.0}
+    if not todo:
+        return [views_path(p, image_size) for p in demo_files], times, fixtures or {}
     ctx = mp.get_context("spawn")
-    times: dict[str, float] = {}
     with ctx.Pool(workers, initializer=_init_worker, initargs=(camera_size, image_size)) as pool:
         t0 = time.perf_counter()
         wanted = {_demo_id(p, d.name) for p, d in recorded}
@@ -247,7 +252,8 @@ def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: in
             fixtures = walk_fixtures(recorded, pool)
         times["walk_s"] = time.perf_counter() - t0
         jobs = _jobs(recorded, fixtures)
-        writers = {str(p): _ViewsWriter(Path(p), image_size, camera_size, command) for p in demo_files}
+        left = {str(p): sum(j.file == str(p) for j in jobs) for p in todo}
+        writers = {str(p): _ViewsWriter(Path(p), image_size, camera_size, command) for p in todo}
         total = sum(len(a) for j in jobs for a in j.executed)
         t1 = time.perf_counter()
         try:
@@ -256,14 +262,16 @@ def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: in
                     for path, name, views in result:
                         writers[path].add(name, views)
                         bar.update(len(views))
+                    left[result[0][0]] -= 1
+                    if left[result[0][0]] == 0:
+                        writers.pop(result[0][0]).finish()
         except BaseException:
             for w in writers.values():
                 w.abort()
             raise
-        files = [writers[str(p)].finish() for p in demo_files]
         times["render_s"] = time.perf_counter() - t1
         times["steps"] = float(total)
-    return files, times, fixtures
+    return [views_path(p, image_size) for p in demo_files], times, fixtures
 
 
 # -------------------------------------------------------------------------------------------------------- read
@@ -272,6 +280,16 @@ def read_views(demo_file: Path, names: Sequence[str], image_size: int) -> Iterat
     """The views uint8 [T, 2, S, S, 3] of the named demos of ``demo_file``, from its views file (one at a time).
     CheckpointNotFoundError naming ``rsd render-demos`` when there is none; CheckpointMismatchError when it was
     rendered from another version of the demo file or at another size."""
+    import h5py
+
+    path = _check_views(demo_file, image_size, names)
+    with h5py.File(path, "r") as f:
+        for name in names:
+            yield f["views"][name][()]
+
+
+def _check_views(demo_file: Path, image_size: int, names: Sequence[str]) -> Path:
+    """The views file of ``demo_file`` after checking its format, size, source SHA-256 and that it holds ``names``."""
     import h5py
 
     path = views_path(demo_file, image_size)
@@ -287,10 +305,11 @@ def read_views(demo_file: Path, names: Sequence[str], image_size: int) -> Iterat
         if f.attrs["source_sha256"] != file_sha256(Path(demo_file)):
             raise CheckpointMismatchError(f"{path} was rendered from another version of {demo_file} (SHA-256 "
                                           f"differs); delete it and run `rsd render-demos --demos {demo_file}`.")
-        for name in names:
-            if name not in f["views"]:
-                raise CheckpointMismatchError(f"{path} has no views of {name}; render {demo_file} again.")
-            yield f["views"][name][()]
+        missing = [n for n in names if n not in f["views"]]
+        if missing:
+            raise CheckpointMismatchError(f"{path} has no views of {missing[:3]}; delete it and render {demo_file} "
+                                          f"again.")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
