@@ -106,3 +106,8 @@ class SpeculativeMismatchError(RSDError, RuntimeError):
 class MergeError(ConfigError):
     """``rsd merge`` refused shard runs that do not belong together (other policy, settings, package versions or
     request; a shard index or an episode twice) or an output it must not overwrite; the message names the fix."""
+
+
+class ReplayMismatchError(ConfigError):
+    """A demo re-run (``rsd render-demos``) left its recorded trajectory: the proprio it observes differs from the
+    recorded one beyond the tolerance (another scene, wrong fixture poses, another simulator version)."""

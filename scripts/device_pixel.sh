@@ -2,7 +2,9 @@
 # The pixel policy's pipeline ON the GPU machine, in device calls that each carry at most 64 MiB (docs/pixel-policy.md):
 #
 #   bash scripts/device_pixel.sh stash DIR...          copy carried .bundle pieces and demo files to $RSD_PIXEL_DIR
-#                                                      (default /tmp/rsd-pixel): bundle/ and demos/ (*.xz unpacked)
+#                                                      (default /tmp/rsd-pixel): bundle/ and demos/ (*.xz unpacked;
+#                                                      NAME.part-* appended to bundle/NAME in the order stashed: a file
+#                                                      split with `split -b 16M NAME NAME.part-` over several calls)
 #   bash scripts/device_pixel.sh render [ARGS]         rsd render-demos on every demos/*.hdf5 (all cores, EGL),
 #                                                      fixture poses from demos/fixtures.json; resumable
 #   bash scripts/device_pixel.sh train OUT [ARGS]      rsd train-policy --backbone pixel on every demos/*.hdf5
@@ -29,7 +31,9 @@ case "$step" in
             for f in "$src"/*; do
                 case "$f" in
                     *.hdf5.xz) xz -dc "$f" > "$DIR/demos/$(basename "${f%.xz}")" ;;
-                    *.hdf5|*.json) cp "$f" "$DIR/demos/" ;;
+                    *.hdf5) cp "$f" "$DIR/demos/" ;;
+                    */fixtures.json) cp "$f" "$DIR/demos/" ;;
+                    *.part-*) cat "$f" >> "$DIR/bundle/$(basename "${f%.part-*}")" ;;  # split -b pieces, in order
                     *) cp -r "$f" "$DIR/bundle/" ;;
                 esac
             done

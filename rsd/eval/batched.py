@@ -1,5 +1,5 @@
 """``rsd eval --backend batched``: K env worker processes step LIBERO; this process holds the one policy and answers
-their requests in batches (the design: docs/batched-eval-plan.md).
+their requests in batches (docs/batched-eval.md).
 
 - **Env workers** (``spawn``-started, :func:`_worker_main`): each an :class:`~rsd.eval.runners.EpisodeWorker` (one
   env per task, ``rsd.sim.episode.run_episode`` unchanged, its mp4 and decoding tally) whose policy is a

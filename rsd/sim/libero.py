@@ -286,8 +286,7 @@ class LiberoEnv:
         self._check_open()
         if self._raw_obs is None:
             raise SimSetupError("call reset(init_state_index) before step()")
-        a = protocol.validate_action(action)
-        horizon = self.raw_env.env.horizon
+        a, horizon = protocol.validate_action(action), self.raw_env.env.horizon
         if self._steps >= horizon:
             raise ConfigError(f"robosuite horizon reached ({horizon} steps); reset() before stepping on")
         raw, _reward, done, _info = self.raw_env.step(a)

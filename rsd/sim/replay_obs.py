@@ -13,7 +13,8 @@ the recorded proprio to check against.
 
 The simulator is deterministic given the scene and the actions, so the re-run must meet the recording: at every
 step the sampled proprio (end-effector position and axis-angle, gripper joints) must equal the demo's recorded
-``ee_pos`` / ``ee_ori`` / ``gripper_states`` exactly, or :func:`replay_observations` raises (another scene, wrong
+``ee_pos`` / ``ee_ori`` / ``gripper_states`` to within ``PROPRIO_ATOL`` (bit for bit on the recording machine; other
+CPUs round differently), or :func:`replay_observations` raises :class:`ReplayMismatchError` (another scene, wrong
 fixture poses, another simulator version).
 """
 
@@ -23,14 +24,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rsd.errors import ConfigError, ShapeError
+from rsd.errors import ReplayMismatchError, ShapeError
 from rsd.sim import protocol
 
-__all__ = ["replay_observations", "ReplayMismatchError"]
+__all__ = ["replay_observations", "PROPRIO_ATOL"]
 
 
-class ReplayMismatchError(ConfigError):
-    """The re-run left the recorded trajectory: its proprio differs from the demo's at some step."""
+PROPRIO_ATOL = 5e-3  # m / rad. Same machine: 0. Another CPU: its floating point differs by ~1e-16 at first, and
+# contacts grow that (at most 1.87e-5 m over libero_spatial's 500 clean demos on the GPU machine): the re-run is then a
+# nearby trajectory, checked to stay within 5 mm; each demo's largest deviation is reported and kept in the views file.
 
 
 def _proprio(raw: dict[str, Any]) -> np.ndarray:
@@ -40,12 +42,15 @@ def _proprio(raw: dict[str, Any]) -> np.ndarray:
 
 
 def replay_observations(env: Any, scene_state: np.ndarray, fixtures: dict[str, Any] | None,
-                        executed_actions: np.ndarray, recorded_proprio: np.ndarray) -> Iterator[dict[str, Any]]:
+                        executed_actions: np.ndarray, recorded_proprio: np.ndarray,
+                        deviation: list[float] | None = None) -> Iterator[dict[str, Any]]:
     """Yield the observation before each recorded action ``t`` (``make_observation``: ``full_image``,
     ``wrist_image`` as ``rsd eval`` makes them) of a demo recorded by ``rsd collect``: from its scene, the actions
     the env executed [T, 7] (``obs/executed_actions`` of a DART demo, else ``actions``) and the recorded proprio
-    [T, 8] (``ee_pos``, ``ee_ori``, ``gripper_states``) that every re-run step must equal
-    (:class:`ReplayMismatchError` otherwise). ``env`` is a rendered ``LiberoEnv`` of the demo's task."""
+    [T, 8] (``ee_pos``, ``ee_ori``, ``gripper_states``) that every re-run step must meet within ``PROPRIO_ATOL``
+    (:class:`ReplayMismatchError` otherwise). ``env`` is a rendered ``LiberoEnv`` of the demo's task.
+    ``deviation``: a one-element list that receives the largest proprio deviation seen so far."""
+    deviation = [0.0] if deviation is None else deviation
     actions = np.asarray(executed_actions, dtype=np.float64)
     proprio = np.asarray(recorded_proprio, dtype=np.float64)
     if actions.ndim != 2 or actions.shape[1] != protocol.ACTION_DIM or proprio.shape != (len(actions), 8):
@@ -56,10 +61,11 @@ def replay_observations(env: Any, scene_state: np.ndarray, fixtures: dict[str, A
         obs, _ = env.step(protocol.dummy_action())
     for t in range(len(actions)):
         seen = _proprio(env.raw_obs)
-        if not np.array_equal(seen, proprio[t]):
+        deviation[0] = max(deviation[0], float(np.max(np.abs(seen - proprio[t]))))
+        if deviation[0] > PROPRIO_ATOL:
             raise ReplayMismatchError(
                 f"step {t} of {len(actions)}: the re-run's proprio differs from the recording by up to "
-                f"{np.max(np.abs(seen - proprio[t])):.3g} (another scene, wrong fixture poses, or a simulator that "
+                f"{deviation[0]:.3g} (over {PROPRIO_ATOL}: another scene, wrong fixture poses, or a simulator that "
                 f"changed since the recording).")
         yield obs
         if t + 1 < len(actions):

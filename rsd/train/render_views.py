@@ -138,12 +138,12 @@ class _Renderer:
         out = []
         for name, scene, executed, proprio, fixtures in zip(job.names, job.scenes, job.executed, job.proprio,
                                                             job.fixtures):
-            full, wrist = [], []
-            for obs in replay_observations(self.env, scene, fixtures, executed, proprio):
+            full, wrist, deviation = [], [], [0.0]
+            for obs in replay_observations(self.env, scene, fixtures, executed, proprio, deviation):
                 full.append(obs[FULL_IMAGE])
                 wrist.append(obs[WRIST_IMAGE])
             views = [resize_to_model(np.stack(frames), self.image_size).numpy() for frames in (full, wrist)]
-            out.append((job.file, name, np.stack(views, axis=1)))  # [T, 2, S, S, 3]
+            out.append((job.file, name, np.stack(views, axis=1), deviation[0]))  # [T, 2, S, S, 3]
         return out
 
     def close(self) -> None:
@@ -209,8 +209,9 @@ class _ViewsWriter:
                                 "rsd_command": command})
         self.group = self.file.create_group("views")
 
-    def add(self, name: str, views: np.ndarray) -> None:
-        self.group.create_dataset(name, data=views, chunks=(1, *views.shape[1:]))
+    def add(self, name: str, views: np.ndarray, deviation: float) -> None:
+        data = self.group.create_dataset(name, data=views, chunks=(1, *views.shape[1:]))
+        data.attrs["max_proprio_deviation"] = deviation  # the re-run vs the recording (rsd.sim.replay_obs)
 
     def finish(self) -> Path:
         self.file.close()
@@ -241,7 +242,7 @@ def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: in
         print(f"{views_path(path, image_size)}: already rendered, skipped", file=sys.stderr)
     todo = [p for p in demo_files if p not in done]
     recorded = read_demo_files(todo) if todo else []
-    times: dict[str, float] = {"walk_s": 0.0, "render_s": 0.0, "steps": 0.0}
+    times: dict[str, float] = {"walk_s": 0.0, "render_s": 0.0, "steps": 0.0, "max_deviation": 0.0}
     if not todo:
         return [views_path(p, image_size) for p in demo_files], times, fixtures or {}
     ctx = mp.get_context("spawn")
@@ -259,8 +260,9 @@ def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: in
         try:
             with tqdm(total=total, unit="step", desc="rsd render-demos", disable=not progress, file=sys.stderr) as bar:
                 for result in pool.imap_unordered(_render_in_worker, jobs, chunksize=1):
-                    for path, name, views in result:
-                        writers[path].add(name, views)
+                    for path, name, views, dev in result:
+                        writers[path].add(name, views, dev)
+                        times["max_deviation"] = max(times.get("max_deviation", 0.0), dev)
                         bar.update(len(views))
                     left[result[0][0]] -= 1
                     if left[result[0][0]] == 0:
@@ -363,5 +365,6 @@ def run(args: argparse.Namespace) -> int:
         args.fixtures.write_text(json.dumps(fixtures, indent=0, sort_keys=True))
     steps = int(times["steps"])
     print(f"rendered {steps} steps x 2 views in {times['render_s']:.1f} s ({steps / max(times['render_s'], 1e-9):.0f} "
-          f"steps/s, {workers} workers; fixture walk {times['walk_s']:.1f} s) -> " + ", ".join(str(f) for f in files))
+          f"steps/s, {workers} workers; fixture walk {times['walk_s']:.1f} s; largest proprio deviation of a re-run "
+          f"from its recording {times.get('max_deviation', 0.0):.3g}) -> " + ", ".join(str(f) for f in files))
     return 0

@@ -67,3 +67,22 @@ def test_record_rendered_train_pixel_and_evaluate_one_rendered_episode(tmp_path:
     assert json.loads((out / "run.json").read_text())["render"] is True  # a pixel policy is rendered for
     episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines() if line.strip()]
     assert len(episodes) == 1 and episodes[0].get("error") is None and episodes[0]["steps"] > 0, episodes
+
+
+PIXEL_POLICY = ROOT / "results" / "pixel" / "policy_s0"  # trained on the H200 (docs/pixel-policy.md)
+
+
+def test_trained_pixel_policy_succeeds_rendered_on_cpu(tmp_path: Path) -> None:
+    """The pixel policy trained on the GPU machine, evaluated here on CPU with CPU rendering: two rendered episodes
+    (libero_spatial tasks 0 and 4, trial 0; both succeed there with the GPU too) must succeed, with speculative exact
+    decoding checked against greedy on every chunk. A broken image path (rotation, JPEG, resize, crop, view order)
+    fails them: the policy reads only pixels, proprio and the instruction."""
+    out = tmp_path / "eval"
+    res = _rsd("eval", "--suite", SUITE, "--policy", str(PIXEL_POLICY / "rsd"), "--tasks", "0,4", "--trials", "1",
+               "--decode", "exact", "--check-greedy", "--device", "cpu", "--video", "none", "--out", str(out),
+               "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines() if line.strip()]
+    assert [(e["task_id"], e["success"], e["error"]) for e in episodes] == [(0, True, None), (4, True, None)], episodes
+    spec = json.loads((out / "summary.json").read_text())["overall"]["speculative"]
+    assert spec["greedy_checked_chunks"] == spec["chunks"] > 0 and spec["greedy_mismatched_chunks"] == 0, spec

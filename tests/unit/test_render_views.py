@@ -17,7 +17,7 @@ pytestmark = pytest.mark.unit
 def _views(demo_file: Path, size: int, steps: int = 3) -> np.ndarray:
     views = np.random.default_rng(0).integers(0, 256, (steps, 2, size, size, 3), dtype=np.uint8)
     writer = _ViewsWriter(demo_file, size, camera_size=256, command="test")
-    writer.add("demo_0", views)
+    writer.add("demo_0", views, deviation=0.0)
     assert writer.finish() == views_path(demo_file, size)
     return views
 
