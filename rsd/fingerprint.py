@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["tree_files", "hash_tree", "hash_file_list"]
+__all__ = ["tree_files", "hash_tree", "hash_file_list", "file_sha256"]
 
 _BLOCK = 1 << 20
 
@@ -50,3 +50,12 @@ def hash_file_list(root: str | Path, relative: list[Path]) -> str:
 def hash_tree(directory: str | Path, *, keep: Callable[[Path], bool] | None = None) -> str:
     """``sha256:<hex>`` of every file below ``directory`` that ``keep`` accepts (all by default)."""
     return hash_file_list(directory, tree_files(directory, keep=keep))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The plain SHA-256 hex digest of one file's bytes (what ``sha256sum`` prints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()

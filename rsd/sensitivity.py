@@ -76,10 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _demo_id(path: Path, name: str) -> str:
-    return f"{path.name}:{name}"
-
-
 def _held_out(tokenizer_dir: Path, files: Sequence[Path]) -> set[tuple[Path, str]]:
     """``(file, demo name)`` of the tokenizer's validation split (``report.json`` ``split.val``) that are in
     ``files``; paths compared resolved."""
@@ -119,32 +115,33 @@ def select_demos(demos: Sequence[tuple[Path, Any]], n: int, seed: int, held_out:
     return chosen, ("held-out (tokenizer report.json split.val)" if use_val else "all demos")
 
 
-def _load(files: Sequence[Path]) -> tuple[list[tuple[Path, Any]], dict[tuple[Path, str], int | None]]:
+def _load(files: Sequence[Path]) -> tuple[list[tuple[Path, Any]], dict[Path, int | None]]:
     import h5py
 
     from rsd.sim.demos import read_demos
 
-    out = []
+    out, first_seeds = [], {}
     for path in files:
         if not path.is_file():
             raise ConfigError(f"--demos {path} does not exist.")
         with h5py.File(path) as f:
             first = f["data"].attrs.get("rsd_scene_seed_start")
+        first_seeds[path] = None if first is None else int(first)
         for d in read_demos(path):
             if "rsd_scene_init_state" not in d.attrs or "rsd_task_id" not in d.attrs:
                 raise ConfigError(f"{path}:{d.name} has no rsd_scene_init_state: record demos with `rsd collect`.")
-            out.append((path, d, None if first is None else int(first)))
-    return [(p, d) for p, d, _ in out], {(p, d.name): s for p, d, s in out}
+            out.append((path, d))
+    return out, first_seeds
 
 
 def _jobs(chosen, conditions, seed, fixtures) -> list:
-    from rsd.sensitivity_replay import ReplayJob
+    from rsd.sensitivity_replay import ReplayJob, demo_id
 
     jobs = []
     for path, d in chosen:
         for cond, frac, layers in conditions:
-            fx = fixtures.get(_demo_id(path, d.name))
-            jobs.append(ReplayJob(demo_id=_demo_id(path, d.name), suite=str(d.attrs["rsd_suite"]),
+            fx = fixtures.get(demo_id(path, d.name))
+            jobs.append(ReplayJob(demo_id=demo_id(path, d.name), suite=str(d.attrs["rsd_suite"]),
                                   task_id=int(d.attrs["rsd_task_id"]), scene_state=np.asarray(d.attrs["rsd_scene_init_state"]),
                                   actions=d.actions, condition=cond, fraction=frac, layers=tuple(layers), seed=seed,
                                   fixtures=fx))
@@ -158,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from rsd.eval.rundir import write_json_atomic
     from rsd.filelock import exclusive_lock
     from rsd.limits import check_seed, check_workers
-    from rsd.sensitivity_replay import RAW, ROUNDTRIP, ChunkCodec, Replayer
+    from rsd.sensitivity_replay import RAW, ROUNDTRIP, ChunkCodec, Replayer, demo_id, walk_fixtures
 
     check_seed(args.seed)
     check_workers(args.workers)
@@ -187,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
                                          args.pool)
         t0 = time.perf_counter()
         with Replayer(str(args.tokenizer), hold=args.hold, workers=args.workers) as replayer:
-            fixtures = _fixtures(replayer, chosen, first_seeds) if args.fixtures else {}
+            fixtures = (walk_fixtures(chosen, first_seeds, replayer.fixtures, fix="pass --no-fixtures")
+                        if args.fixtures else {})
             walk_s = time.perf_counter() - t0
             jobs = [j for j in _jobs(chosen, conditions, args.seed, fixtures) if j.key not in done]
             bar = tqdm(total=len(jobs), unit="ep", desc="rsd sensitivity", disable=args.no_progress, file=sys.stderr)
@@ -209,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         summary = summarize(rows, settings, modes, fractions)
         summary.update(command=shlex.join(["rsd", "sensitivity", *sys.argv[2:]]) if sys.argv[1:2] == ["sensitivity"]
                        else shlex.join(sys.argv), versions=versions(), selection=pool_note,
-                       demos_used=[_demo_id(p, d.name) for p, d in chosen],
+                       demos_used=[demo_id(p, d.name) for p, d in chosen],
                        mark=None if args.mark_accuracy is None else {"accuracy": args.mark_accuracy,
                                                                      "label": args.mark_label},
                        wall_s={"fixture_walk": walk_s, "total": time.perf_counter() - t0})
@@ -245,26 +243,6 @@ def _prepare(out: Path, settings: dict[str, Any], resume: bool) -> set:
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, results)
     return {(r["demo"], r["condition"], float(r["fraction"])) for r in keep}
-
-
-def _fixtures(replayer: Any, chosen, first_seeds) -> dict[str, Any]:
-    """``{demo id: fixture poses}`` of the chosen demos (one walk per task, :func:`scene_fixtures`)."""
-    tasks: dict[tuple, dict[int, np.ndarray]] = {}
-    ids: dict[tuple, str] = {}
-    for path, d in chosen:
-        first = first_seeds[(path, d.name)]
-        if first is None:
-            raise ConfigError(f"{path} has no rsd_scene_seed_start attribute: pass --no-fixtures.")
-        key = (str(d.attrs["rsd_suite"]), int(d.attrs["rsd_task_id"]), first, str(path))
-        seed = int(d.attrs["rsd_scene_seed"])
-        tasks.setdefault(key, {})[seed] = np.asarray(d.attrs["rsd_scene_init_state"])
-        ids[key + (seed,)] = _demo_id(path, d.name)
-    keys = list(tasks)
-    out: dict[str, Any] = {}
-    for key, poses in zip(keys, replayer.fixtures([(k[0], k[1], k[2], tasks[k]) for k in keys])):
-        for seed, pose in poses.items():
-            out[ids[key + (seed,)]] = pose
-    return out
 
 
 def _point(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

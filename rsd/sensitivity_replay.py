@@ -27,12 +27,13 @@ import time
 import traceback as _traceback
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 __all__ = ["RAW", "ROUNDTRIP", "ReplayJob", "ChunkCodec", "ActionReplay", "ReplayWorker", "episode_rng",
-           "scene_fixtures", "Replayer"]
+           "scene_fixtures", "walk_fixtures", "demo_id", "Replayer"]
 
 RAW = "raw"  # the recorded actions themselves
 ROUNDTRIP = "roundtrip"  # through the tokenizer, no token corrupted
@@ -231,6 +232,37 @@ def scene_fixtures(task: tuple[str, int, int, dict[int, np.ndarray]]) -> dict[in
                                       f"scene (LIBERO or MuJoCo changed since the recording?); rerun with "
                                       f"--no-fixtures to replay with the reset's own fixture poses.")
                 out[seed] = env.fixture_poses()
+    return out
+
+
+def demo_id(path: str | Path, name: str) -> str:
+    """``"<file name>:<demo name>"``: how the replaying commands name a recorded demo (results, fixture files)."""
+    return f"{Path(path).name}:{name}"
+
+
+def walk_fixtures(recorded: Sequence[tuple[Path, Any]], first_seeds: Mapping[Path, int | None],
+                  walk: Callable[[list], Iterable[Any]] | None = None, *, fix: str) -> dict[str, dict[str, np.ndarray]]:
+    """``{demo id: fixture poses}`` of recorded ``(file, demo)`` pairs: one :func:`scene_fixtures` walk per file and
+    task, from the file's first scene seed (``first_seeds[file]``, its ``rsd_scene_seed_start``), mapped by ``walk``
+    (in order; default: here, one after the other). ConfigError naming ``fix`` for a file without a first seed."""
+    from rsd.errors import ConfigError
+
+    tasks: dict[tuple[str, int, int, str], dict[int, np.ndarray]] = {}
+    ids: dict[tuple[str, int, int, str, int], str] = {}
+    for path, d in recorded:
+        first = first_seeds[path]
+        if first is None:
+            raise ConfigError(f"{path} has no rsd_scene_seed_start attribute (not recorded by `rsd collect`?): {fix}.")
+        key = (str(d.attrs["rsd_suite"]), int(d.attrs["rsd_task_id"]), int(first), str(path))
+        seed = int(d.attrs["rsd_scene_seed"])
+        tasks.setdefault(key, {})[seed] = np.asarray(d.attrs["rsd_scene_init_state"])
+        ids[key + (seed,)] = demo_id(path, d.name)
+    keys = list(tasks)
+    args = [(k[0], k[1], k[2], tasks[k]) for k in keys]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, poses in zip(keys, walk(args) if walk is not None else map(scene_fixtures, args)):
+        for seed, pose in poses.items():
+            out[ids[key + (seed,)]] = pose
     return out
 
 

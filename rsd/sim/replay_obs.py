@@ -6,8 +6,8 @@ the state at the end of that step. A control step is 25 physics substeps (20 Hz 
 observable (cameras and proprio) is *sampled* at the first substep of its 50 ms period
 (``robosuite.utils.observables.Observable.update``). The frame a policy sees before action ``t`` shows the scene one
 substep into action ``t - 1``, not ``states[t]``: measured on a libero_spatial demo, rendering ``states[t]`` itself
-differs from the recorded frame in 4 % of the agentview and 36-46 % of the wrist-camera pixels (up to 157 levels)
-while the arm moves. Re-running the episode reproduces that timing by construction, and needs only what every
+differs from the recorded frame in 1-10 % of the agentview and 2-46 % of the wrist-camera pixels (up to 157 levels;
+six steps sampled). Re-running the episode reproduces that timing by construction, and needs only what every
 ``rsd collect`` demo keeps: the scene (``rsd_scene_init_state`` and its fixture poses), the executed actions, and
 the recorded proprio to check against.
 

@@ -20,7 +20,7 @@ pipeline but are not the evaluation's pixels: record training demos with ``--cam
 from __future__ import annotations
 
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -55,6 +55,7 @@ class PixelData:
     instructions: list[str]
     num_episodes: int
     crop: bool  # random-crop augmentation when batch() is given a generator (PixelBackbone center_crop)
+    device_images: torch.Tensor | None = field(default=None, repr=False)  # to_device's copy of ``images``
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
@@ -69,9 +70,10 @@ class PixelData:
         backbone.fit_input_stats(self.state[rows], self.images[sample])
 
     def to_device(self, device: torch.device | str) -> None:
-        """Keep a copy of the images on ``device`` (a GPU: 2 x S x S x 3 bytes a sample, 26 GB for 263k samples at
-        S = 128), so :meth:`batch` gathers there instead of copying every batch from host memory."""
-        self._device_images = torch.from_numpy(self.images).to(device)
+        """Keep a copy of the images on ``device`` (a GPU: 2 x S x S x 3 bytes a sample, 22.7 GB for the 230,305
+        samples at S = 128 of docs/pixel-policy.md), so :meth:`batch` gathers there instead of copying every batch
+        from host memory."""
+        self.device_images = torch.from_numpy(self.images).to(device)
 
     def batch(self, rows: np.ndarray | torch.Tensor, augment: np.random.Generator | None = None
               ) -> tuple[PixelInputs, torch.Tensor, torch.Tensor]:
@@ -79,9 +81,8 @@ class PixelData:
         and ``crop``, a random 0.9-area crop box per view drawn from it; otherwise the backbone's evaluation crop.
         The images come from the device copy when :meth:`to_device` made one (the same values)."""
         rows = np.asarray(rows)
-        on_device = getattr(self, "_device_images", None)
-        if on_device is not None:
-            images = on_device[torch.from_numpy(rows).to(on_device.device)]
+        if self.device_images is not None:
+            images = self.device_images[torch.from_numpy(rows).to(self.device_images.device)]
         else:
             images = torch.from_numpy(self.images[rows])
         B, V = images.shape[:2]

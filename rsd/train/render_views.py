@@ -28,7 +28,6 @@ without camera images and refuses one made from another version of the demo file
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -41,9 +40,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from rsd.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, ShapeError
+from rsd.fingerprint import file_sha256
+from rsd.sensitivity_replay import demo_id
 
-__all__ = ["HELP", "add_arguments", "run", "views_path", "read_views", "render_views", "walk_fixtures",
-           "VIEWS_FORMAT"]
+__all__ = ["HELP", "add_arguments", "run", "views_path", "read_views", "render_views", "VIEWS_FORMAT"]
 
 HELP = "render both camera views of unrendered demos by re-running their recorded actions (pixel training data)"
 VIEWS_FORMAT = 1
@@ -57,48 +57,24 @@ def views_path(demo_file: str | Path, image_size: int) -> Path:
     return demo_file.with_name(f"{demo_file.stem}.views{int(image_size)}.hdf5")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _demo_id(path: Path, name: str) -> str:
-    return f"{Path(path).name}:{name}"
-
-
-# ------------------------------------------------------------------------------------------------------ fixtures
-
-def walk_fixtures(recorded: Sequence[tuple[Path, Any]], pool: Any = None) -> dict[str, dict[str, list[float]]]:
-    """``{"<file>:<demo>": {fixture: pose [7]}}`` for every recorded demo (one seed walk per file and task;
-    :func:`rsd.sensitivity_replay.scene_fixtures`), mapped over ``pool`` when given."""
+def _walk(recorded: Sequence[tuple[Path, Any]], pool: Any) -> dict[str, dict[str, Any]]:
+    """The fixture poses of every recorded demo (``rsd.sensitivity_replay.walk_fixtures``), walked in ``pool``."""
     import h5py
 
-    from rsd.sensitivity_replay import scene_fixtures
+    from rsd.sensitivity_replay import scene_fixtures, walk_fixtures
 
-    groups: dict[tuple[str, int, int, str], dict[int, np.ndarray]] = {}
-    ids: dict[tuple[str, int, int, str, int], str] = {}
-    for path, demo in recorded:
+    first_seeds = {}
+    for path in dict.fromkeys(p for p, _ in recorded):  # each file once, in order
         with h5py.File(path, "r") as f:
             first = f["data"].attrs.get("rsd_scene_seed_start")
-        missing = [k for k in ("rsd_suite", "rsd_task_id", "rsd_scene_seed", "rsd_scene_init_state") if k not in demo.attrs]
-        if first is None or missing:
-            raise ConfigError(f"{path}:{demo.name} lacks {missing or ['rsd_scene_seed_start']}: only demos recorded by "
-                              f"`rsd collect` can be replayed (their scenes are known).")
-        key = (str(demo.attrs["rsd_suite"]), int(demo.attrs["rsd_task_id"]), int(first), str(path))
-        seed = int(demo.attrs["rsd_scene_seed"])
-        groups.setdefault(key, {})[seed] = np.asarray(demo.attrs["rsd_scene_init_state"])
-        ids[key + (seed,)] = _demo_id(path, demo.name)
-    keys = list(groups)
-    tasks = [(k[0], k[1], k[2], groups[k]) for k in keys]
-    walked = (pool.imap(scene_fixtures, tasks) if pool is not None else map(scene_fixtures, tasks))
-    out: dict[str, dict[str, list[float]]] = {}
-    for key, poses in zip(keys, walked):
-        for seed, pose in poses.items():
-            out[ids[key + (seed,)]] = {name: [float(v) for v in value] for name, value in pose.items()}
-    return out
+        first_seeds[path] = None if first is None else int(first)
+    return walk_fixtures(recorded, first_seeds, lambda tasks: pool.imap(scene_fixtures, tasks),
+                         fix="only demos recorded by `rsd collect` can be re-run")
+
+
+def _as_json(fixtures: dict[str, dict[str, Any]]) -> str:
+    return json.dumps({k: {name: [float(v) for v in pose] for name, pose in d.items()} for k, d in fixtures.items()},
+                      indent=0, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------------------------- render
@@ -114,7 +90,7 @@ class _Job:
     scenes: tuple[np.ndarray, ...]  # float64 [S] per demo: rsd_scene_init_state, before the settle steps
     executed: tuple[np.ndarray, ...]  # float64 [T, 7] per demo: the actions the env ran (DART: not the labels)
     proprio: tuple[np.ndarray, ...]  # float64 [T, 8] per demo: recorded ee_pos, ee_ori, gripper_states
-    fixtures: tuple[dict[str, list[float]], ...]
+    fixtures: tuple[dict[str, Any], ...]  # per demo: fixture name -> pose [7]
 
 
 class _Renderer:
@@ -172,7 +148,7 @@ def _render_in_worker(job: _Job) -> list[tuple[str, str, np.ndarray]]:
     return _RENDERER.views(job)
 
 
-def _jobs(recorded: Sequence[tuple[Path, Any]], fixtures: dict[str, dict[str, list[float]]]) -> list[_Job]:
+def _jobs(recorded: Sequence[tuple[Path, Any]], fixtures: dict[str, dict[str, Any]]) -> list[_Job]:
     by_task: dict[tuple[str, str, int], list[Any]] = {}
     for path, demo in recorded:
         missing = [k for k in _PROPRIO if k not in demo.obs]
@@ -190,7 +166,7 @@ def _jobs(recorded: Sequence[tuple[Path, Any]], fixtures: dict[str, dict[str, li
                                    for d in part),
                              tuple(np.concatenate([np.asarray(d.obs[k], np.float64) for k in _PROPRIO], axis=1)
                                    for d in part),
-                             tuple(fixtures[_demo_id(Path(path), d.name)] for d in part)))
+                             tuple(fixtures[demo_id(path, d.name)] for d in part)))
     return jobs
 
 
@@ -224,8 +200,8 @@ class _ViewsWriter:
 
 
 def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: int, workers: int,
-                 fixtures: dict[str, dict[str, list[float]]] | None = None, progress: bool = False,
-                 command: str = "") -> tuple[list[Path], dict[str, float], dict[str, dict[str, list[float]]]]:
+                 fixtures: dict[str, dict[str, Any]] | None = None, progress: bool = False,
+                 command: str = "") -> tuple[list[Path], dict[str, float], dict[str, dict[str, Any]]]:
     """Render the views files of ``demo_files`` (:func:`views_path`) with ``workers`` processes; the fixture walk
     first unless ``fixtures`` covers every demo. A demo file whose complete views file is already there is skipped
     (so a stopped run continues where it stopped); each file is renamed into place as soon as its last demo is
@@ -248,9 +224,9 @@ def render_views(demo_files: Sequence[Path], *, image_size: int, camera_size: in
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(camera_size, image_size)) as pool:
         t0 = time.perf_counter()
-        wanted = {_demo_id(p, d.name) for p, d in recorded}
+        wanted = {demo_id(p, d.name) for p, d in recorded}
         if fixtures is None or not wanted <= set(fixtures):
-            fixtures = walk_fixtures(recorded, pool)
+            fixtures = _walk(recorded, pool)
         times["walk_s"] = time.perf_counter() - t0
         jobs = _jobs(recorded, fixtures)
         left = {str(p): sum(j.file == str(p) for j in jobs) for p in todo}
@@ -355,14 +331,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--walk-only writes the fixture poses to --fixtures FILE: pass one.")
         t0 = time.perf_counter()
         with mp.get_context("spawn").Pool(workers) as pool:
-            fixtures = walk_fixtures(read_demo_files(args.demos), pool)
-        args.fixtures.write_text(json.dumps(fixtures, indent=0, sort_keys=True))
+            fixtures = _walk(read_demo_files(args.demos), pool)
+        args.fixtures.write_text(_as_json(fixtures))
         print(f"fixture poses of {len(fixtures)} demos -> {args.fixtures} ({time.perf_counter() - t0:.0f} s)")
         return 0
     files, times, fixtures = render_views(args.demos, image_size=args.image_size, camera_size=args.camera_size,
                                 workers=workers, fixtures=fixtures, progress=not args.no_progress, command=command)
     if args.fixtures is not None and not args.fixtures.is_file():
-        args.fixtures.write_text(json.dumps(fixtures, indent=0, sort_keys=True))
+        args.fixtures.write_text(_as_json(fixtures))
     steps = int(times["steps"])
     print(f"rendered {steps} steps x 2 views in {times['render_s']:.1f} s ({steps / max(times['render_s'], 1e-9):.0f} "
           f"steps/s, {workers} workers; fixture walk {times['walk_s']:.1f} s; largest proprio deviation of a re-run "

@@ -144,3 +144,23 @@ def test_the_arrays_hold_the_evaluation_images_at_the_model_size(world: dict) ->
             np.testing.assert_array_equal(views[t, v], resize_to_model(observed[None], 64)[0].numpy())
     with ThreadPoolExecutor(2) as pool:
         np.testing.assert_array_equal(demo_views(demo, 64, pool), views)
+
+
+def test_batches_gathered_from_the_device_copy_are_the_host_batches(world: dict) -> None:
+    """``PixelData.to_device`` (CUDA training gathers its batches there): the same inputs, crops and targets."""
+    from rsd.sim.demos import read_demos
+    from rsd.train.pixel_data import build_pixel_data
+
+    tokenizer = RFSQTokenizer.from_pretrained(world["tokenizer"])
+    data = build_pixel_data(read_demos(world["demos"], images=True), tokenizer, ActionSpace.load(world["tokenizer"]),
+                            image_size=32, word_buckets=64, crop=True)
+    rows = np.array([5, 0, 5, 3])
+    host = data.batch(rows, augment=np.random.default_rng(7))
+    data.to_device("cpu")
+    assert data.device_images is not None and data.device_images.data_ptr() != 0
+    moved = data.batch(rows, augment=np.random.default_rng(7))
+    for a, b in ((host[0].images, moved[0].images), (host[0].crops, moved[0].crops), (host[1], moved[1]),
+                 (host[2], moved[2])):
+        assert torch.equal(a, b)
+    data.images = np.zeros_like(data.images)  # and they are read from the device copy, not from the host array
+    assert torch.equal(data.batch(rows, augment=np.random.default_rng(7))[0].images, host[0].images)

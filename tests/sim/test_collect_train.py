@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,8 @@ if importlib.util.find_spec("libero") is None:
     pytest.skip("LIBERO is not installed: run `bash scripts/setup.sh`", allow_module_level=True)
 
 import h5py  # noqa: E402
+
+from tests._rsd_cli import run_rsd  # noqa: E402
 
 from rsd.dataset_stats import statistics_path  # noqa: E402
 from rsd.normalize import load_dataset_statistics, resolve_unnorm_key  # noqa: E402
@@ -36,9 +36,7 @@ SUITE = "libero_spatial"
 
 
 def _rsd(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "rsd.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_rsd(*args, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,15 +24,14 @@ if importlib.util.find_spec("libero") is None:
 
 import h5py  # noqa: E402
 
+from tests._rsd_cli import run_rsd  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "libero_spatial"
 CAMERA = "128"  # rendering cost barely depends on it here; the observation is 224 px either way
 
 
-def _rsd(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "rsd.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+_rsd = run_rsd
 
 
 def test_record_rendered_train_pixel_and_evaluate_one_rendered_episode(tmp_path: Path) -> None:

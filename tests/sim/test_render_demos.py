@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +28,14 @@ if importlib.util.find_spec("libero") is None:
 
 import h5py  # noqa: E402
 
+from tests._rsd_cli import run_rsd  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 CAMERA = "128"  # the replay renders at the recording's size; 128 keeps the recording short here
 IMAGE_SIZE = 64
 
 
-def _rsd(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "rsd.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+_rsd = run_rsd
 
 
 def test_replayed_views_equal_the_recorded_frames_and_train(tmp_path: Path) -> None:
