@@ -8,7 +8,7 @@ from typing import Iterable
 
 import numpy as np
 
-__all__ = ["RateEstimate", "wilson_interval", "rate_estimate", "percentiles"]
+__all__ = ["RateEstimate", "wilson_interval", "rate_estimate", "percentiles", "pass_threshold"]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -52,3 +52,18 @@ def percentiles(values: Iterable[float], qs: tuple[float, ...] = (50, 90)) -> di
     if arr.size == 0:
         return {f"p{int(q)}": None for q in qs}
     return {f"p{int(q)}": float(np.percentile(arr, q)) for q in qs}
+
+
+def pass_threshold(n: int, p: float, max_fail: float = 0.005) -> int:
+    """The largest k for which a policy that succeeds with probability ``p`` gets fewer than k successes in ``n``
+    episodes with probability <= ``max_fail``: a test asserting ``successes >= k`` fails such a policy at most that
+    often. Use a full run's Wilson lower bound as ``p`` to set a short test's threshold from it (exact binomial)."""
+    if n < 1 or not 0.0 <= p <= 1.0 or not 0.0 < max_fail < 1.0:
+        raise ValueError(f"need n >= 1, 0 <= p <= 1 and 0 < max_fail < 1, got n={n}, p={p}, max_fail={max_fail}")
+    below = 0.0  # P(successes < k), for k = 0, 1, ...
+    for k in range(n + 1):
+        below_next = below + math.comb(n, k) * p ** k * (1.0 - p) ** (n - k)  # P(successes < k + 1)
+        if below_next > max_fail:
+            return k
+        below = below_next
+    return n

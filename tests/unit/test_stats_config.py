@@ -4,7 +4,7 @@ import pytest
 
 from rsd.config import RSDConfig
 from rsd.errors import ConfigError
-from rsd.stats import percentiles, rate_estimate, wilson_interval
+from rsd.stats import pass_threshold, percentiles, rate_estimate, wilson_interval
 
 pytestmark = pytest.mark.unit
 
@@ -28,6 +28,36 @@ def test_wilson_known_values():
 def test_percentiles():
     assert percentiles([1, 2, 3, 4, 5]) == {"p50": 3.0, "p90": pytest.approx(4.6)}
     assert percentiles([]) == {"p50": None, "p90": None}
+
+
+def _binomial_below(n: int, k: int, p: float) -> float:
+    """P(successes < k) by brute force over every outcome sequence's count (independent of pass_threshold)."""
+    import itertools
+
+    total = 0.0
+    for outcome in itertools.product((0, 1), repeat=n):
+        s = sum(outcome)
+        if s < k:
+            total += p ** s * (1 - p) ** (n - s)
+    return total
+
+
+@pytest.mark.parametrize("n,p", [(8, 0.9), (10, 0.75), (12, 0.5), (6, 0.99)])
+def test_pass_threshold_is_the_largest_count_failing_at_most_max_fail(n, p):
+    k = pass_threshold(n, p, max_fail=0.05)
+    assert _binomial_below(n, k, p) <= 0.05 < (_binomial_below(n, k + 1, p) if k < n else 1.0)
+
+
+def test_pass_threshold_known_values_and_edges():
+    assert pass_threshold(20, 0.964) == 16 and pass_threshold(20, 0.964, max_fail=0.006) == 17  # P(< 17) = 0.51 %
+    # the nightly GPU test's thresholds from the pixel policy's full runs' Wilson lower bounds (478, 459, 492 of 500)
+    assert [pass_threshold(50, wilson_interval(s, 500)[0]) for s in (478, 459, 492)] == [42, 38, 45]
+    assert pass_threshold(30, 1.0) == 30 and pass_threshold(30, 0.0) == 0
+    for bad in ((0, 0.5), (10, 1.5), (10, -0.1)):
+        with pytest.raises(ValueError):
+            pass_threshold(*bad)
+    with pytest.raises(ValueError):
+        pass_threshold(10, 0.5, max_fail=0.0)
 
 
 def test_config_defaults_and_validation():
