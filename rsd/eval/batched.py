@@ -14,6 +14,13 @@ their requests in batches (docs/batched-eval.md).
   the middle of an episode has asked or ``window_ms`` has passed since the first one, runs one ``predict_chunks``
   and answers each worker. :meth:`BatchedRunner.server_stats` gives the batch sizes reached and the latency per
   batch size (``summary.json``'s ``batched`` block, printed at the end of ``rsd eval``).
+- **Padding** (``pad``, ``rsd eval --batch-pad``): every ``predict_chunks`` gets one row per started worker, each
+  worker at its own fixed row, the rows of workers not asking filled with copies of a request under slots of their
+  own (negative, their history reset before each batch), whose chunks are dropped. A batched kernel's float result
+  depends on the batch's shape (on an H200 an action differed by up to 1e-6 between a row alone and the same row in
+  a batch; ``scripts/batch_consistency.py``), and the simulator turns such differences into different episodes;
+  with one shape for every batch a row's chunk no longer depends on which other workers asked. An image backbone
+  stacks all rows into one forward; a low-dimensional one stacks them per task, so its shapes still vary.
 - **Failures**: a row's policy error (``BatchActionError``) reaches that row's episode only, an error of the whole
   batch reaches each of its episodes; the episode records it as with any backend. A worker that dies while running
   an episode is replaced by a fresh one and the episode runs again, counted once; after :attr:`BatchedRunner.retries`
@@ -107,6 +114,7 @@ class _Worker:
     conn: Any
     ready: bool = False  # it asked for an episode: its set-up worked
     stopped: bool = False  # it was told to stop: its exit is no death
+    row: int = 0  # its row of a padded batch (pad): the row of the worker it replaced, if any
     key: EpisodeKey | None = None  # the episode it runs
     request: tuple[Any, str, float] | None = None  # (observation, instruction, arrival) waiting for a chunk
 
@@ -131,12 +139,14 @@ class BatchedRunner:
     """
 
     def __init__(self, settings: WorkerSettings, policy_factory: Callable[[], Any], workers: int, *,
-                 window_ms: float = DEFAULT_WINDOW_MS) -> None:
+                 window_ms: float = DEFAULT_WINDOW_MS, pad: bool = False) -> None:
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}.")
         if not window_ms > 0:
             raise ConfigError(f"--batch-window-ms must be > 0, got {window_ms}.")
         self.settings, self.policy_factory, self.workers, self.window_ms = settings, policy_factory, workers, window_ms
+        self.pad = bool(pad)  # every batch as _rows rows (module docstring)
+        self._rows = workers  # the workers a run starts: min(workers, episodes)
         self.on_ready: Callable[[], None] | None = None  # called when the policy is made and a worker is ready
         self.retries = 2
         self.worker_factory: Callable[[WorkerSettings, Any], Any] = EpisodeWorker
@@ -152,7 +162,8 @@ class BatchedRunner:
         batches = sum(len(v) for v in self._latency_ms.values())
         chunks = sum(size * len(v) for size, v in self._latency_ms.items())
         sizes = sorted(self._latency_ms)
-        return {"workers": self.workers, "window_ms": self.window_ms, "batches": batches, "chunks": chunks,
+        return {"workers": self.workers, "window_ms": self.window_ms, "padded_to": self._rows if self.pad else None,
+                "batches": batches, "chunks": chunks,
                 "mean_batch_size": chunks / batches if batches else None,
                 "batch_sizes": {str(s): len(self._latency_ms[s]) for s in sizes},
                 "latency_ms": {str(s): percentiles(self._latency_ms[s]) for s in sizes},
@@ -170,8 +181,9 @@ class BatchedRunner:
         self._ctx = mp.get_context("spawn")
         self._latency_ms, self.restarts = {}, 0
         run = _Run(pending=deque(keys))
+        self._rows = min(self.workers, len(keys))
         try:
-            for _ in range(min(self.workers, len(keys))):
+            for _ in range(self._rows):
                 self._start(run)
             while run.workers:
                 self._receive(run, policy)
@@ -190,7 +202,8 @@ class BatchedRunner:
                                     args=(slot, self.settings, self.worker_factory, child))
         process.start()
         child.close()  # the worker holds its end: its exit closes the pipe
-        run.workers[slot] = _Worker(slot, process, parent)
+        row = min(set(range(self._rows)) - {w.row for w in run.workers.values()})
+        run.workers[slot] = _Worker(slot, process, parent, row=row)
 
     def _receive(self, run: _Run, policy: Any) -> None:
         """Wait for messages (until the batch window closes, when requests are pending) and handle them all."""
@@ -252,14 +265,18 @@ class BatchedRunner:
         requests = [w.request for w in batch]
         for w in batch:
             w.request = None
+        observations, instructions = [r[0] for r in requests], [r[1] for r in requests]
+        slots, rows = [w.slot for w in batch], list(range(len(batch)))
         t0 = time.perf_counter()
         try:
-            replies = list(policy.predict_chunks([r[0] for r in requests], [r[1] for r in requests],
-                                                 [w.slot for w in batch]))
+            if self.pad:
+                observations, instructions, slots, rows = self._padded(batch, observations, instructions, policy)
+            replies = list(policy.predict_chunks(observations, instructions, slots))
         except BatchActionError as exc:  # some rows failed: each row gets its own outcome
             replies = exc.results
         except Exception as exc:  # the whole batch failed: every row gets the error
-            replies = [exc] * len(batch)
+            replies = [exc] * len(slots)
+        replies = [replies[r] for r in rows]
         self._latency_ms.setdefault(len(batch), []).append(1e3 * (time.perf_counter() - t0))
         for worker, reply in zip(batch, replies):
             message = (("error", _picklable(reply), _cause(reply), "".join(_traceback.format_exception(reply)))
@@ -268,6 +285,19 @@ class BatchedRunner:
                 worker.conn.send(message)
             except OSError:  # it died while the batch ran: the next wait finds its exit
                 pass
+
+    def _padded(self, batch: list[_Worker], observations: list[Any], instructions: list[str], policy: Any
+                ) -> tuple[list[Any], list[str], list[int], list[int]]:
+        """The batch as ``_rows`` rows: each worker's request at its row, the other rows copies of the first request
+        under slot ``-1 - row`` (reset first: no history carries over); and where each worker's reply will be."""
+        width = self._rows
+        obs, ins, slots = [observations[0]] * width, [instructions[0]] * width, [-1 - r for r in range(width)]
+        for i, worker in enumerate(batch):
+            obs[worker.row], ins[worker.row], slots[worker.row] = observations[i], instructions[i], worker.slot
+        for slot in slots:
+            if slot < 0:
+                policy.reset_slot(slot)
+        return obs, ins, slots, [w.row for w in batch]
 
     def _gone(self, worker: _Worker, run: _Run, policy: Any) -> None:
         """``worker`` has exited: stopped as asked, or died (its episode re-run on a fresh worker, or recorded)."""

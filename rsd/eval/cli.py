@@ -181,6 +181,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "batch, for the env workers still stepping their env (default "
                              "rsd.eval.batched.DEFAULT_WINDOW_MS = 5 ms; a batch goes as soon as every worker in the "
                              "middle of an episode has asked)")
+    parser.add_argument("--batch-pad", action="store_true",
+                        help="--backend batched only: pad every batch to one row per env worker, each worker at its "
+                             "own row, so that an episode's chunks do not depend on which other workers asked at the "
+                             "same time (a GPU's batched kernels round differently for other batch shapes, and the "
+                             "simulator amplifies that into different episodes); costs the latency of full batches "
+                             "(docs/batched-eval.md)")
     parser.add_argument("--address", default=None,
                         help="--backend ray only: the address of the Ray cluster to run on (handed to "
                              "rsd.eval.ray_backend.RayRunner; docs/distributed-eval.md)")
@@ -236,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
                         trust_remote_code=args.trust_remote_code, center_crop=args.center_crop,
                         decode=args.decode, threshold=args.threshold, check_greedy=args.check_greedy,
                         shard=shard, backend=args.backend, address=args.address,
-                        batch_window_ms=args.batch_window_ms)
+                        batch_window_ms=args.batch_window_ms, batch_pad=args.batch_pad)
     if slurm_options is not None:
         slurm.check_out(config.out, slurm_options.shards)  # before LIBERO is imported to resolve the tasks
         task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)

@@ -65,6 +65,7 @@ class EvalConfig:
     backend: str = "local"  # --backend (BACKENDS); recorded in run.json for information, --resume may change it
     address: str | None = None  # --address of the Ray cluster (backend ray only)
     batch_window_ms: float | None = None  # --batch-window-ms of the policy server (backend batched only)
+    batch_pad: bool = False  # --batch-pad: every batch padded to one row per worker (backend batched only)
 
     def __post_init__(self) -> None:
         protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
@@ -83,6 +84,9 @@ class EvalConfig:
         if self.batch_window_ms is not None and (self.backend != "batched" or not self.batch_window_ms > 0):
             raise ConfigError(f"--batch-window-ms {self.batch_window_ms} is the policy server's wait of --backend "
                               f"batched, a number of milliseconds > 0: fix it, or drop it (or pass --backend batched).")
+        if self.batch_pad and self.backend != "batched":
+            raise ConfigError("--batch-pad pads the policy server's batches of --backend batched: drop it, or pass "
+                              "--backend batched.")
         if self.backend == "batched":  # a policy that cannot serve several episodes at once: before anything is written
             _check_batched_policy(self.policy)
         if self.shard is not None and not isinstance(self.shard, Shard):
@@ -193,7 +197,7 @@ def _default_runner(config: EvalConfig, policy_factory: Callable[[], Any]) -> Ru
         from rsd.eval.batched import DEFAULT_WINDOW_MS, BatchedRunner
 
         return BatchedRunner(settings, policy_factory, config.workers,
-                             window_ms=config.batch_window_ms or DEFAULT_WINDOW_MS)
+                             window_ms=config.batch_window_ms or DEFAULT_WINDOW_MS, pad=config.batch_pad)
     if config.backend == "slurm" and config.shard is None:
         raise ConfigError("--backend slurm runs one shard per SLURM array task (rsd.eval.slurm.run_slurm submits "
                           "them); evaluate() ran it without a shard: pass --shards N on the rsd eval command line.")

@@ -249,6 +249,8 @@ def test_policies_without_predict_chunks_are_refused_by_name(tmp_path) -> None:
         EvalConfig(suite="libero_spatial", policy="expert", out=tmp_path, batch_window_ms=3.0)
     with pytest.raises(ConfigError, match="--batch-window-ms"):
         BatchedRunner(settings(tmp_path), ScriptedExpert, 2, window_ms=0)
+    with pytest.raises(ConfigError, match="--batch-pad pads the policy server's batches of --backend batched"):
+        EvalConfig(suite="libero_spatial", policy="expert", out=tmp_path, batch_pad=True)
 
 
 class _Conn:
