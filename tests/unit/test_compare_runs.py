@@ -1,12 +1,14 @@
 """``scripts/compare_runs.py`` (``rsd.eval.compare``): one row per run from summary.json, --per-task, --markdown,
-and a directory without a summary refused."""
+--plot (one subplot per suite, --labels), and a directory without a summary refused."""
 
 from __future__ import annotations
 
+import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
 
@@ -94,3 +96,82 @@ def test_the_script_runs(runs: tuple[Path, Path], tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(tmp_path)],
                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert done.returncode == 1 and "no summary.json" in done.stderr
+
+
+def _other_suite(run: Path, out: Path) -> Path:
+    """A copy of ``run``'s summary.json, as if it had been run on libero_object."""
+    out.mkdir()
+    summary = json.loads((run / "summary.json").read_text())
+    summary["suite"] = "libero_object"
+    (out / "summary.json").write_text(json.dumps(summary))
+    return out
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _bars(ax: Any) -> list[Any]:
+    """One BarContainer per run (ax.containers also holds their error bars)."""
+    from matplotlib.container import BarContainer
+    return [c for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def test_plot_per_task_one_bar_per_run_and_task_with_its_interval(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    loaded = [compare.load_run(d) for d in runs]
+    fig = compare.plot_per_task(loaded, ["expert", "RSD exact"], tmp_path / "sub" / "plot.png")
+    w, h = _png_size(tmp_path / "sub" / "plot.png")
+    assert 600 <= w <= 3000 and 300 <= h <= 2000
+    assert not list(tmp_path.glob("sub/*.partial.png"))
+    (ax,) = fig.axes
+    assert "libero_spatial" in ax.get_title() and ax.get_ylim() == (0, 100)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["expert", "RSD exact"]
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "all"
+    bars = _bars(ax)  # tasks 0, 1 and all
+    assert [[round(b.get_height(), 1) for b in c] for c in bars] == [[100.0] * 3, [50.0] * 3]
+    ci = bars[1].errorbar.lines[2][0].get_segments()  # run 2's error bars
+    assert [round(float(y), 1) for y in ci[0][:, 1]] == [15.0, 85.0]  # Wilson 95 % of 2/4
+    assert [round(float(y), 1) for y in ci[2][:, 1]] == [21.5, 78.5]  # of 4/8, the "all" group
+
+
+def test_plot_two_suites_two_subplots_same_label_same_colour(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    other = _other_suite(runs[1], tmp_path / "object")
+    loaded = [compare.load_run(d) for d in (*runs, other)]
+    fig = compare.plot_per_task(loaded, ["expert", "RSD", "RSD"], tmp_path / "plot.png")
+    spatial, obj = fig.axes
+    assert "libero_spatial" in spatial.get_title() and "libero_object" in obj.get_title()
+    (expert, rsd), (rsd_object,) = _bars(spatial), _bars(obj)
+    assert rsd[0].get_facecolor() == rsd_object[0].get_facecolor() != expert[0].get_facecolor()
+    compare.plot_per_task(loaded[:1], ["expert"], tmp_path / "one.png")
+    assert _png_size(tmp_path / "plot.png")[1] > _png_size(tmp_path / "one.png")[1]  # stacked vertically
+
+
+def test_plot_refuses_wrong_labels_and_runs_without_tasks(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    loaded = [compare.load_run(d) for d in runs]
+    with pytest.raises(ConfigError, match="2 runs"):
+        compare.plot_per_task(loaded, ["only one"], tmp_path / "p.png")
+    with pytest.raises(ConfigError, match="both labelled"):
+        compare.plot_per_task(loaded, ["same", "same"], tmp_path / "p.png")
+    with pytest.raises(ConfigError, match="no per_task"):
+        compare.plot_per_task([loaded[0], {**loaded[1], "per_task": {}}], ["a", "b"], tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_from_the_command_line(runs: tuple[Path, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "per_task.png"
+    other = _other_suite(runs[0], tmp_path / "object")
+    assert compare.main([*map(str, runs), str(other), "--per-task", "--plot", str(png), "--labels", "E, X ,E"]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out and _png_size(png)[0] >= 600
+    png.unlink()
+    assert compare.main([*map(str, runs), "--plot", str(png)]) == 0  # labels: the directory names
+    capsys.readouterr()
+    png.unlink()
+    assert compare.main([*map(str, runs), "--plot", str(png), "--labels", "a,b,c"]) == 1
+    captured = capsys.readouterr()
+    assert "ConfigError" in captured.err and "3 labels" in captured.err and captured.out == ""
+    assert not png.exists()
+    with pytest.raises(SystemExit):
+        compare.main([*map(str, runs), "--labels", "a,b"])  # --labels without --plot
