@@ -128,8 +128,15 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
 
 def _tables(runs: Sequence[Mapping[str, Any]], per_task: bool, markdown: bool) -> str:
     parts = [render(COLUMNS, run_rows(runs), markdown=markdown)]
-    if per_task:
-        parts.append(render(*task_rows(runs), markdown=markdown))
+    if per_task:  # one table per suite: task i of one suite is another task than task i of the next
+        suites: dict[str, list[int]] = {}
+        for i, run in enumerate(runs):
+            suites.setdefault(str(run.get("suite") or "?"), []).append(i)
+        for suite, ix in suites.items():
+            header, rows = task_rows([runs[i] for i in ix])
+            header = [*header[:2], *(f"run {i + 1}" for i in ix)]
+            table = render(header, rows, markdown=markdown)
+            parts.append(table if len(suites) == 1 else f"{suite}:\n{table}")
     legend = [f"run {i}: {s['dir']}" for i, s in enumerate(runs, start=1)]
     legend.append("rate: Wilson 95% CI; p50/p90: policy latency per chunk (with --check-greedy it includes the greedy "
                   "check; summary.json's speculative.latency_without_check_* leave it out); acc layers: mean accepted "

@@ -107,6 +107,20 @@ def _other_suite(run: Path, out: Path) -> Path:
     return out
 
 
+def test_per_task_tables_are_per_suite(runs: tuple[Path, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    other = _other_suite(runs[1], tmp_path / "object")
+    summary = json.loads((other / "summary.json").read_text())
+    for block in summary["per_task"].values():
+        block["name"] = "pick_up_the_ketchup"
+    (other / "summary.json").write_text(json.dumps(summary))
+    assert compare.main([str(runs[0]), str(other), "--per-task"]) == 0
+    text = capsys.readouterr().out
+    spatial, obj = text.split("libero_object:")  # task i of one suite is another task than task i of the other
+    assert "libero_spatial:" in spatial and "pick_up_the_ketchup" not in spatial and "run 2  " not in spatial
+    assert "pick_up_the_ketchup" in obj and "run 2" in obj.splitlines()[1] and "run 1" not in obj.splitlines()[1]
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
