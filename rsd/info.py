@@ -78,12 +78,9 @@ def _renderer(reprobe: bool) -> dict[str, Any]:
     from rsd.sim import setup as sim_setup
 
     try:
-        chosen = sim_setup.select_renderer(use_cache=not reprobe)
+        chosen = sim_setup.describe_renderer(use_cache=not reprobe)  # a preset MUJOCO_GL is probed there
     except RendererUnavailableError as exc:
         return {"ok": False, "error": str(exc)}
-    if chosen.vendor is None:  # MUJOCO_GL was preset, so nothing was probed yet
-        probed = sim_setup.probe_renderer(chosen.backend)
-        chosen = type(chosen)(**{**probed.__dict__, "source": chosen.source})
     return {"ok": chosen.ok, "backend": chosen.backend, "source": chosen.source, "gl_vendor": chosen.vendor,
             "gl_renderer": chosen.renderer, "gl_version": chosen.version, "error": chosen.error,
             "MUJOCO_GL": os.environ.get("MUJOCO_GL"), "PYOPENGL_PLATFORM": os.environ.get("PYOPENGL_PLATFORM")}

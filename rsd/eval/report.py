@@ -175,10 +175,14 @@ def protocol_block(max_steps: int, num_steps_wait: int, dummy_action: Sequence[f
 
 
 def renderer_record(render: bool) -> dict[str, Any]:
-    """The headless GL backend the episodes rendered with (``rsd.sim.setup.select_renderer``)."""
+    """The headless GL backend the episodes rendered with and its GL vendor / renderer
+    (``rsd.sim.setup.describe_renderer``: a pixel policy's success depends on them)."""
     if not render:
         return {"backend": "none (--no-render)"}
-    from rsd.sim.setup import select_renderer
+    from rsd.sim.setup import describe_renderer
 
-    info = select_renderer()
-    return {"backend": info.backend, "renderer": info.renderer, "vendor": info.vendor, "source": info.source}
+    info = describe_renderer()
+    record = {"backend": info.backend, "renderer": info.renderer, "vendor": info.vendor, "source": info.source}
+    if info.error:
+        record["probe_error"] = info.error
+    return record

@@ -30,7 +30,7 @@ from typing import Any
 from rsd.errors import RendererUnavailableError, SimSetupError
 
 __all__ = ["SETUP_HINT", "rsd_home", "libero_package_root", "ensure_libero_config", "RendererInfo", "probe_renderer",
-           "select_renderer", "setup_libero", "import_robosuite"]
+           "select_renderer", "describe_renderer", "setup_libero", "import_robosuite"]
 
 SETUP_HINT = "run `bash scripts/setup.sh` from the rsd checkout (installs hf-libero, the assets and the GL libraries)"
 _BACKENDS = ("egl", "osmesa")  # tried in this order when MUJOCO_GL is not set
@@ -183,6 +183,7 @@ def _read_cache() -> dict[str, Any]:
 
 
 _SELECTED: RendererInfo | None = None
+_DESCRIBED: RendererInfo | None = None  # describe_renderer's probe of a preset MUJOCO_GL
 
 
 def select_renderer(use_cache: bool = True) -> RendererInfo:
@@ -226,6 +227,21 @@ def select_renderer(use_cache: bool = True) -> RendererInfo:
     os.environ["PYOPENGL_PLATFORM"] = info.backend
     _SELECTED = info
     return info
+
+
+def describe_renderer(use_cache: bool = True) -> RendererInfo:
+    """:func:`select_renderer`'s backend with its GL vendor and renderer, which a pixel policy's inputs depend on
+    (Mesa's llvmpipe and NVIDIA's EGL give differing pixels for one scene: docs/pixel-policy.md). A preset
+    ``MUJOCO_GL`` is probed here, once per process, with the environment this process has (``ok`` False and
+    ``error`` set when the probe fails; the backend is still the one in use)."""
+    global _DESCRIBED
+    info = select_renderer(use_cache)
+    if info.vendor is not None:
+        return info
+    if _DESCRIBED is None or _DESCRIBED.backend != info.backend:
+        probed = probe_renderer(info.backend, timeout_s=60.0)
+        _DESCRIBED = RendererInfo(**{**asdict(probed), "source": info.source})
+    return _DESCRIBED
 
 
 # ---------------------------------------------------------------- importing LIBERO quietly

@@ -94,3 +94,32 @@ def test_select_renderer_falls_back_caches_and_names_the_fix(tmp_path, monkeypat
     monkeypatch.setattr(sim_setup, "_SELECTED", None)
     monkeypatch.setenv("MUJOCO_GL", "egl")  # a preset MUJOCO_GL is respected, not probed
     assert sim_setup.select_renderer().source == "env" and probed == []
+
+
+def test_describe_renderer_probes_a_preset_backend_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MUJOCO_GL set by the user: the backend is kept as is, and its GL vendor / renderer come from one probe (what
+    rsd eval's summary records: a pixel policy's inputs differ between renderers)."""
+    from rsd.eval.report import renderer_record
+
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    monkeypatch.setattr(sim_setup, "_SELECTED", None)
+    monkeypatch.setattr(sim_setup, "_DESCRIBED", None)
+    probed: list[str] = []
+
+    def fake_probe(backend: str, timeout_s: float = 120.0) -> sim_setup.RendererInfo:
+        probed.append(backend)
+        return sim_setup.RendererInfo(backend, True, "probe", "NVIDIA Corporation", "NVIDIA H200/PCIe/SSE2", "4.6")
+
+    monkeypatch.setattr(sim_setup, "probe_renderer", fake_probe)
+    info1 = sim_setup.describe_renderer()
+    assert (info1.backend, info1.source, info1.vendor) == ("egl", "env", "NVIDIA Corporation")
+    assert renderer_record(True) == {"backend": "egl", "renderer": "NVIDIA H200/PCIe/SSE2",
+                                     "vendor": "NVIDIA Corporation", "source": "env"}
+    assert probed == ["egl"]  # once per process
+    assert renderer_record(False) == {"backend": "none (--no-render)"}
+
+    monkeypatch.setattr(sim_setup, "_DESCRIBED", None)
+    monkeypatch.setattr(sim_setup, "probe_renderer", lambda backend, timeout_s=120.0: sim_setup.RendererInfo(
+        backend, False, "probe", error="exit 1: libEGL.so.1: cannot open"))
+    record = renderer_record(True)  # the probe failed: the backend in use is still said, with the probe's error
+    assert record["backend"] == "egl" and record["vendor"] is None and "libEGL" in record["probe_error"]
