@@ -18,7 +18,8 @@ At the full runs' own rates a test fails with probability <= 0.03 %. A policy at
 with probability 1.8 %, the L1 tests with 0.07 %; the RSD object test (the weakest policy) lets a 70 % policy
 through with probability 22 %, the price of 50 episodes. Batched episodes on a GPU are not bit-reproducible (the
 batch a chunk is computed in changes its float rounding), so the same init state can end differently between runs;
-the margin is for that. Zero chunks may differ from greedy decoding.
+the margin is for that. Zero chunks may differ from greedy decoding, and the episodes must have rendered with NVIDIA's
+EGL, as the full runs did (another renderer gives other pixels: docs/pixel-policy.md section 4).
 
 Needs CUDA, LIBERO and a GL loader (``MUJOCO_GL=egl``); skipped with the reason otherwise. Run on the GPU machine:
 ``MUJOCO_GL=egl pytest tests/gpu/test_pixel_closed_loop_gpu.py``. Its 20-episode predecessor (trials 0-1, at least
@@ -73,7 +74,12 @@ def test_pixel_policy_closed_loop_on_the_gpu(suite: str, policy: str, tmp_path: 
     res = subprocess.run([sys.executable, "-m", "rsd.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
-    overall = json.loads((tmp_path / "eval" / "summary.json").read_text())["overall"]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    vendor = summary["renderer"].get("vendor") or ""
+    assert "NVIDIA" in vendor, (f"rendered with {summary['renderer']}: the thresholds come from runs rendered with "
+                                f"NVIDIA's EGL (another renderer gives other pixels; docs/pixel-policy.md section 4). "
+                                f"Set __EGL_VENDOR_LIBRARY_FILENAMES to NVIDIA's EGL vendor json.")
+    overall = summary["overall"]
     assert overall["n"] == 10 * TRIALS and overall["errors"] == 0, overall
     need = min_successes(policy, suite)
     assert overall["successes"] >= need, (f"{suite} {policy}: {overall['successes']}/{overall['n']} (Wilson low "
