@@ -47,7 +47,7 @@ case "$step" in
                 touch "$state/$name.done"' _ "$STATE" "$name" \
                 > "$STATE/$name.log" 2>&1 < /dev/null &
             echo "$!" > "$STATE/$name.pid"
-            echo "device_lanes: started lane $name (pid $!): $(grep -cv '^\s*#' "$lane") evals"
+            echo "device_lanes: started lane $name (pid $!): $(grep -cv -e '^\s*#' -e '^\s*$' "$lane") evals"
         done
         ;;
     watch)
