@@ -126,12 +126,18 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
     return "\n".join(out)
 
 
+def _by_suite(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[int]]:
+    """The indices of ``runs`` per suite, suites in order of first appearance."""
+    suites: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        suites.setdefault(str(run.get("suite") or "?"), []).append(i)
+    return suites
+
+
 def _tables(runs: Sequence[Mapping[str, Any]], per_task: bool, markdown: bool) -> str:
     parts = [render(COLUMNS, run_rows(runs), markdown=markdown)]
     if per_task:  # one table per suite: task i of one suite is another task than task i of the next
-        suites: dict[str, list[int]] = {}
-        for i, run in enumerate(runs):
-            suites.setdefault(str(run.get("suite") or "?"), []).append(i)
+        suites = _by_suite(runs)
         for suite, ix in suites.items():
             header, rows = task_rows([runs[i] for i in ix])
             header = [*header[:2], *(f"run {i + 1}" for i in ix)]
@@ -187,13 +193,13 @@ def plot_per_task(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], path
     for s in runs:
         if not isinstance(s.get("per_task"), dict) or not s["per_task"]:
             raise ConfigError(f"run {s.get('dir', '?')} has no per_task results to plot.")
-    suites: dict[str, list[int]] = {}
-    for i, s in enumerate(runs):
-        ix = suites.setdefault(str(s.get("suite") or "?"), [])
-        if labels[i] in (labels[k] for k in ix):
-            raise ConfigError(f"two runs of suite {s.get('suite')} are both labelled {labels[i]!r}: their bars would "
-                              f"look the same; give them different --labels.")
-        ix.append(i)
+    suites = _by_suite(runs)
+    for suite, ix in suites.items():
+        named = [labels[i] for i in ix]
+        twice = sorted({x for x in named if named.count(x) > 1})
+        if twice:
+            raise ConfigError(f"two runs of suite {suite} are both labelled {twice[0]!r}: their bars would look the "
+                              f"same; give them different --labels.")
     colours = {x: f"C{k % 10}" for k, x in enumerate(dict.fromkeys(labels))}
     width = max(8.0, 2.5 + 0.28 * max(len(_task_ids([runs[i] for i in ix])) * len(ix) for ix in suites.values()))
     fig = Figure(figsize=(width, 4.2 * len(suites)), dpi=110, layout="constrained")
