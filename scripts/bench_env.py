@@ -32,9 +32,9 @@ def bench(suite: str, task: int, render: bool, resets: int, steps: int) -> dict:
     gl = None
     if render:
         try:
-            from OpenGL import GL
+            from rsd.sim.setup import current_gl
 
-            gl = {k: GL.glGetString(getattr(GL, "GL_" + k.upper())).decode() for k in ("vendor", "renderer")}
+            gl = current_gl()
         except Exception as exc:  # noqa: BLE001 - a report, not a check
             gl = {"error": repr(exc)}
     reset_s, step_img, step_noimg = [], [], []

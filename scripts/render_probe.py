@@ -24,23 +24,22 @@ SCENES = (("libero_object", 0, 1), ("libero_spatial", 0, 0))
 def render() -> dict[str, np.ndarray]:
     from rsd.observation import FULL_IMAGE, STATE, WRIST_IMAGE
     from rsd.sim import protocol
+    from rsd.sim.episode import settle
     from rsd.sim.libero import make_env
+    from rsd.sim.setup import current_gl
 
     out: dict[str, np.ndarray] = {}
     for suite, task, init in SCENES:
         with make_env(suite, task, render=True, seed=protocol.ENV_SEED) as env:
             env.reset(init)
-            for k in range(protocol.NUM_STEPS_WAIT):
-                obs, _ = env.step(protocol.dummy_action(), images=k == protocol.NUM_STEPS_WAIT - 1)
+            obs = settle(env)
             name = f"{suite}_{task}_{init}"
             out[f"{name}/{FULL_IMAGE}"] = np.asarray(obs[FULL_IMAGE])
             out[f"{name}/{WRIST_IMAGE}"] = np.asarray(obs[WRIST_IMAGE])
             out[f"{name}/{STATE}"] = np.asarray(obs[STATE])
             if "gl" not in out:  # while the env's GL context is current
                 try:
-                    from OpenGL import GL
-
-                    gl = {k: GL.glGetString(getattr(GL, "GL_" + k.upper())).decode() for k in ("vendor", "renderer")}
+                    gl = current_gl()
                 except Exception as exc:  # noqa: BLE001 - a report
                     gl = {"error": repr(exc)}
                 out["gl"] = np.array(json.dumps(gl))

@@ -20,7 +20,7 @@ import numpy as np
 from rsd.errors import ShapeError
 from rsd.sim import protocol
 
-__all__ = ["seed_everything", "EpisodeOutcome", "EpisodeEnv", "run_episode"]
+__all__ = ["seed_everything", "EpisodeOutcome", "EpisodeEnv", "settle", "run_episode"]
 
 
 def seed_everything(seed: int) -> None:
@@ -72,6 +72,15 @@ def _check_chunk(chunk: Any) -> np.ndarray:
     return actions
 
 
+def settle(env: Any) -> dict[str, Any]:
+    """The protocol's settle steps after a reset: ``NUM_STEPS_WAIT`` dummy actions (their ``done`` ignored, no
+    frames kept), the policy images made for the last one only; its observation, the first a policy reads."""
+    obs: dict[str, Any] = {}
+    for i in range(protocol.NUM_STEPS_WAIT):
+        obs, _done = env.step(protocol.dummy_action(), images=i == protocol.NUM_STEPS_WAIT - 1)
+    return obs
+
+
 def run_episode(env: EpisodeEnv, policy: Any, instruction: str, init_state_index: int, max_steps: int, *,
                 seed: int = protocol.SEED, on_frame: Callable[[np.ndarray], None] | None = None,
                 on_step: Callable[[dict[str, Any], np.ndarray], None] | None = None) -> EpisodeOutcome:
@@ -93,9 +102,8 @@ def run_episode(env: EpisodeEnv, policy: Any, instruction: str, init_state_index
     try:
         seed_everything(seed)
         policy.reset()
-        obs = env.reset(init_state_index)
-        for i in range(protocol.NUM_STEPS_WAIT):  # only the last one's observation reaches the policy
-            obs, _done = env.step(protocol.dummy_action(), images=i == protocol.NUM_STEPS_WAIT - 1)
+        env.reset(init_state_index)
+        obs = settle(env)
         queue: deque[np.ndarray] = deque()
         success = False
         while steps < max_steps:

@@ -26,6 +26,7 @@ import numpy as np
 
 from rsd.errors import ReplayMismatchError, ShapeError
 from rsd.sim import protocol
+from rsd.sim.episode import settle
 
 __all__ = ["replay_observations", "PROPRIO_ATOL"]
 
@@ -56,9 +57,8 @@ def replay_observations(env: Any, scene_state: np.ndarray, fixtures: dict[str, A
     if actions.ndim != 2 or actions.shape[1] != protocol.ACTION_DIM or proprio.shape != (len(actions), 8):
         raise ShapeError(f"need executed actions [T, {protocol.ACTION_DIM}] and recorded proprio [T, 8] with one T, "
                          f"got {list(actions.shape)} and {list(proprio.shape)}.")
-    obs = env.reset_to_state(scene_state, fixtures)
-    for _ in range(protocol.NUM_STEPS_WAIT):
-        obs, _ = env.step(protocol.dummy_action())
+    env.reset_to_state(scene_state, fixtures)
+    obs = settle(env)  # the settle steps as an episode takes them
     for t in range(len(actions)):
         seen = _proprio(env.raw_obs)
         deviation[0] = max(deviation[0], float(np.max(np.abs(seen - proprio[t]))))

@@ -30,7 +30,7 @@ from typing import Any
 from rsd.errors import RendererUnavailableError, SimSetupError
 
 __all__ = ["SETUP_HINT", "rsd_home", "libero_package_root", "ensure_libero_config", "RendererInfo", "probe_renderer",
-           "select_renderer", "describe_renderer", "setup_libero", "import_robosuite"]
+           "select_renderer", "describe_renderer", "current_gl", "setup_libero", "import_robosuite"]
 
 SETUP_HINT = "run `bash scripts/setup.sh` from the rsd checkout (installs hf-libero, the assets and the GL libraries)"
 _BACKENDS = ("egl", "osmesa")  # tried in this order when MUJOCO_GL is not set
@@ -242,6 +242,13 @@ def describe_renderer(use_cache: bool = True) -> RendererInfo:
         probed = probe_renderer(info.backend, timeout_s=60.0)
         _DESCRIBED = RendererInfo(**{**asdict(probed), "source": info.source})
     return _DESCRIBED
+
+
+def current_gl() -> dict[str, str]:
+    """GL vendor and renderer of the context current in this process (an open rendered env's)."""
+    from OpenGL import GL
+
+    return {k: GL.glGetString(getattr(GL, "GL_" + k.upper())).decode() for k in ("vendor", "renderer")}
 
 
 # ---------------------------------------------------------------- importing LIBERO quietly
