@@ -8,14 +8,17 @@ the workers, the policy and the envs included), into its own results directory.
     python scripts/eval_scaling.py --out runs/scaling --workers 1 2 4 8 16 --backends local ray \
         --policy lowdim --suite libero_spatial --episodes-per-worker 10
 
-Writes OUT/scaling.json (per backend and K: episodes, successes, wall, episodes per minute, parallel efficiency
-= rate(K) / (K x rate(1)), mean episode wall time) and OUT/scaling.png. Any argument after ``--`` goes to every
+Writes OUT/scaling.json (per backend, K and repeat: episodes, successes, wall, episodes per minute, parallel
+efficiency = rate(K) / (K x rate(1)) with rate(1) the mean of the K = 1 repeats, mean episode wall time, and the same
+rate and efficiency counting only the workers' time in episodes, i.e. without start-up and shut-down, with the
+overhead in seconds and the host's load average before the point) and OUT/scaling.png. Any argument after ``--`` goes to every
 `rsd eval` unchanged (default: ``--no-render --device cpu``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -24,15 +27,26 @@ import time
 from pathlib import Path
 
 
-def run_point(out: Path, backend: str, workers: int, args: argparse.Namespace, extra: list[str]) -> dict:
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the point is recorded without it
+        return None
+
+
+def run_point(out: Path, backend: str, workers: int, repeat: int, args: argparse.Namespace, extra: list[str]) -> dict:
     trials = args.episodes_per_worker * workers // args.tasks
     if trials * args.tasks != args.episodes_per_worker * workers:
         raise SystemExit(f"--episodes-per-worker x K must be a multiple of --tasks ({args.tasks}); K = {workers}.")
-    run_dir = out / f"{backend}_k{workers:02d}"
+    if trials > 50:
+        raise SystemExit(f"K = {workers}: {trials} trials per task, but a LIBERO task has 50 init states; pass more "
+                         f"--tasks or fewer --episodes-per-worker.")
+    run_dir = out / f"{backend}_k{workers:02d}" if repeat == 0 else out / f"{backend}_k{workers:02d}_r{repeat}"
     cmd = [sys.executable, "-m", "rsd.cli", "eval", "--suite", args.suite, "--policy", args.policy,
            "--tasks", f"0-{args.tasks - 1}", "--trials", str(trials), "--workers", str(workers),
            "--backend", backend, "--out", str(run_dir), "--no-progress", *extra]
-    print(f"eval_scaling: {backend} K={workers}: {' '.join(cmd[1:])}", flush=True)
+    print(f"eval_scaling: {backend} K={workers} repeat {repeat}: {' '.join(cmd[1:])}", flush=True)
+    load_before = _loadavg()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
@@ -41,11 +55,24 @@ def run_point(out: Path, backend: str, workers: int, args: argparse.Namespace, e
         raise SystemExit(f"eval_scaling: {backend} K={workers} exited {proc.returncode}")
     records = [json.loads(x) for x in (run_dir / "episodes.jsonl").read_text().splitlines() if x.strip()]
     episode_wall = [r["wall_s"] for r in records]
-    return {"backend": backend, "workers": workers, "episodes": len(records),
+    busy = sum(episode_wall) / workers  # seconds each worker spent in episodes, on average
+    return {"backend": backend, "workers": workers, "repeat": repeat, "episodes": len(records),
             "successes": sum(r["success"] for r in records), "wall_s": round(wall, 2),
             "episodes_per_min": round(60.0 * len(records) / wall, 2),
             "mean_episode_wall_s": round(sum(episode_wall) / len(episode_wall), 3),
-            "policy_steps": sum(r["steps"] for r in records)}
+            # the rate without start-up and shut-down: episodes over the average worker's time in episodes
+            "episodes_per_min_in_episodes": round(60.0 * len(records) / busy, 2),
+            "overhead_s": round(wall - busy, 2),  # start-up, shut-down, idle tail of the last episodes
+            "load_before": load_before, "policy_steps": sum(r["steps"] for r in records)}
+
+
+def efficiencies(points: list[dict]) -> None:
+    """``efficiency`` = rate(K) / (K x rate(1)) and ``efficiency_in_episodes`` (the same of the rates without
+    start-up), with rate(1) the mean over that backend's K = 1 repeats."""
+    for key, eff in (("episodes_per_min", "efficiency"), ("episodes_per_min_in_episodes", "efficiency_in_episodes")):
+        for p in points:
+            ones = [q[key] for q in points if q["backend"] == p["backend"] and q["workers"] == 1 and key in q]
+            p[eff] = None if not ones or key not in p else round(p[key] / (p["workers"] * sum(ones) / len(ones)), 3)
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -57,11 +84,15 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for backend in sorted({p["backend"] for p in points}):
         pts = [p for p in points if p["backend"] == backend]
-        ax.plot([p["workers"] for p in pts], [p["episodes_per_min"] for p in pts], "o-", label=backend)
-        one = next((p for p in pts if p["workers"] == 1), None)
-        if one is not None:
-            ks = [p["workers"] for p in pts]
-            ax.plot(ks, [k * one["episodes_per_min"] for k in ks], ":", color="grey", linewidth=1)
+        ks = sorted({p["workers"] for p in pts})
+        mean = {k: sum(p["episodes_per_min"] for p in pts if p["workers"] == k)
+                / sum(1 for p in pts if p["workers"] == k) for k in ks}
+        line, = ax.plot(ks, [mean[k] for k in ks], "o-", label=backend)
+        if len(pts) > len(ks):  # repeats: every run as a dot, the line through their means
+            ax.plot([p["workers"] for p in pts], [p["episodes_per_min"] for p in pts], ".", color=line.get_color(),
+                    alpha=0.5)
+        if 1 in mean:
+            ax.plot(ks, [k * mean[1] for k in ks], ":", color="grey", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlabel("workers (one env + one policy each)")
@@ -87,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="lowdim")
     parser.add_argument("--tasks", type=int, default=10, help="tasks 0..N-1 of the suite")
     parser.add_argument("--episodes-per-worker", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every point this many times, in rounds (round r: every backend and K once)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     result_path = args.out / "scaling.json"
@@ -94,20 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     points = list(earlier.get("points", []))
     command = " ".join(["python", "scripts/eval_scaling.py", *sys.argv[1:]])
     commands = [*earlier.get("commands", []), command]  # every call that added points
-    for backend in args.backends:
-        for k in args.workers:
-            if any(p["backend"] == backend and p["workers"] == k for p in points):
-                continue  # measured by an earlier call (the script continues where it stopped)
-            points.append(run_point(args.out, backend, k, args, extra))
-            for p in points:
-                one = next((q for q in points if q["backend"] == p["backend"] and q["workers"] == 1), None)
-                p["efficiency"] = (None if one is None else
-                                   round(p["episodes_per_min"] / (p["workers"] * one["episodes_per_min"]), 3))
-            result = {"suite": args.suite, "policy": args.policy, "episodes_per_worker": args.episodes_per_worker,
-                      "tasks": args.tasks, "eval_args": extra, "cores": os.cpu_count(),
-                      "commands": commands, "points": points}
-            result_path.write_text(json.dumps(result, indent=2) + "\n")
-            print(json.dumps(points[-1]), flush=True)
+    for repeat, backend, k in itertools.product(range(args.repeats), args.backends, args.workers):
+        if any(p["backend"] == backend and p["workers"] == k and p.get("repeat", 0) == repeat for p in points):
+            continue  # measured by an earlier call (the script continues where it stopped)
+        points.append(run_point(args.out, backend, k, repeat, args, extra))
+        efficiencies(points)
+        result = {"suite": args.suite, "policy": args.policy, "episodes_per_worker": args.episodes_per_worker,
+                  "tasks": args.tasks, "eval_args": extra, "cores": os.cpu_count(),
+                  "commands": commands, "points": points}
+        result_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(points[-1]), flush=True)
     plot(points, args.out / "scaling.png",
          f"rsd eval scaling: {args.suite}, {args.policy}, {args.episodes_per_worker} episodes per worker, "
          f"{os.cpu_count()} cores")

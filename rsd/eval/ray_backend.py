@@ -211,7 +211,11 @@ class RayRunner:
                   "--address.") from exc
         return True
 
-    def _actor_options(self, ray: Any) -> dict[str, Any]:
+    def _actor_options(self, ray: Any, *, owns: bool) -> dict[str, Any]:
+        """Each actor's resources; a ``runtime_env`` with the driver's :func:`actor_env_vars` only on a cluster this
+        runner did not start. The instance it starts inherits this process's environment, and its pre-started
+        workers (which have no ``runtime_env``) can then become the actors; with one, Ray starts a new worker process
+        per actor."""
         resources = ray.cluster_resources()
         cpus = resources.get("CPU", 0)
         if cpus < self.workers:
@@ -219,8 +223,10 @@ class RayRunner:
                               f"each actor needs one; pass --workers {int(cpus)} or fewer, or add nodes "
                               f"(`ray start --address HEAD:PORT` on more machines).")
         gpus = gpus_per_actor(self.policy_device, resources.get("GPU", 0), self.workers)
-        return {"num_cpus": 1, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0,
-                "runtime_env": {"env_vars": actor_env_vars()}}
+        options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
+        if not owns:
+            options["runtime_env"] = {"env_vars": actor_env_vars()}
+        return options
 
     # ------------------------------------------------------------------ actors
 
@@ -273,7 +279,7 @@ class RayRunner:
         self.restarts = 0
         finished = False
         try:
-            self._options = self._actor_options(ray)
+            self._options = self._actor_options(ray, owns=owns)
             self._actor_cls = _remote_actor(ray)
             for _ in range(min(self.workers, len(keys))):
                 self._start(run)

@@ -55,14 +55,32 @@ def test_in_process_reference_has_successes_and_failures() -> None:
     assert ref[(0, 0)] == (True, 4, None) and ref[(1, 0)] == (True, 8, None) and ref[(0, 3)][:2] == (False, 220)
 
 
-def test_local_instance_runs_the_episodes_and_is_shut_down(tmp_path: Path) -> None:
+def test_local_instance_runs_the_episodes_and_is_shut_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instance the runner starts inherits the driver's environment: its actors see it without a runtime_env
+    (so Ray's pre-started workers can become the actors)."""
     assert not ray.is_initialized()
-    runner = fake_runner(tmp_path / "out", Push)
+    wanted = {"RSD_HOME": str(tmp_path / "home"), "MUJOCO_GL": "disabled", "OMP_NUM_THREADS": "1",
+              "LIBERO_CONFIG_PATH": str(tmp_path / "home" / "libero"), "PYOPENGL_PLATFORM": None}
+    for k, v in wanted.items():
+        monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    runner = fake_runner(tmp_path / "out", functools.partial(Push, str(reports)))
+    real_options, options = runner._actor_options, []
+
+    def recorded_options(*args, **kwargs) -> dict:
+        options.append(real_options(*args, **kwargs))
+        return options[-1]
+
+    monkeypatch.setattr(runner, "_actor_options", recorded_options)
     outcome = ev.evaluate(fake_config(tmp_path / "out"), TASKS, runner=runner)
     assert outcome.exit_code == 0 and outcome.new_episodes == 8
     assert _outcomes(tmp_path / "out") == _in_process()
     assert (tmp_path / "out" / ev.RUN_NAME).is_file() and runner.restarts == 0
     assert not ray.is_initialized()  # the instance it started is gone
+    assert len(options) == 1 and "runtime_env" not in options[0]
+    seen = [json.loads(p.read_text()) for p in sorted(reports.glob("actor-*.json"))]
+    assert len(seen) == 2 and all(s["env"] == {k: wanted.get(k) for k in SEEN_ENV} for s in seen)
 
 
 def test_an_address_where_no_cluster_runs_is_refused_at_once(tmp_path: Path) -> None:
