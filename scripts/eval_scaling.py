@@ -11,8 +11,8 @@ the workers, the policy and the envs included), into its own results directory.
 Writes OUT/scaling.json (per backend, K and repeat: episodes, successes, wall, episodes per minute, parallel
 efficiency = rate(K) / (K x rate(1)) with rate(1) the mean of the K = 1 repeats, mean episode wall time, and the same
 rate and efficiency counting only the workers' time in episodes, i.e. without start-up and shut-down, with the
-overhead in seconds and the host's load average before the point) and OUT/scaling.png. Any argument after ``--`` goes to every
-`rsd eval` unchanged (default: ``--no-render --device cpu``).
+overhead in seconds and the host's load average before the point) and OUT/scaling.png. Any argument after ``--``
+goes to every `rsd eval` unchanged (default: ``--no-render --device cpu``).
 """
 
 from __future__ import annotations
