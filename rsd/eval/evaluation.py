@@ -284,7 +284,7 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             "center_crop": config.policy_identity["center_crop"], "trials": config.trials, "tasks": list(task_ids),
             "shard": wanted["shard"], "backend": config.backend,
             "protocol": protocol_block(config.max_steps, protocol.NUM_STEPS_WAIT, protocol.DUMMY_ACTION),
-            "renderer": renderer_record(config.render),
+            "renderer": renderer_record(config.render, list(latest_by_key(records).values())),
             "versions": wanted["versions"],
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": config.command,
@@ -292,6 +292,11 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             "episodes_this_run": new,
             "episode_wall_s_total": float(sum(r.wall_s for r in latest_by_key(records).values())),
         })
+        if summary["renderer"].get("mixed"):
+            print(f"rsd eval: WARNING: the episodes were rendered by {len(summary['renderer']['in_episodes'])} "
+                  f"different GL renderers ({'; '.join(summary['renderer']['in_episodes'])}); a pixel policy's "
+                  f"results differ between renderers, so these are not one measurement: run the workers on one kind "
+                  f"of machine (summary.json 'renderer' records them).", file=sys.stderr)
         server = getattr(runner, "server_stats", None)
         if callable(server):  # --backend batched: the batches its policy server reached in this run
             summary["batched"] = server()

@@ -212,6 +212,19 @@ def _one(values: Iterable[Any]) -> Any:
     return distinct[0] if len(distinct) == 1 else distinct
 
 
+def _merged_renderer(summaries: Sequence[dict], records: Sequence[EpisodeResult], render: bool) -> Any:
+    """The shards' common renderer record (the distinct ones, as a list, where they differ), with ``in_episodes`` and
+    ``mixed`` recomputed over the merged episodes (``rsd.eval.report.renderer_record``)."""
+    if not summaries:
+        return None if render else renderer_record(False)
+    per_episode = ("in_episodes", "mixed")
+    common = _one({k: v for k, v in (s.get("renderer") or {}).items() if k not in per_episode} for s in summaries)
+    if render and isinstance(common, dict):
+        seen = sorted({r.renderer for r in records if r.renderer is not None})
+        common = {**common, "in_episodes": seen, "mixed": len(seen) > 1}
+    return common
+
+
 def merge_runs(out: str | Path, shard_dirs: Sequence[str | Path], *, command: str = "", plot: bool = True,
                also_allowed: Iterable[str] = ()) -> dict[str, Any]:
     """Merge ``shard_dirs`` into ``out`` and return the merged summary (``missing_episodes`` lists the gaps)."""
@@ -244,8 +257,7 @@ def merge_runs(out: str | Path, shard_dirs: Sequence[str | Path], *, command: st
         "center_crop": rec.get("policy_center_crop"), "trials": rec["request"]["trials"],
         "tasks": rec["request"]["tasks"], "shard": None, "backend": _one(r.record.get("backend") for r in runs),
         "protocol": protocol_block(rec["max_steps"], rec["num_steps_wait"], protocol.DUMMY_ACTION),
-        "renderer": (_one(s.get("renderer") for s in summaries) if summaries else
-                     renderer_record(False) if not rec["render"] else None),
+        "renderer": _merged_renderer(summaries, records, rec["render"]),
         "versions": rec["versions"], "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command, "wall_s": time.perf_counter() - t0, "episodes_this_run": 0,
         "episode_wall_s_total": float(sum(r.wall_s for r in records)),

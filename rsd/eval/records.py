@@ -38,7 +38,9 @@ class EpisodeKey:
 class EpisodeResult:
     """One line of ``episodes.jsonl``. ``steps`` counts policy actions executed (settle steps excluded).
     ``speculative``: how an RSD policy decoded speculatively in the episode (``rsd.eval.decoding.SpecTally``; None for
-    other policies and in lines of runs recorded before it existed)."""
+    other policies and in lines of runs recorded before it existed). ``renderer``: ``"vendor / renderer"`` of the GL
+    context the episode's frames came from, as the process that ran it saw it (None when unrendered, and in lines of
+    runs recorded before it existed): a pixel policy's success depends on it."""
 
     suite: str
     task_id: int
@@ -57,6 +59,7 @@ class EpisodeResult:
     seed: int
     traceback: str | None = None
     speculative: SpecTally | None = None
+    renderer: str | None = None
 
     @property
     def key(self) -> EpisodeKey:

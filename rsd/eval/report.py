@@ -174,15 +174,22 @@ def protocol_block(max_steps: int, num_steps_wait: int, dummy_action: Sequence[f
             "success": "done flag of env.step", "seeding": "random/numpy/torch seeded before every episode"}
 
 
-def renderer_record(render: bool) -> dict[str, Any]:
+def renderer_record(render: bool, episodes: Sequence[EpisodeResult] = ()) -> dict[str, Any]:
     """The headless GL backend the episodes rendered with and its GL vendor / renderer
-    (``rsd.sim.setup.describe_renderer``: a pixel policy's success depends on them)."""
+    (``rsd.sim.setup.describe_renderer``, in this process: a pixel policy's success depends on them), and
+    ``in_episodes``: the distinct ``"vendor / renderer"`` the workers recorded in ``episodes`` (EpisodeResults), which
+    is what counts where the workers run elsewhere (a Ray cluster's nodes). ``mixed``: True when that is more than
+    one: those episodes are not one measurement."""
     if not render:
         return {"backend": "none (--no-render)"}
     from rsd.sim.setup import describe_renderer
 
     info = describe_renderer()
-    record = {"backend": info.backend, "renderer": info.renderer, "vendor": info.vendor, "source": info.source}
+    record: dict[str, Any] = {"backend": info.backend, "renderer": info.renderer, "vendor": info.vendor,
+                              "source": info.source}
     if info.error:
         record["probe_error"] = info.error
+    seen = sorted({r.renderer for r in episodes if r.renderer is not None})
+    record["in_episodes"] = seen
+    record["mixed"] = len(seen) > 1
     return record

@@ -30,7 +30,7 @@ from rsd.sim.episode import EpisodeOutcome, run_episode
 from rsd.stats import percentiles
 
 __all__ = ["VIDEO_DIR", "VIDEO_MODES", "WorkerSettings", "VideoSink", "EpisodeWorker", "Runner", "SerialRunner",
-           "ParallelRunner", "worker_threads", "worker_died_result", "rerun_or_give_up"]
+           "ParallelRunner", "worker_threads", "worker_died_result", "rerun_or_give_up", "gl_renderer"]
 
 VIDEO_DIR = "videos"
 VIDEO_MODES = ("all", "failures", "none")
@@ -86,6 +86,7 @@ class EpisodeWorker:
         self.policy = policy
         self._env: Any = None
         self._env_task: int | None = None
+        self._renderer: str | None = None  # this process's GL "vendor / renderer", read after its first rendered episode
 
     def _get_env(self, task_id: int) -> Any:
         if self._env_task != task_id:
@@ -112,6 +113,8 @@ class EpisodeWorker:
                                   seed=s.seed, on_frame=sink)
         except Exception as exc:  # env creation / video set-up: an episode error like any other
             outcome = EpisodeOutcome.failed(exc)
+        if s.render and self._renderer is None and self._env is not None:
+            self._renderer = gl_renderer()
         video = None
         if sink is not None:
             keep = s.video == "all" or not outcome.success
@@ -123,12 +126,24 @@ class EpisodeWorker:
             init_state_index=key.init_state_index, success=outcome.success, steps=outcome.steps,
             error=outcome.error, latency_p50_ms=lat["p50"], latency_p90_ms=lat["p90"],
             chunk_latencies_ms=outcome.chunk_latencies_ms, wall_s=time.perf_counter() - t0, video=video,
-            seed=s.seed, traceback=outcome.traceback, speculative=policy.tally())
+            seed=s.seed, traceback=outcome.traceback, speculative=policy.tally(), renderer=self._renderer)
 
     def close(self) -> None:
         if self._env is not None:
             env, self._env, self._env_task = self._env, None, None
             env.close()
+
+
+def gl_renderer() -> str:
+    """``"vendor / renderer"`` of the GL context current in this process (a rendered env's, after its first frame);
+    ``"unknown (...)"`` when it cannot be read (the episodes ran; only this description of them is missing)."""
+    from rsd.sim.setup import current_gl
+
+    try:
+        gl = current_gl()
+    except Exception as exc:  # allowed: metadata only; the record says it is unknown and why
+        return f"unknown ({type(exc).__name__}: {exc})"
+    return f"{gl['vendor']} / {gl['renderer']}"
 
 
 def worker_died_result(key: EpisodeKey, seed: int, error: str) -> EpisodeResult:

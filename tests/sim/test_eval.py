@@ -191,7 +191,11 @@ def test_rendered_episode_writes_an_mp4(tmp_path: Path) -> None:
     assert count == ep["steps"] + 1  # one frame before each action + the last one
     assert shapes == {(256, 256, 3)}
     assert min(spread) > 10  # real scenes, not blank images
-    assert json.loads((out / ev.SUMMARY_NAME).read_text())["renderer"]["backend"] in ("egl", "osmesa", "glx")
+    renderer = json.loads((out / ev.SUMMARY_NAME).read_text())["renderer"]
+    assert renderer["backend"] in ("egl", "osmesa", "glx")
+    # the worker read its GL context's vendor / renderer (the summary lists what the episodes saw)
+    assert " / " in ep["renderer"] and not ep["renderer"].startswith("unknown"), ep["renderer"]
+    assert renderer["in_episodes"] == [ep["renderer"]] and renderer["mixed"] is False
     assert not list((out / "videos").glob("*.partial.mp4"))
 
 

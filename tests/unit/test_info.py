@@ -114,7 +114,8 @@ def test_describe_renderer_probes_a_preset_backend_once(monkeypatch: pytest.Monk
     info1 = sim_setup.describe_renderer()
     assert (info1.backend, info1.source, info1.vendor) == ("egl", "env", "NVIDIA Corporation")
     assert renderer_record(True) == {"backend": "egl", "renderer": "NVIDIA H200/PCIe/SSE2",
-                                     "vendor": "NVIDIA Corporation", "source": "env"}
+                                     "vendor": "NVIDIA Corporation", "source": "env", "in_episodes": [],
+                                     "mixed": False}  # no episodes given (tests/unit/test_eval_renderer.py)
     assert probed == ["egl"]  # once per process
     assert renderer_record(False) == {"backend": "none (--no-render)"}
 
