@@ -75,3 +75,60 @@ def killing_libero_worker(settings: WorkerSettings, client: Any, target: tuple[i
     """The real ``EpisodeWorker`` (LIBERO), whose process SIGKILLs itself at the 2nd chunk of episode ``target``,
     the first time only."""
     return KeyAwareWorker(settings, KillsItselfOnce(client, target, marker, chunk=2))
+
+
+class DeadOnTask1:
+    """A policy factory (picklable: a Ray policy server unpickles it): the saved policy at ``path``, whose backbone's
+    output for task 1's instruction ("push 1") is all zero, a dead hidden state. Imports the model code only when
+    called (env workers import this module)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __call__(self) -> Any:
+        import torch
+
+        from rsd.policy import load_policy
+
+        policy = load_policy(self.path, decode="exact")
+        encode = policy.backbone.encode
+
+        def encode_rows(observation: dict, instruction: Any, **kw: Any) -> Any:
+            hidden = encode(observation, instruction, **kw)
+            dead = torch.tensor([text == "push 1" for text in instruction])
+            return torch.where(dead[:, None], torch.zeros_like(hidden), hidden)
+
+        policy.backbone.encode = encode_rows
+        return policy
+
+
+def saved_tiny_policy(directory: Path) -> Path:
+    """A tiny speculative RSD policy saved to ``directory`` (what the batched and the Ray policy-server tests load)."""
+    from tests.policy_factory import tiny_rsd_policy
+
+    tiny_rsd_policy(speculative=True).save_pretrained(directory)
+    return directory
+
+
+def exact_policy_factory(saved: Path) -> Any:
+    """Picklable: loads ``saved`` decoding speculative exact, every chunk checked against greedy."""
+    import functools
+
+    from rsd.policy import load_policy
+
+    return functools.partial(load_policy, saved, decode="exact")
+
+
+TINY_TASKS, TINY_TRIALS = (0, 1), 3
+
+
+def tiny_keys() -> list[EpisodeKey]:
+    """The episodes of the policy-server tests: trials 0-2 of tasks 0 and 1."""
+    return [EpisodeKey(SUITE, t, i) for t in TINY_TASKS for i in range(TINY_TRIALS)]
+
+
+def outcome(r: EpisodeResult) -> tuple:
+    """What must agree between two runners: success, steps, error, chunks, and how the chunks decoded."""
+    spec = r.speculative
+    return (r.success, r.steps, r.error, len(r.chunk_latencies_ms), spec.chunks, spec.greedy_checked,
+            spec.greedy_mismatched)

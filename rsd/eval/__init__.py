@@ -14,6 +14,7 @@ One concept per module:
 - ``rsd.eval.merge``       ``rsd merge OUT SHARD_DIR...``: shard runs into one run, gaps listed
 - ``rsd.eval.slurm``       ``--backend slurm --shards N``: a submitit job array of shards, then the merge
 - ``rsd.eval.ray_backend`` ``--backend ray``: ``RayRunner``, the episodes in Ray actors (a killed one's episode re-run)
+- ``rsd.eval.ray_batched`` ``--backend ray --policy-server``: one policy actor serving the env actors in batches
 - ``rsd.eval.batched``     ``--backend batched``: ``BatchedRunner``, env worker processes and one policy in this process
   serving their chunks in batches (``predict_chunks``; a killed worker's episode re-run)
 - ``rsd.eval.cli``         the ``rsd eval`` options and ``run(args)``

@@ -44,7 +44,8 @@ from rsd.eval.runners import EpisodeWorker, WorkerSettings, _picklable, rerun_or
 from rsd.observation import RAW
 from rsd.stats import percentiles
 
-__all__ = ["DEFAULT_WINDOW_MS", "BatchedRunner", "PolicyClient", "check_batchable", "format_server_stats"]
+__all__ = ["DEFAULT_WINDOW_MS", "BatchedRunner", "PolicyClient", "check_batchable", "format_server_stats",
+           "server_reply", "chunk_of", "without_raw", "batch_stats"]
 
 DEFAULT_WINDOW_MS = 5.0  # how long the server waits for the other workers' requests after the first one
 _IDLE_WAIT_S = 0.5  # the loop's wait when no request is pending: stays responsive to Ctrl-C
@@ -72,16 +73,44 @@ class PolicyClient:
         self._conn.send(("reset", self.slot))
 
     def predict_chunk(self, observation: Any, instruction: str) -> Any:
-        sent = {k: v for k, v in observation.items() if k != RAW}
-        self._conn.send(("predict", self.slot, sent, instruction))
-        reply = self._conn.recv()
-        if reply[0] == "chunk":
-            return reply[1]
-        _, exc, cause, server_traceback = reply
-        if cause is not None:
-            exc.__cause__ = cause  # what rsd.eval.decoding reads (the greedy check of a refused chunk)
-        exc.add_note(f"(raised in the policy server of rsd eval --backend batched)\n{server_traceback}")
-        raise exc
+        self._conn.send(("predict", self.slot, without_raw(observation), instruction))
+        return chunk_of(self._conn.recv(), "rsd eval --backend batched")
+
+
+def batch_stats(latency_ms: dict[int, list[float]]) -> dict[str, Any]:
+    """A policy server's batches from ``latency_ms`` (batch size -> each batch's ``predict_chunks`` time): their
+    number, the chunks served, the mean batch size, batches per size, and p50 / p90 latency per size."""
+    batches = sum(len(v) for v in latency_ms.values())
+    chunks = sum(size * len(v) for size, v in latency_ms.items())
+    sizes = sorted(latency_ms)
+    return {"batches": batches, "chunks": chunks, "mean_batch_size": chunks / batches if batches else None,
+            "batch_sizes": {str(s): len(latency_ms[s]) for s in sizes},
+            "latency_ms": {str(s): percentiles(latency_ms[s]) for s in sizes}}
+
+
+def without_raw(observation: Any) -> dict[str, Any]:
+    """What a policy server gets of an observation: the simulator's ``raw`` state stays with the env."""
+    return {k: v for k, v in observation.items() if k != RAW}
+
+
+def server_reply(value: Any) -> tuple[Any, ...]:
+    """A policy server's answer to one request: ``("chunk", chunk)``, or for an error ``("error", exc, cause,
+    traceback)`` (its ``__cause__`` sent beside it: pickling drops it)."""
+    if isinstance(value, BaseException):
+        return ("error", _picklable(value), _cause(value), "".join(_traceback.format_exception(value)))
+    return ("chunk", value)
+
+
+def chunk_of(reply: tuple[Any, ...], server: str) -> Any:
+    """The chunk of a :func:`server_reply`, or its error raised as the policy would have, with its ``__cause__``
+    (what ``rsd.eval.decoding`` reads: the greedy check of a refused chunk) and a note naming the ``server``."""
+    if reply[0] == "chunk":
+        return reply[1]
+    _, exc, cause, server_traceback = reply
+    if cause is not None:
+        exc.__cause__ = cause
+    exc.add_note(f"(raised in the policy server of {server})\n{server_traceback}")
+    raise exc
 
 
 def _worker_main(slot: int, settings: WorkerSettings, worker_factory: Callable[[WorkerSettings, Any], Any],
@@ -159,15 +188,8 @@ class BatchedRunner:
     def server_stats(self) -> dict[str, Any]:
         """The last run's batches: their number, the chunks served, the mean batch size, how many batches of each
         size (``batch_sizes``) and ``predict_chunks``'s latency per batch size (``latency_ms``: p50 / p90)."""
-        batches = sum(len(v) for v in self._latency_ms.values())
-        chunks = sum(size * len(v) for size, v in self._latency_ms.items())
-        sizes = sorted(self._latency_ms)
         return {"workers": self.workers, "window_ms": self.window_ms, "padded_to": self._rows if self.pad else None,
-                "batches": batches, "chunks": chunks,
-                "mean_batch_size": chunks / batches if batches else None,
-                "batch_sizes": {str(s): len(self._latency_ms[s]) for s in sizes},
-                "latency_ms": {str(s): percentiles(self._latency_ms[s]) for s in sizes},
-                "worker_restarts": self.restarts}
+                **batch_stats(self._latency_ms), "worker_restarts": self.restarts}
 
     # ------------------------------------------------------------------ the run
 
@@ -279,10 +301,8 @@ class BatchedRunner:
         replies = [replies[r] for r in rows]
         self._latency_ms.setdefault(len(batch), []).append(1e3 * (time.perf_counter() - t0))
         for worker, reply in zip(batch, replies):
-            message = (("error", _picklable(reply), _cause(reply), "".join(_traceback.format_exception(reply)))
-                       if isinstance(reply, BaseException) else ("chunk", reply))
             try:
-                worker.conn.send(message)
+                worker.conn.send(server_reply(reply))
             except OSError:  # it died while the batch ran: the next wait finds its exit
                 pass
 
@@ -343,11 +363,11 @@ def _cause(exc: BaseException) -> BaseException | None:
 def format_server_stats(stats: dict[str, Any]) -> str:
     """The lines ``rsd eval`` prints about the policy server (:meth:`BatchedRunner.server_stats`)."""
     if not stats["batches"]:
-        return "policy server (--backend batched): no chunk served"
+        return "policy server: no chunk served"
     latency = ", ".join(f"{size}: {lat['p50']:.1f} / {lat['p90']:.1f} ms"
                         for size, lat in stats["latency_ms"].items())
     sizes = ", ".join(f"{size}: {n}" for size, n in stats["batch_sizes"].items())
-    return (f"policy server (--backend batched): {stats['chunks']} chunks in {stats['batches']} batches from "
+    return (f"policy server: {stats['chunks']} chunks in {stats['batches']} batches from "
             f"{stats['workers']} env workers (mean batch {stats['mean_batch_size']:.2f}; window "
             f"{stats['window_ms']:g} ms; {stats['worker_restarts']} workers replaced)\n"
             f"  batches per size: {sizes}\n  predict_chunks p50 / p90 per batch size: {latency}")

@@ -50,9 +50,10 @@ table shows them. ``scripts/compare_runs.py RUN_DIR...`` puts several runs side 
 Beyond one process (docs/distributed-eval.md): ``--shard I/N`` runs the I-th of N disjoint slices of the requested
 episodes (``rsd.eval.shards``; round-robin over the task-major list) into its own ``--out``, and ``rsd merge OUT
 SHARD_DIR...`` combines the shards into one run with the same files. ``--backend ray`` runs the episodes on a Ray
-cluster (``--address``); ``--backend slurm --shards N`` submits the shards as a SLURM job array through submitit
-(``rsd.eval.slurm``; ``--slurm-executor local`` runs it on this machine), waits, and merges them into ``--out``;
-rerunning the same command continues it. ``--max-episodes`` then counts per shard.
+cluster (``--address``), each env actor with its own copy of the policy, or with ``--policy-server`` all served in
+batches by one policy actor (``rsd.eval.ray_batched``, on a GPU with ``--device cuda``); ``--backend slurm
+--shards N`` submits the shards as a SLURM job array through submitit (``rsd.eval.slurm``; ``--slurm-executor local``
+runs it on this machine), waits, and merges them into ``--out``; rerunning the same command continues it. ``--max-episodes`` then counts per shard.
 
 ``--backend batched`` (``rsd.eval.batched``, one host): ``--workers K`` env processes step LIBERO and send each
 observation to this process, which holds the one learned policy (on the GPU by default) and answers them in batches
@@ -177,7 +178,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "submitit, merged into --out; see the options below). Recorded in run.json; --resume may "
                              "use another backend (the results are the same files)")
     parser.add_argument("--batch-window-ms", type=float, default=None, metavar="MS",
-                        help="--backend batched only: how long the policy server waits, after the first request of a "
+                        help="--backend batched or ray --policy-server: how long the policy server waits, after the "
+                             "first request of a "
                              "batch, for the env workers still stepping their env (default "
                              "rsd.eval.batched.DEFAULT_WINDOW_MS = 5 ms; a batch goes as soon as every worker in the "
                              "middle of an episode has asked)")
@@ -187,6 +189,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "same time (a GPU's batched kernels round differently for other batch shapes, and the "
                              "simulator amplifies that into different episodes); costs the latency of full batches "
                              "(docs/batched-eval.md)")
+    parser.add_argument("--policy-server", action="store_true",
+                        help="--backend ray only: one Ray actor holds the policy (a whole GPU with --device cuda) and "
+                             "serves every env actor's chunks in batches, as --backend batched does on one host "
+                             "(a learned policy only; --batch-window-ms applies; its batch sizes and latencies go "
+                             "into summary.json's `batched` block). Without it every env actor runs its own copy")
     parser.add_argument("--address", default=None,
                         help="--backend ray only: the address of the Ray cluster to run on (handed to "
                              "rsd.eval.ray_backend.RayRunner; docs/distributed-eval.md)")
@@ -242,7 +249,8 @@ def run(args: argparse.Namespace) -> int:
                         trust_remote_code=args.trust_remote_code, center_crop=args.center_crop,
                         decode=args.decode, threshold=args.threshold, check_greedy=args.check_greedy,
                         shard=shard, backend=args.backend, address=args.address,
-                        batch_window_ms=args.batch_window_ms, batch_pad=args.batch_pad)
+                        batch_window_ms=args.batch_window_ms, batch_pad=args.batch_pad,
+                        policy_server=args.policy_server)
     if slurm_options is not None:
         slurm.check_out(config.out, slurm_options.shards)  # before LIBERO is imported to resolve the tasks
         task_ids = _resolve_tasks(config.suite, config.tasks, config.trials)

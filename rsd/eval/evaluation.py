@@ -66,6 +66,7 @@ class EvalConfig:
     address: str | None = None  # --address of the Ray cluster (backend ray only)
     batch_window_ms: float | None = None  # --batch-window-ms of the policy server (backend batched only)
     batch_pad: bool = False  # --batch-pad: every batch padded to one row per worker (backend batched only)
+    policy_server: bool = False  # --policy-server: one Ray actor serves every env actor in batches (backend ray only)
 
     def __post_init__(self) -> None:
         protocol.max_steps_for(self.suite)  # unknown suite -> ConfigError listing the suites
@@ -81,13 +82,19 @@ class EvalConfig:
         if self.address is not None and self.backend != "ray":
             raise ConfigError(f"--address {self.address} names a Ray cluster and applies to --backend ray only; "
                               f"drop --address or pass --backend ray.")
-        if self.batch_window_ms is not None and (self.backend != "batched" or not self.batch_window_ms > 0):
-            raise ConfigError(f"--batch-window-ms {self.batch_window_ms} is the policy server's wait of --backend "
-                              f"batched, a number of milliseconds > 0: fix it, or drop it (or pass --backend batched).")
+        if self.policy_server and self.backend != "ray":
+            raise ConfigError("--policy-server puts the policy in one Ray actor that serves every env actor: it "
+                              "applies to --backend ray only (on one host, --backend batched does the same); drop it "
+                              "or pass --backend ray.")
+        served = self.backend == "batched" or self.policy_server
+        if self.batch_window_ms is not None and (not served or not self.batch_window_ms > 0):
+            raise ConfigError(f"--batch-window-ms {self.batch_window_ms} is the policy server's wait (--backend "
+                              f"batched, or --backend ray --policy-server), a number of milliseconds > 0: fix it, or "
+                              f"drop it.")
         if self.batch_pad and self.backend != "batched":
             raise ConfigError("--batch-pad pads the policy server's batches of --backend batched: drop it, or pass "
                               "--backend batched.")
-        if self.backend == "batched":  # a policy that cannot serve several episodes at once: before anything is written
+        if served:  # a policy that cannot serve several episodes at once: before anything is written
             _check_batched_policy(self.policy)
         if self.shard is not None and not isinstance(self.shard, Shard):
             raise ConfigError(f"shard must be a rsd.eval.shards.Shard (parse_shard('i/N')), got {self.shard!r}.")
@@ -162,14 +169,16 @@ class EvalConfig:
 
 
 def _check_batched_policy(spec: str) -> None:
-    """ConfigError for ``--backend batched`` with a policy spec that has no ``predict_chunks`` (the scripted ones and
-    OpenVLA-OFT's own pipeline); the runner checks the policy it makes too (``rsd.eval.batched.check_batchable``)."""
+    """ConfigError for a policy server (``--backend batched``, ``--backend ray --policy-server``) with a policy spec
+    that has no ``predict_chunks`` (the scripted ones and OpenVLA-OFT's own pipeline); the server checks the policy it
+    makes too (``rsd.eval.batched.check_batchable``)."""
     from rsd.policy.identity import is_scripted
 
     if is_scripted(spec) or spec == "openvla-oft" or spec.startswith("openvla-oft:"):
-        raise ConfigError(f"--backend batched serves several episodes with one learned policy (predict_chunks); "
-                          f"--policy {spec} runs one episode at a time: use --backend local (--workers K), or a "
-                          f"learned policy (lowdim, lowdim-l1, a directory saved by RSDPolicy / L1Policy).")
+        raise ConfigError(f"a policy server (--backend batched, --backend ray --policy-server) serves several "
+                          f"episodes with one learned policy (predict_chunks); --policy {spec} runs one episode at a "
+                          f"time: use --backend local (--workers K) or ray without --policy-server, or a learned "
+                          f"policy (lowdim, lowdim-l1, a directory saved by RSDPolicy / L1Policy).")
 
 
 @dataclass(frozen=True)
@@ -192,7 +201,8 @@ def _default_runner(config: EvalConfig, policy_factory: Callable[[], Any]) -> Ru
         from rsd.policy.factory import policy_device
 
         return RayRunner(settings, policy_factory, config.workers, address=config.address,
-                         policy_device=policy_device(config.policy, config.device))
+                         policy_device=policy_device(config.policy, config.device),
+                         policy_server=config.policy_server, window_ms=config.batch_window_ms)
     if config.backend == "batched":
         from rsd.eval.batched import DEFAULT_WINDOW_MS, BatchedRunner
 
@@ -298,8 +308,9 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
                   f"results differ between renderers, so these are not one measurement: run the workers on one kind "
                   f"of machine (summary.json 'renderer' records them).", file=sys.stderr)
         server = getattr(runner, "server_stats", None)
-        if callable(server):  # --backend batched: the batches its policy server reached in this run
-            summary["batched"] = server()
+        stats = server() if callable(server) else None
+        if stats is not None:  # a policy server (--backend batched, ray --policy-server): the batches it reached
+            summary["batched"] = stats
         started()  # the runner did not raise: the run started (episodes may be cut by Ctrl-C)
         write_json_atomic(out / SUMMARY_NAME, summary)
         if config.plot:

@@ -10,6 +10,9 @@ by a fresh one and the episode runs again, counted once; after :attr:`RayRunner.
 recorded as errored (``WorkerDied: ...``) and the run stops as after any errored episode. An actor whose policy
 cannot be made raises that exception in the driver.
 
+With ``policy_server`` (``--policy-server``) the actors' policy is a client of one more actor that holds the policy
+and serves them all in batches (``rsd.eval.ray_batched``); the actors then ask for no GPU.
+
 Ray is imported only when :meth:`RayRunner.results` runs: ``pip install 'rsd[dist]'`` provides it.
 """
 
@@ -174,11 +177,15 @@ class RayRunner:
     """
 
     def __init__(self, settings: WorkerSettings, policy_factory: Callable[[], Any], workers: int, *,
-                 address: str | None = None, policy_device: str | None = "cpu") -> None:
+                 address: str | None = None, policy_device: str | None = "cpu", policy_server: bool = False,
+                 window_ms: float | None = None) -> None:
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}.")
         self.settings, self.policy_factory, self.workers = settings, policy_factory, workers
         self.address, self.policy_device = address, policy_device
+        self.policy_server, self.window_ms = policy_server, window_ms  # rsd.eval.ray_batched
+        self._server: Any = None  # the policy server actor of a run (policy_server)
+        self._server_stats: dict[str, Any] | None = None
         self.on_ready: Callable[[], None] | None = None  # called when the first actor has made its policy
         self.retries = 2
         self.worker_factory: Callable[[WorkerSettings, Any], Any] = EpisodeWorker
@@ -195,8 +202,8 @@ class RayRunner:
         import logging
 
         if self.address is None:
-            ray.init(address="local", num_cpus=self.workers, include_dashboard=False, logging_level=logging.WARNING,
-                     configure_logging=True, log_to_driver=True)
+            ray.init(address="local", num_cpus=self.workers + int(self.policy_server), include_dashboard=False,
+                     logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
             return True
         _probe_cluster(self.address)
         try:
@@ -217,12 +224,13 @@ class RayRunner:
         workers (which have no ``runtime_env``) can then become the actors; with one, Ray starts a new worker process
         per actor."""
         resources = ray.cluster_resources()
-        cpus = resources.get("CPU", 0)
-        if cpus < self.workers:
+        cpus, server = resources.get("CPU", 0), int(self.policy_server)
+        if cpus < self.workers + server:
             raise ConfigError(f"--workers {self.workers} with --backend ray: the Ray cluster has {cpus:g} CPUs and "
-                              f"each actor needs one; pass --workers {int(cpus)} or fewer, or add nodes "
-                              f"(`ray start --address HEAD:PORT` on more machines).")
-        gpus = gpus_per_actor(self.policy_device, resources.get("GPU", 0), self.workers)
+                              f"each actor needs one{' (and the policy server one)' if server else ''}; pass "
+                              f"--workers {int(cpus) - server} or fewer, or add nodes (`ray start --address HEAD:PORT` "
+                              f"on more machines).")
+        gpus = 0.0 if server else gpus_per_actor(self.policy_device, resources.get("GPU", 0), self.workers)
         options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
         if not owns:
             options["runtime_env"] = {"env_vars": actor_env_vars()}
@@ -230,9 +238,34 @@ class RayRunner:
 
     # ------------------------------------------------------------------ actors
 
+    def _start_server(self, ray: Any, owns: bool) -> None:
+        """The policy server actor (``policy_server``), ready: its policy made, or its set-up error raised here."""
+        from rsd.eval.batched import DEFAULT_WINDOW_MS
+        from rsd.eval.ray_batched import policy_server, server_options
+
+        options = server_options(gpus_per_actor(self.policy_device, ray.cluster_resources().get("GPU", 0), 1))
+        if not owns:
+            options["runtime_env"] = {"env_vars": actor_env_vars()}
+        self._server = policy_server(ray).options(**options).remote(self.policy_factory,
+                                                                    self.window_ms or DEFAULT_WINDOW_MS)
+        kind, payload = ray.get(self._server.ready.remote())
+        if kind == "fatal":
+            exc, tb = payload
+            exc.add_note(f"(in the policy server of rsd eval --backend ray --policy-server)\n{tb}")
+            raise exc
+
+    def server_stats(self) -> dict[str, Any] | None:
+        """The policy server's batches of the last run (``policy_server``; None without one), with
+        ``rsd.eval.batched.BatchedRunner.server_stats``'s keys."""
+        if self._server_stats is None:
+            return None
+        return {"workers": self.workers, **self._server_stats, "worker_restarts": self.restarts}
+
     def _start(self, run: _Run) -> None:
-        handle = self._actor_cls.options(**self._options).remote(self.settings, self.policy_factory,
-                                                                 self.worker_factory, 1)
+        from rsd.eval.ray_batched import ServedPolicyFactory
+
+        factory = self.policy_factory if self._server is None else ServedPolicyFactory(self._server, run.next_slot)
+        handle = self._actor_cls.options(**self._options).remote(self.settings, factory, self.worker_factory, 1)
         actor = _Actor(run.next_slot, handle)
         run.next_slot += 1
         run.actors[actor.slot] = actor
@@ -249,6 +282,8 @@ class RayRunner:
         """``actor`` is gone: its episode runs again (on a fresh actor) or, past the retries, is an errored result."""
         del run.actors[actor.slot]
         ray.kill(actor.handle, no_restart=True)
+        if self._server is not None:  # the server's batches no longer wait for its slot
+            self._server.release.remote(actor.slot)
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         key, result = actor.key, None
         if key is None:
@@ -276,10 +311,12 @@ class RayRunner:
         ray = import_ray()
         owns = self._connect(ray)
         run = _Run(pending=deque(keys))
-        self.restarts = 0
+        self.restarts, self._server, self._server_stats = 0, None, None
         finished = False
         try:
             self._options = self._actor_options(ray, owns=owns)
+            if self.policy_server:
+                self._start_server(ray, owns)
             self._actor_cls = _remote_actor(ray)
             for _ in range(min(self.workers, len(keys))):
                 self._start(run)
@@ -325,6 +362,8 @@ class RayRunner:
                 self._dispatch(actor, run)
                 continue
             actor.key = None
+            if self._server is not None:  # its episode is over: the server's batches no longer wait for it
+                self._server.release.remote(actor.slot)
             if value.error is not None:
                 run.stopping = True
             yield value
@@ -346,3 +385,10 @@ class RayRunner:
             ray.kill(a.handle, no_restart=True)
         run.actors.clear()
         run.inflight.clear()
+        if self._server is not None:
+            try:
+                self._server_stats = ray.get(self._server.stats.remote(), timeout=30)
+            except Exception as exc:  # the episodes are recorded; only the server's figures are missing
+                print(f"rsd eval: the policy server's statistics are lost ({type(exc).__name__}: {exc})",
+                      file=sys.stderr)
+            ray.kill(self._server, no_restart=True)

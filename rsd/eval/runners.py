@@ -86,7 +86,7 @@ class EpisodeWorker:
         self.policy = policy
         self._env: Any = None
         self._env_task: int | None = None
-        self._renderer: str | None = None  # this process's GL "vendor / renderer", read after its first rendered episode
+        self._renderer: str | None = None  # this process's GL "vendor / renderer", read after its first rendered one
 
     def _get_env(self, task_id: int) -> Any:
         if self._env_task != task_id:

@@ -13,52 +13,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from rsd import eval as ev
 from rsd.eval.batched import BatchedRunner
 from rsd.eval.records import EpisodeKey
-from rsd.policy import load_policy
-from tests._batched_world import SUITE, TinyEnvWorker, killing_worker, reporting_worker, settings
-from tests.policy_factory import tiny_rsd_policy
+from tests._batched_world import (SUITE, DeadOnTask1, TinyEnvWorker, exact_policy_factory, killing_worker,
+                                  reporting_worker, settings)
+from tests._batched_world import TINY_TASKS, TINY_TRIALS, tiny_keys
+from tests._batched_world import outcome as _outcome
 
 pytestmark = pytest.mark.integration
 
-TASKS, TRIALS = (0, 1), 3
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("policy") / "tiny_rsd"
-    tiny_rsd_policy(speculative=True).save_pretrained(directory)
-    return directory
-
-
-def _factory(saved: Path) -> Any:
-    return functools.partial(load_policy, saved, decode="exact")  # speculative exact, every chunk greedy-checked
-
-
-def _keys(tasks: tuple[int, ...] = TASKS, trials: int = TRIALS) -> list[EpisodeKey]:
-    return [EpisodeKey(SUITE, t, i) for t in tasks for i in range(trials)]
-
-
-def _outcome(r: Any) -> tuple:
-    spec = r.speculative
-    return (r.success, r.steps, r.error, len(r.chunk_latencies_ms), spec.chunks, spec.greedy_checked,
-            spec.greedy_mismatched)
-
-
-@pytest.fixture(scope="module")
-def serial(saved: Path, tmp_path_factory) -> dict[tuple[int, int], tuple]:
-    worker = TinyEnvWorker(settings(tmp_path_factory.mktemp("serial")), _factory(saved)())
-    return {(k.task_id, k.trial): _outcome(worker.run(k)) for k in _keys()}
+TASKS, TRIALS = TINY_TASKS, TINY_TRIALS
+_keys = tiny_keys
 
 
 def test_batched_eval_equals_the_serial_runner(saved: Path, serial, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out, reports = tmp_path / "run", tmp_path / "reports"
     reports.mkdir()
-    runner = BatchedRunner(settings(out), _factory(saved), 2)
+    runner = BatchedRunner(settings(out), exact_policy_factory(saved), 2)
     runner.worker_factory = functools.partial(reporting_worker, report_dir=str(reports))
     config = ev.EvalConfig(suite=SUITE, policy=str(saved), out=out, trials=TRIALS, tasks=TASKS, render=True,
                            video="none", progress=False, plot=False, decode="exact", device="cpu", backend="batched")
@@ -73,27 +47,15 @@ def test_batched_eval_equals_the_serial_runner(saved: Path, serial, tmp_path: Pa
     assert set(stats["batch_sizes"]) <= {"1", "2"} and stats["worker_restarts"] == 0
     assert json.loads((out / ev.SUMMARY_NAME).read_text())["batched"] == stats
     assert json.loads((out / ev.RUN_NAME).read_text())["backend"] == "batched"
-    assert "policy server (--backend batched)" in capsys.readouterr().out
+    assert "policy server: " in capsys.readouterr().out
 
     seen = [json.loads(p.read_text()) for p in reports.glob("worker-*.json")]
     assert len(seen) == 2 and all(s == {"model_modules": [], "cuda_initialized": False} for s in seen)
 
 
 def test_a_policy_error_reaches_only_its_episode(saved: Path, serial, tmp_path: Path) -> None:
-    def dead_on_task_1() -> Any:  # the backbone's output for task 1's instruction is all zero: a dead hidden state
-        policy = _factory(saved)()
-        encode = policy.backbone.encode
-
-        def encode_rows(observation: dict, instruction: Any, **kw: Any) -> torch.Tensor:
-            hidden = encode(observation, instruction, **kw)
-            dead = torch.tensor([text == "push 1" for text in instruction])
-            return torch.where(dead[:, None], torch.zeros_like(hidden), hidden)
-
-        policy.backbone.encode = encode_rows
-        return policy
-
     keys = [EpisodeKey(SUITE, 0, 0), EpisodeKey(SUITE, 0, 1), EpisodeKey(SUITE, 1, 0)]
-    runner = BatchedRunner(settings(tmp_path), dead_on_task_1, 2)
+    runner = BatchedRunner(settings(tmp_path), DeadOnTask1(str(saved)), 2)
     runner.worker_factory = TinyEnvWorker
     got = {(r.task_id, r.trial): r for r in runner.results(keys)}
     assert "DeadHiddenStateError" in got[1, 0].error and "'push 1'" in got[1, 0].error
@@ -104,7 +66,7 @@ def test_a_policy_error_reaches_only_its_episode(saved: Path, serial, tmp_path: 
 def test_a_killed_worker_s_episode_runs_again_and_is_recorded_once(saved: Path, serial, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     marker = tmp_path / "killed"
-    runner = BatchedRunner(settings(tmp_path), _factory(saved), 2)
+    runner = BatchedRunner(settings(tmp_path), exact_policy_factory(saved), 2)
     runner.worker_factory = functools.partial(killing_worker, target=(1, 1), marker=str(marker))
     results = list(runner.results(_keys()))
     assert marker.exists() and runner.restarts == 1
@@ -132,7 +94,7 @@ def test_padded_batches_have_one_row_per_worker_each_at_its_own_row(saved: Path,
     made: list[_Recorder] = []
 
     def factory() -> _Recorder:
-        made.append(_Recorder(_factory(saved)()))
+        made.append(_Recorder(exact_policy_factory(saved)()))
         return made[-1]
 
     out = tmp_path / "run"

@@ -116,3 +116,19 @@ def test_a_killed_actor_mid_episode_is_replaced_and_the_episode_counted_once(ser
     assert outcome.exit_code == 0 and runner.restarts == 1
     assert _outcomes(tmp_path / "out") == {k: v for k, v in serial.items() if k[0] == 1}
 
+
+
+def test_policy_server_on_the_command_line_equals_the_serial_runner(tmp_path: Path) -> None:
+    """``rsd eval --backend ray --policy-server``: the packaged low-dimensional RSD policy in one policy actor serving
+    2 env actors in batches, against the same episodes run serially (on CPU its tokens do not depend on the batch)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    common = ["--suite", SUITE, "--policy", "lowdim", "--tasks", "0", "--trials", str(TRIALS), "--no-render",
+              "--no-progress", "--device", "cpu"]
+    runs = {"serial": [], "served": ["--backend", "ray", "--policy-server", "--workers", "2"]}
+    for name, extra in runs.items():
+        res = subprocess.run([sys.executable, "-m", "rsd.cli", "eval", *common, *extra, "--out", str(tmp_path / name)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert _outcomes(tmp_path / "served") == _outcomes(tmp_path / "serial")
+    summary = json.loads((tmp_path / "served" / ev.SUMMARY_NAME).read_text())
+    assert summary["batched"]["chunks"] > 0 and summary["batched"]["workers"] == 2

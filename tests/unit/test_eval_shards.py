@@ -124,16 +124,17 @@ def test_ray_backend_builds_the_ray_runner_lazily(tmp_path: Path, monkeypatch) -
     made: list[tuple] = []
 
     class RayRunner:
-        def __init__(self, settings, policy_factory, workers, *, address, policy_device):
-            made.append((settings, policy_factory, workers, address, policy_device))
+        def __init__(self, settings, policy_factory, workers, *, address, policy_device, policy_server, window_ms):
+            made.append((settings, policy_factory, workers, address, policy_device, policy_server, window_ms))
             self.on_ready = None
 
     monkeypatch.setitem(sys.modules, "rsd.eval.ray_backend", types.SimpleNamespace(RayRunner=RayRunner))
     cfg = _config(tmp_path, backend="ray", address="auto", workers=64)  # more than this box's cores: Ray's to place
     runner = evaluation._default_runner(cfg, dict)
     assert isinstance(runner, RayRunner)
-    settings, factory, workers, address, device = made[0]
+    settings, factory, workers, address, device, server, window = made[0]
     assert (factory, workers, address, device) == (dict, 64, "auto", None)  # the expert runs no network
+    assert (server, window) == (False, None)  # every actor its own policy
     assert settings.suite == "libero_spatial" and settings.out == tmp_path
 
 
