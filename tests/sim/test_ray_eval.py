@@ -1,11 +1,11 @@
 """``rsd eval``'s Ray backend (``RayRunner``) on real LIBERO, unrendered, against the serial runner on the same keys:
 episode for episode the same success and steps, also through ``rsd eval --backend ray``; the actors resolve LIBERO's
 config where the driver does; an actor killed in the middle of an episode is replaced, the episode re-run and
-recorded once.
+recorded once; ``--policy-server`` with the packaged low-dimensional policy equals a serial run.
 
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/sim/test_ray_eval.py -q`` (about 80 s on an idle 2-core
-machine: 4 expert episodes in this process, 2 through the command line, the same 4 on 2 Ray actors, then 2 of
-them with a kill).
+machine for 4 expert episodes in this process, 2 through the command line, the same 4 on 2 Ray actors, then 2 of
+them with a kill; the policy-server test adds about 40 s).
 """
 
 from __future__ import annotations
