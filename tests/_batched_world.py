@@ -60,7 +60,15 @@ class TinyEnvWorker(EpisodeWorker):
         self._env, self._env_task = None, None
 
 
-def reporting_worker(settings: WorkerSettings, client: Any, report_dir: str) -> TinyEnvWorker:
+def reporting_worker(settings: WorkerSettings, client: Any, report_dir: str, barrier: int = 0) -> TinyEnvWorker:
+    """A ``TinyEnvWorker`` reporting to ``report_dir``; with ``barrier``, it first waits (up to 120 s) until that many
+    workers have been made, so that they all run episodes at the same time (their chunks can share batches)."""
+    import time
+
+    Path(report_dir, f"made-{os.getpid()}").touch()
+    deadline = time.monotonic() + 120
+    while len(list(Path(report_dir).glob("made-*"))) < barrier and time.monotonic() < deadline:
+        time.sleep(0.05)
     return TinyEnvWorker(settings, client, report_dir)
 
 

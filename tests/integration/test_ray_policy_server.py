@@ -48,8 +48,9 @@ def test_the_policy_server_batches_and_the_episodes_equal_the_serial_runner(save
     out, reports = tmp_path / "run", tmp_path / "reports"
     reports.mkdir()
     # a wide window: a batch waits for both env actors while both are in an episode, however slow this machine
-    runner = _runner(out, exact_policy_factory(saved), functools.partial(reporting_worker, report_dir=str(reports)),
-                     window_ms=500.0)
+    # both env actors made before either runs an episode (a slow machine may start one long after the other)
+    reporting = functools.partial(reporting_worker, report_dir=str(reports), barrier=2)
+    runner = _runner(out, exact_policy_factory(saved), reporting, window_ms=500.0)
     config = ev.EvalConfig(suite=SUITE, policy=str(saved), out=out, trials=TRIALS, tasks=TASKS, render=True,
                            video="none", progress=False, plot=False, decode="exact", device="cpu", backend="ray",
                            policy_server=True, batch_window_ms=500.0)
