@@ -45,7 +45,7 @@ from rsd.observation import RAW
 from rsd.stats import percentiles
 
 __all__ = ["DEFAULT_WINDOW_MS", "BatchedRunner", "PolicyClient", "check_batchable", "format_server_stats",
-           "server_reply", "chunk_of", "without_raw", "batch_stats"]
+           "server_reply", "chunk_of", "without_raw", "batch_stats", "predict_rows"]
 
 DEFAULT_WINDOW_MS = 5.0  # how long the server waits for the other workers' requests after the first one
 _IDLE_WAIT_S = 0.5  # the loop's wait when no request is pending: stays responsive to Ctrl-C
@@ -75,6 +75,18 @@ class PolicyClient:
     def predict_chunk(self, observation: Any, instruction: str) -> Any:
         self._conn.send(("predict", self.slot, without_raw(observation), instruction))
         return chunk_of(self._conn.recv(), "rsd eval --backend batched")
+
+
+def predict_rows(policy: Any, observations: Sequence[Any], instructions: Sequence[str], slots: Sequence[int]
+                 ) -> list[Any]:
+    """One ``predict_chunks`` of a policy server; per row its chunk or its error: the row's own when only some rows
+    failed (``BatchActionError``), the batch's for every row when the whole call failed."""
+    try:
+        return list(policy.predict_chunks(observations, instructions, slots))
+    except BatchActionError as exc:
+        return list(exc.results)
+    except Exception as exc:
+        return [exc] * len(slots)
 
 
 def batch_stats(latency_ms: dict[int, list[float]]) -> dict[str, Any]:
@@ -290,14 +302,9 @@ class BatchedRunner:
         observations, instructions = [r[0] for r in requests], [r[1] for r in requests]
         slots, rows = [w.slot for w in batch], list(range(len(batch)))
         t0 = time.perf_counter()
-        try:
-            if self.pad:
-                observations, instructions, slots, rows = self._padded(batch, observations, instructions, policy)
-            replies = list(policy.predict_chunks(observations, instructions, slots))
-        except BatchActionError as exc:  # some rows failed: each row gets its own outcome
-            replies = exc.results
-        except Exception as exc:  # the whole batch failed: every row gets the error
-            replies = [exc] * len(slots)
+        if self.pad:
+            observations, instructions, slots, rows = self._padded(batch, observations, instructions, policy)
+        replies = predict_rows(policy, observations, instructions, slots)
         replies = [replies[r] for r in rows]
         self._latency_ms.setdefault(len(batch), []).append(1e3 * (time.perf_counter() - t0))
         for worker, reply in zip(batch, replies):

@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 from rsd import limits
 from rsd.errors import ConfigError
 from rsd.eval.records import EpisodeKey, ResultsFile, latest_by_key
-from rsd.eval.report import format_table, plot_summary, protocol_block, renderer_record, summarize, versions
+from rsd.eval.report import (format_table, plot_summary, protocol_block, renderer_record, renderer_warning,
+                             summarize, versions)
 from rsd.eval.rundir import (LOCK_NAME, PLOT_NAME, RESULTS_NAME, RUN_NAME, SUMMARY_NAME, RunRecordWriter,
                              carry_versions, check_run_record, prepare_out_dir, write_json_atomic)
 from rsd.eval.runners import VIDEO_MODES, ParallelRunner, Runner, SerialRunner, WorkerSettings
@@ -288,25 +289,24 @@ def evaluate(config: EvalConfig, task_ids: Sequence[int], *, policy_factory: Cal
             bar.close()
 
         summary = summarize(records, keys)
+        final = list(latest_by_key(records).values())  # the last record of every episode
         summary.update({
             "suite": config.suite, "policy": config.policy, "seed": config.seed, "render": config.render,
             "camera_size": config.camera_size, "fast": config.fast, "decode": config.decode_choice.summary(),
             "center_crop": config.policy_identity["center_crop"], "trials": config.trials, "tasks": list(task_ids),
             "shard": wanted["shard"], "backend": config.backend,
             "protocol": protocol_block(config.max_steps, protocol.NUM_STEPS_WAIT, protocol.DUMMY_ACTION),
-            "renderer": renderer_record(config.render, list(latest_by_key(records).values())),
+            "renderer": renderer_record(config.render, final),
             "versions": wanted["versions"],
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": config.command,
             "wall_s": time.perf_counter() - t_start,
             "episodes_this_run": new,
-            "episode_wall_s_total": float(sum(r.wall_s for r in latest_by_key(records).values())),
+            "episode_wall_s_total": float(sum(r.wall_s for r in final)),
         })
-        if summary["renderer"].get("mixed"):
-            print(f"rsd eval: WARNING: the episodes were rendered by {len(summary['renderer']['in_episodes'])} "
-                  f"different GL renderers ({'; '.join(summary['renderer']['in_episodes'])}); a pixel policy's "
-                  f"results differ between renderers, so these are not one measurement: run the workers on one kind "
-                  f"of machine (summary.json 'renderer' records them).", file=sys.stderr)
+        mixed = renderer_warning(summary["renderer"])
+        if mixed:
+            print(f"rsd eval: {mixed}", file=sys.stderr)
         server = getattr(runner, "server_stats", None)
         stats = server() if callable(server) else None
         if stats is not None:  # a policy server (--backend batched, ray --policy-server): the batches it reached

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from rsd.errors import ConfigError, MergeError
 from rsd.eval.records import EpisodeKey, EpisodeResult, ResultsFile, latest_by_key
-from rsd.eval.report import format_table, plot_summary, protocol_block, renderer_record, summarize
+from rsd.eval.report import format_table, plot_summary, protocol_block, renderer_record, renderer_warning, summarize
 from rsd.eval.rundir import (LOCK_NAME, MERGED_KEY, PLOT_NAME, RESULTS_NAME, RUN_KEY_DEFAULTS, RUN_KEY_LABELS,
                              RUN_KEYS, RUN_NAME, SUMMARY_NAME, is_run_dir, read_run_record, write_json_atomic)
 from rsd.eval.shards import Shard, request_keys, shard_keys
@@ -305,6 +305,9 @@ def format_missing(missing: Sequence[Mapping[str, Any]]) -> str:
 def report(summary: Mapping[str, Any], out: Path, *, allow_missing: bool) -> int:
     """Print the table and the missing episodes; the exit code (0, or :data:`MISSING_EXIT`)."""
     print(format_table(summary))
+    mixed = renderer_warning(summary["renderer"])
+    if mixed:
+        print(f"rsd merge: {mixed}", file=sys.stderr)
     missing = summary["missing_episodes"]
     print(f"wrote {out / SUMMARY_NAME}, {out / RUN_NAME} and {out / RESULTS_NAME} "
           f"({summary['overall']['n']} episodes from {len(summary[MERGED_KEY]['shards'])} of "

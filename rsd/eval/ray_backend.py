@@ -132,6 +132,12 @@ def _probe_cluster(address: str, timeout_s: float = 10.0) -> None:
                           f"or pass the right HOST:PORT.") from exc
 
 
+def _with_env(options: dict[str, Any], owns: bool) -> dict[str, Any]:
+    """``options`` with a ``runtime_env`` of the driver's :func:`actor_env_vars` on a cluster the runner did not
+    start (one it starts inherits this process's environment: RayRunner._actor_options)."""
+    return options if owns else {**options, "runtime_env": {"env_vars": actor_env_vars()}}
+
+
 def _remote_actor(ray: Any) -> Any:
     return ray.remote(_EpisodeActor)
 
@@ -231,10 +237,7 @@ class RayRunner:
                               f"--workers {int(cpus) - server} or fewer, or add nodes (`ray start --address HEAD:PORT` "
                               f"on more machines).")
         gpus = 0.0 if server else gpus_per_actor(self.policy_device, resources.get("GPU", 0), self.workers)
-        options: dict[str, Any] = {"num_cpus": 1, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}
-        if not owns:
-            options["runtime_env"] = {"env_vars": actor_env_vars()}
-        return options
+        return _with_env({"num_cpus": 1, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0}, owns)
 
     # ------------------------------------------------------------------ actors
 
@@ -243,9 +246,8 @@ class RayRunner:
         from rsd.eval.batched import DEFAULT_WINDOW_MS
         from rsd.eval.ray_batched import policy_server, server_options
 
-        options = server_options(gpus_per_actor(self.policy_device, ray.cluster_resources().get("GPU", 0), 1))
-        if not owns:
-            options["runtime_env"] = {"env_vars": actor_env_vars()}
+        options = _with_env(server_options(gpus_per_actor(self.policy_device, ray.cluster_resources().get("GPU", 0),
+                                                          1)), owns)
         self._server = policy_server(ray).options(**options).remote(self.policy_factory,
                                                                     self.window_ms or DEFAULT_WINDOW_MS)
         kind, payload = ray.get(self._server.ready.remote())
@@ -262,9 +264,11 @@ class RayRunner:
         return {"workers": self.workers, **self._server_stats, "worker_restarts": self.restarts}
 
     def _start(self, run: _Run) -> None:
-        from rsd.eval.ray_batched import ServedPolicyFactory
+        factory = self.policy_factory
+        if self._server is not None:  # its policy: a client of the server, under its own slot
+            from rsd.eval.ray_batched import ServedPolicyFactory
 
-        factory = self.policy_factory if self._server is None else ServedPolicyFactory(self._server, run.next_slot)
+            factory = ServedPolicyFactory(self._server, run.next_slot)
         handle = self._actor_cls.options(**self._options).remote(self.settings, factory, self.worker_factory, 1)
         actor = _Actor(run.next_slot, handle)
         run.next_slot += 1

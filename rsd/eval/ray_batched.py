@@ -21,8 +21,8 @@ import time
 import traceback as _traceback
 from typing import Any, Callable
 
-from rsd.errors import BatchActionError
-from rsd.eval.batched import DEFAULT_WINDOW_MS, batch_stats, check_batchable, chunk_of, server_reply, without_raw
+from rsd.eval.batched import (DEFAULT_WINDOW_MS, batch_stats, check_batchable, chunk_of, predict_rows, server_reply,
+                              without_raw)
 from rsd.eval.runners import _picklable
 
 __all__ = ["ServedPolicy", "policy_server", "server_options"]
@@ -59,7 +59,7 @@ class _PolicyServer:
 
     async def predict(self, slot: int, observation: Any, instruction: str) -> tuple[Any, ...]:
         future = asyncio.get_running_loop().create_future()
-        self.active.add(slot)
+        self.active.add(slot)  # also when the driver's release of its last episode arrived after this one's reset
         self.pending[slot] = (observation, instruction, future)
         if not self._serve_if_due() and self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(self.window_s, self._serve)
@@ -81,13 +81,7 @@ class _PolicyServer:
             return
         slots = list(batch)
         t0 = time.perf_counter()
-        try:
-            replies = list(self.policy.predict_chunks([batch[s][0] for s in slots], [batch[s][1] for s in slots],
-                                                      slots))
-        except BatchActionError as exc:  # some rows failed: each row gets its own outcome
-            replies = list(exc.results)
-        except Exception as exc:  # the whole batch failed: every row gets the error
-            replies = [exc] * len(slots)
+        replies = predict_rows(self.policy, [batch[s][0] for s in slots], [batch[s][1] for s in slots], slots)
         self.latency_ms.setdefault(len(slots), []).append(1e3 * (time.perf_counter() - t0))
         for slot, reply in zip(slots, replies):
             future = batch[slot][2]
@@ -113,17 +107,15 @@ class ServedPolicy:
     """An env actor's policy: every call goes to the policy server (``server``, an actor handle) under ``slot``."""
 
     def __init__(self, server: Any, slot: int) -> None:
-        self.server, self.slot = server, slot
+        import ray
+
+        self.server, self.slot, self._get = server, slot, ray.get
 
     def reset(self) -> None:
-        import ray
-
-        ray.get(self.server.reset.remote(self.slot))
+        self._get(self.server.reset.remote(self.slot))
 
     def predict_chunk(self, observation: Any, instruction: str) -> Any:
-        import ray
-
-        reply = ray.get(self.server.predict.remote(self.slot, without_raw(observation), instruction))
+        reply = self._get(self.server.predict.remote(self.slot, without_raw(observation), instruction))
         return chunk_of(reply, "rsd eval --backend ray --policy-server")
 
 

@@ -17,7 +17,8 @@ from rsd.eval.decoding import summarize_spec
 from rsd.eval.records import EpisodeKey, EpisodeResult, latest_by_key
 from rsd.stats import percentiles, rate_estimate
 
-__all__ = ["summarize", "format_table", "plot_summary", "versions", "renderer_record", "protocol_block"]
+__all__ = ["summarize", "format_table", "plot_summary", "versions", "renderer_record", "renderer_warning",
+           "protocol_block"]
 
 
 def _task_block(records: Sequence[EpisodeResult]) -> dict[str, Any]:
@@ -193,3 +194,13 @@ def renderer_record(render: bool, episodes: Sequence[EpisodeResult] = ()) -> dic
     record["in_episodes"] = seen
     record["mixed"] = len(seen) > 1
     return record
+
+
+def renderer_warning(record: Any) -> str | None:
+    """The warning to print for a :func:`renderer_record` whose episodes came from several renderers (``mixed``)."""
+    if not isinstance(record, dict) or not record.get("mixed"):
+        return None
+    seen = record["in_episodes"]
+    return (f"WARNING: the episodes were rendered by {len(seen)} different GL renderers ({'; '.join(seen)}); a pixel "
+            f"policy's results differ between renderers, so these are not one measurement: run the workers on one "
+            f"kind of machine (summary.json 'renderer' records them).")

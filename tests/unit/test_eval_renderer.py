@@ -14,6 +14,7 @@ import pytest
 
 from rsd import eval as ev
 from rsd.eval import merge, runners
+from rsd.eval.report import renderer_warning
 from rsd.sim import setup as sim_setup
 from tests._eval_stubs import FakeRunner
 from tests._ray_world import FakeEnvWorker, Push, fake_settings
@@ -104,7 +105,9 @@ def test_merge_recomputes_the_renderers_over_the_merged_episodes() -> None:
                for r in FakeRunner().results([ev.EpisodeKey("libero_spatial", 0, i) for i in range(4)])]
     merged = merge._merged_renderer([shard_a, shard_b], records, True)
     assert merged == {**base, "in_episodes": sorted([NVIDIA, MESA]), "mixed": True}
-    assert merge._merged_renderer([shard_a, shard_a], records[:2], True)["mixed"] is False
+    assert "rendered by 2 different GL renderers" in renderer_warning(merged)  # what rsd merge prints
+    alone = merge._merged_renderer([shard_a, shard_a], records[:2], True)
+    assert alone["mixed"] is False and renderer_warning(alone) is None
     other_backend = {"renderer": {**base, "backend": "osmesa", "in_episodes": [MESA], "mixed": False}}
     assert isinstance(merge._merged_renderer([shard_a, other_backend], records, True), list)  # the distinct ones
     assert merge._merged_renderer([], records, False) == {"backend": "none (--no-render)"}
